@@ -1,0 +1,389 @@
+//! The cluster's certificate authorities and what they sign.
+//!
+//! - Host CA: an ECDSA P-256 X.509 CA (tunnels, the web port, the admin identity) and an ed25519
+//!   SSH CA (host certificates for nodes and proxies).
+//! - User CA: an ed25519 SSH CA (user certificates).
+//!
+//! Certificates carry their holder's role in the subject's organization ([`CertRole`]); the web API
+//! and the tunnel listeners read it after rustls has checked the chain to the host CA.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SerialNumber,
+};
+use russh::keys::ssh_key::certificate::{Builder as SshCertBuilder, CertType};
+use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tunnel_proto::pin::CaPin;
+use tunnel_proto::secret::Secret;
+use tunnel_proto::tls::CLUSTER_SERVER_NAME;
+
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Node certificates live as long as the CA: a device in the field has no way to renew yet, and
+/// revocation (not expiry) is how an identity is taken away.
+const NODE_VALIDITY: Duration = CA_VALIDITY;
+const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const WEB_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Clock skew tolerated between the CA and the peers that check its certificates.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// Who holds a certificate, as written in its subject's organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertRole {
+    Admin,
+    Node,
+    Proxy,
+}
+
+impl CertRole {
+    pub fn organization(self) -> &'static str {
+        match self {
+            CertRole::Admin => "burrow-admin",
+            CertRole::Node => "burrow-node",
+            CertRole::Proxy => "burrow-proxy",
+        }
+    }
+
+    /// Reads the role of a DER certificate (whose chain the caller has already verified).
+    pub fn of_certificate(der: &[u8]) -> Option<CertRole> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let org = cert.subject().iter_organization().next()?.as_str().ok()?;
+        [CertRole::Admin, CertRole::Node, CertRole::Proxy]
+            .into_iter()
+            .find(|r| r.organization() == org)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot create key or certificate: {0}")]
+    X509(#[from] rcgen::Error),
+    #[error("SSH key or certificate operation failed: {0}")]
+    Ssh(#[from] russh::keys::ssh_key::Error),
+    #[error("stored authorities are corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The authorities as stored in the backend.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredAuthorities {
+    pub cluster_name: String,
+    pub host_tls_cert: String,
+    pub host_tls_key: Secret,
+    pub host_ssh_key: Secret,
+    pub user_ssh_key: Secret,
+    pub created: u64,
+}
+
+impl StoredAuthorities {
+    pub fn generate(cluster_name: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(
+            &format!("Burrow host CA for {cluster_name}"),
+            cluster_name,
+        );
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_VALIDITY);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let mut rng = rand::rng();
+        let host_ssh = PrivateKey::random(&mut rng, Algorithm::Ed25519)?;
+        let user_ssh = PrivateKey::random(&mut rng, Algorithm::Ed25519)?;
+        Ok(Self {
+            cluster_name: cluster_name.to_string(),
+            host_tls_cert: cert.pem(),
+            host_tls_key: Secret::new(key.serialize_pem()),
+            host_ssh_key: Secret::new(host_ssh.to_openssh(LineEnding::LF)?.to_string()),
+            user_ssh_key: Secret::new(user_ssh.to_openssh(LineEnding::LF)?.to_string()),
+            created: unix_now(),
+        })
+    }
+}
+
+/// The loaded authorities, ready to sign.
+pub struct Authorities {
+    pub cluster_name: String,
+    pub host_tls_cert_pem: String,
+    pub host_tls_cert_der: Vec<u8>,
+    pub pin: CaPin,
+    host_tls_issuer: Issuer<'static, KeyPair>,
+    host_ssh: PrivateKey,
+    user_ssh: PrivateKey,
+}
+
+/// A freshly issued certificate with the key the proxy generated for it.
+pub struct IssuedPair {
+    pub cert_pem: String,
+    pub key_pem: Secret,
+}
+
+impl Authorities {
+    pub fn load(stored: &StoredAuthorities) -> Result<Self, CaError> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
+        let certs = tunnel_proto::tls::parse_certs(&stored.host_tls_cert, "host CA certificate")
+            .map_err(|e| corrupt("host CA certificate", &e))?;
+        let der = certs[0].to_vec();
+        let pin = CaPin::of_certificate(&der).map_err(|e| corrupt("host CA certificate", &e))?;
+        let key = KeyPair::from_pem(stored.host_tls_key.expose())
+            .map_err(|e| corrupt("host CA key", &e))?;
+        let host_tls_issuer = Issuer::from_ca_cert_pem(&stored.host_tls_cert, key)
+            .map_err(|e| corrupt("host CA certificate", &e))?;
+        let host_ssh = PrivateKey::from_openssh(stored.host_ssh_key.expose())
+            .map_err(|e| corrupt("host SSH CA key", &e))?;
+        let user_ssh = PrivateKey::from_openssh(stored.user_ssh_key.expose())
+            .map_err(|e| corrupt("user SSH CA key", &e))?;
+        Ok(Self {
+            cluster_name: stored.cluster_name.clone(),
+            host_tls_cert_pem: stored.host_tls_cert.clone(),
+            host_tls_cert_der: der,
+            pin,
+            host_tls_issuer,
+            host_ssh,
+            user_ssh,
+        })
+    }
+
+    pub fn host_ssh_public(&self) -> Result<String, CaError> {
+        Ok(self.host_ssh.public_key().to_openssh()?)
+    }
+
+    pub fn user_ssh_public(&self) -> Result<String, CaError> {
+        Ok(self.user_ssh.public_key().to_openssh()?)
+    }
+
+    /// The proxy's certificate for its web port: valid for [`CLUSTER_SERVER_NAME`] and `names`.
+    pub fn issue_web_cert(&self, names: &[String]) -> Result<IssuedPair, CaError> {
+        let mut sans = vec![CLUSTER_SERVER_NAME.to_string(), "localhost".to_string()];
+        sans.extend(names.iter().filter(|n| !n.is_empty()).cloned());
+        sans.dedup();
+        self.issue_pair(
+            CertRole::Proxy,
+            "burrow-proxy",
+            sans,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+            WEB_VALIDITY,
+        )
+    }
+
+    /// The admin identity `burrowctl` authenticates with.
+    pub fn issue_admin_identity(&self) -> Result<IssuedPair, CaError> {
+        self.issue_pair(
+            CertRole::Admin,
+            "admin",
+            vec![],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            ADMIN_VALIDITY,
+        )
+    }
+
+    fn issue_pair(
+        &self,
+        role: CertRole,
+        common_name: &str,
+        sans: Vec<String>,
+        usages: &[ExtendedKeyUsagePurpose],
+        validity: Duration,
+    ) -> Result<IssuedPair, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = self.leaf_params(role, common_name, sans, usages, validity)?;
+        let cert = params.signed_by(&key, &self.host_tls_issuer)?;
+        Ok(IssuedPair {
+            cert_pem: cert.pem(),
+            key_pem: Secret::new(key.serialize_pem()),
+        })
+    }
+
+    /// Signs a node's TLS certificate for the key in `csr_pem`. The request's own subject and
+    /// extensions are ignored: the CA decides what the node is.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        host_id: &str,
+        node_name: &str,
+    ) -> Result<String, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = self.leaf_params(
+            CertRole::Node,
+            host_id,
+            vec![host_id.to_string(), node_name.to_string()],
+            &[
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+            NODE_VALIDITY,
+        )?;
+        Ok(params.signed_by(&csr.public_key, &self.host_tls_issuer)?.pem())
+    }
+
+    /// Signs an SSH host certificate for a node, valid for its host id and its name.
+    pub fn sign_host_ssh(
+        &self,
+        public_key: &PublicKey,
+        host_id: &str,
+        node_name: &str,
+    ) -> Result<Certificate, CaError> {
+        let mut rng = rand::rng();
+        let valid_after = unix_now().saturating_sub(BACKDATE.as_secs());
+        // u64::MAX is OpenSSH's "forever"; see NODE_VALIDITY for why host certificates don't expire.
+        let mut builder = SshCertBuilder::new_with_random_nonce(
+            &mut rng,
+            public_key.key_data().clone(),
+            valid_after,
+            u64::MAX,
+        )?;
+        builder
+            .serial(rng.random())?
+            .key_id(format!("host:{host_id}"))?
+            .cert_type(CertType::Host)?
+            .valid_principal(host_id)?
+            .valid_principal(node_name)?;
+        Ok(builder.sign(&self.host_ssh)?)
+    }
+
+    fn leaf_params(
+        &self,
+        role: CertRole,
+        common_name: &str,
+        sans: Vec<String>,
+        usages: &[ExtendedKeyUsagePurpose],
+        validity: Duration,
+    ) -> Result<CertificateParams, CaError> {
+        let mut params = CertificateParams::new(sans)?;
+        params.distinguished_name = distinguished_name(common_name, role.organization());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = usages.to_vec();
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        set_validity(&mut params, validity);
+        Ok(params)
+    }
+}
+
+fn distinguished_name(common_name: &str, organization: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + validity;
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    // A positive DER integer without a leading zero byte.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random host id in the UUID v4 text format.
+pub fn new_host_id() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authorities() -> Authorities {
+        Authorities::load(&StoredAuthorities::generate("test").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn stored_authorities_reload_with_the_same_pin() {
+        let stored = StoredAuthorities::generate("c1").unwrap();
+        let json = serde_json::to_vec(&stored).unwrap();
+        let again: StoredAuthorities = serde_json::from_slice(&json).unwrap();
+        let a = Authorities::load(&stored).unwrap();
+        let b = Authorities::load(&again).unwrap();
+        assert_eq!(a.pin, b.pin);
+        assert_eq!(a.cluster_name, "c1");
+        assert_eq!(a.host_ssh_public().unwrap(), b.host_ssh_public().unwrap());
+    }
+
+    #[test]
+    fn leaf_certificates_carry_their_role_and_chain_to_the_ca() {
+        let ca = authorities();
+        let admin = ca.issue_admin_identity().unwrap();
+        let der = tunnel_proto::tls::parse_certs(&admin.cert_pem, "admin").unwrap();
+        assert_eq!(CertRole::of_certificate(&der[0]), Some(CertRole::Admin));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca.host_tls_cert_der).unwrap();
+        parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
+        assert_eq!(CertRole::of_certificate(b"junk"), None);
+    }
+
+    #[test]
+    fn node_csr_is_signed_with_the_cas_idea_of_the_subject() {
+        let ca = authorities();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut req = CertificateParams::new(vec!["evil.example".into()]).unwrap();
+        req.distinguished_name = distinguished_name("someone", "burrow-admin");
+        let csr = req.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = ca.sign_node_csr(&csr, "host-1", "pi").unwrap();
+        let der = tunnel_proto::tls::parse_certs(&pem, "node").unwrap();
+        assert_eq!(CertRole::of_certificate(&der[0]), Some(CertRole::Node));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        assert_eq!(
+            cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+            "host-1"
+        );
+        assert_eq!(
+            cert.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        assert!(ca.sign_node_csr("not a csr", "h", "n").is_err());
+    }
+
+    #[test]
+    fn ssh_host_certificates_name_the_host() {
+        let ca = authorities();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let cert = ca.sign_host_ssh(key.public_key(), "host-1", "pi").unwrap();
+        assert_eq!(cert.cert_type(), CertType::Host);
+        assert_eq!(cert.valid_principals(), ["host-1", "pi"]);
+        let ca_fp = ca.host_ssh.public_key().fingerprint(Default::default());
+        cert.validate(&[ca_fp]).unwrap();
+    }
+
+    #[test]
+    fn host_ids_are_uuid_shaped_and_distinct() {
+        let a = new_host_id();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert_ne!(a, new_host_id());
+    }
+}

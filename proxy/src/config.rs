@@ -1,0 +1,343 @@
+//! Proxy configuration: command-line flags over a YAML file over defaults, parsed into a
+//! validated [`ProxyConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use tunnel_proto::api::Role;
+use tunnel_proto::secret::Secret;
+
+use crate::auth::tokens::{StaticToken, validate_value};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
+pub const DEFAULT_WEB_LISTEN: &str = "0.0.0.0:3080";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "burrow-proxy",
+    version,
+    about = "Burrow proxy: the cluster's web API, tunnel endpoint and auth server",
+    long_about = "Burrow proxy: the cluster's web API (find, join, admin), tunnel endpoint and auth \
+                  server. The first start on an empty data dir creates the cluster: host and user \
+                  CAs, and an admin identity for burrowctl."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the proxy (creates the cluster on first start).
+    Start(StartArgs),
+    /// Print a commented sample YAML configuration.
+    Configure,
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// YAML config file (see `burrow-proxy configure`); flags override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the cluster state, the admin identity and the logs [default: /var/lib/burrow-proxy].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster name, fixed when the cluster is created [default: this host's name].
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// HTTPS web API address (find, join, admin); port 0 picks a free port [default: 0.0.0.0:3080].
+    #[arg(long, value_name = "ADDR")]
+    pub web_listen: Option<String>,
+    /// The host:port agents and users reach this proxy at (often a load balancer); used in join commands.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub public_addr: Option<String>,
+    /// A static join token, ROLES:VALUE (e.g. node:s3cret); VALUE may be an absolute path to a
+    /// file with one token per line. Static tokens never expire. Repeatable; replaces the config's list.
+    #[arg(long = "static-token", value_name = "ROLES:VALUE_OR_ABS_PATH")]
+    pub static_tokens: Vec<String>,
+    /// State backend.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub storage: Option<StorageKind>,
+    /// Log at debug level.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Embedded redb file in the data dir: one proxy.
+    #[default]
+    Redb,
+}
+
+/// The YAML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub cluster_name: Option<String>,
+    pub web_listen: Option<String>,
+    pub public_addr: Option<String>,
+    pub https_cert_file: Option<PathBuf>,
+    pub https_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub static_tokens: Vec<String>,
+    pub storage: Option<StorageConfig>,
+    #[serde(default)]
+    pub debug: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(rename = "type", default)]
+    pub kind: StorageKind,
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub data_dir: PathBuf,
+    pub cluster_name: Option<String>,
+    pub web_listen: SocketAddr,
+    pub public_addr: Option<String>,
+    pub https_files: Option<(PathBuf, PathBuf)>,
+    pub static_tokens: Vec<StaticToken>,
+    pub storage: StorageKind,
+    pub debug: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl ProxyConfig {
+    pub fn load(args: StartArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: StartArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let web_listen_text = args
+            .web_listen
+            .or(file.web_listen)
+            .unwrap_or_else(|| DEFAULT_WEB_LISTEN.to_string());
+        let web_listen = web_listen_text.parse().map_err(|_| {
+            err(format!(
+                "web_listen {web_listen_text:?} is not an IP:PORT address"
+            ))
+        })?;
+        let public_addr = args.public_addr.or(file.public_addr);
+        if let Some(addr) = &public_addr
+            && tunnel_proto::web::split_host(addr).is_none()
+        {
+            return Err(err(format!(
+                "public_addr {addr:?} is not a host:port address"
+            )));
+        }
+        let cluster_name = args.cluster_name.or(file.cluster_name);
+        if let Some(name) = &cluster_name
+            && (name.is_empty() || name.len() > 128 || name.chars().any(char::is_control))
+        {
+            return Err(err(format!("cluster name {name:?} is invalid")));
+        }
+        let https_files = match (file.https_cert_file, file.https_key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(err(
+                    "https_cert_file and https_key_file must be given together",
+                ));
+            }
+        };
+        let token_specs = if args.static_tokens.is_empty() {
+            file.static_tokens
+        } else {
+            args.static_tokens
+        };
+        let mut static_tokens = Vec::new();
+        for spec in &token_specs {
+            static_tokens.extend(parse_static_token(spec)?);
+        }
+        let storage = args
+            .storage
+            .or(file.storage.map(|s| s.kind))
+            .unwrap_or_default();
+        Ok(Self {
+            data_dir,
+            cluster_name,
+            web_listen,
+            public_addr,
+            https_files,
+            static_tokens,
+            storage,
+            debug: args.debug || file.debug,
+        })
+    }
+}
+
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_norway::from_str(&text)
+        .map_err(|e| err(format!("config file {} is invalid: {e}", path.display())))
+}
+
+/// Parses `ROLES:VALUE` where VALUE may be an absolute path to a file of tokens, one per line.
+pub fn parse_static_token(spec: &str) -> Result<Vec<StaticToken>, ConfigError> {
+    let (roles, value) = spec.split_once(':').ok_or_else(|| {
+        err("a static token must look like ROLES:VALUE, e.g. node:s3cret or node:/etc/burrow/tokens")
+    })?;
+    let roles = Role::parse_list(roles).map_err(|e| err(format!("static token: {e}")))?;
+    let values: Vec<String> = if value.starts_with('/') {
+        let text = std::fs::read_to_string(value)
+            .map_err(|e| err(format!("cannot read static token file {value}: {e}")))?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        if lines.is_empty() {
+            return Err(err(format!("static token file {value} holds no token")));
+        }
+        lines
+    } else {
+        vec![value.trim().to_string()]
+    };
+    values
+        .into_iter()
+        .map(|v| {
+            validate_value(&v).map_err(|e| err(format!("static token: {e}")))?;
+            Ok(StaticToken {
+                roles: roles.clone(),
+                value: Secret::new(v),
+            })
+        })
+        .collect()
+}
+
+pub const SAMPLE_CONFIG: &str = r#"# burrow-proxy configuration (YAML). Flags given to `burrow-proxy start` override these values;
+# unknown keys are an error.
+
+# Cluster state (redb), the admin identity for burrowctl, and logs.
+data_dir: /var/lib/burrow-proxy
+
+# The cluster's name, fixed when the cluster is created. Default: this host's name.
+#cluster_name: example
+
+# HTTPS web API: find, join and the admin API. Port 0 picks a free port.
+web_listen: 0.0.0.0:3080
+
+# Where agents and users reach this proxy (usually a load balancer). Goes into the join command
+# that `burrowctl tokens add` prints.
+#public_addr: proxy.example.com:3080
+
+# A certificate for the web port from public PKI. Default: one issued by the cluster's host CA.
+#https_cert_file: /etc/burrow/proxy-cert.pem
+#https_key_file: /etc/burrow/proxy-key.pem
+
+# Static join tokens, "ROLES:VALUE". They never expire; prefer `burrowctl tokens add`.
+# VALUE may be an absolute path to a file holding one token per line.
+#static_tokens:
+#  - "node:/etc/burrow/node-tokens"
+
+# Where the cluster's state lives. redb: an embedded file in data_dir, for one proxy.
+storage:
+  type: redb
+
+# Log at debug level.
+debug: false
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<FileConfig, String> {
+        serde_norway::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sample_config_parses_to_the_defaults() {
+        let file = parse(SAMPLE_CONFIG).unwrap();
+        let cfg = ProxyConfig::merge(StartArgs::default(), file).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(cfg.web_listen.to_string(), DEFAULT_WEB_LISTEN);
+        assert_eq!(cfg.storage, StorageKind::Redb);
+        assert!(cfg.static_tokens.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = parse("data_dir: /x\nweb_listn: 1.2.3.4:5\n").unwrap_err();
+        assert!(e.contains("unknown field `web_listn`"), "{e}");
+        let e = parse("storage:\n  type: etcd2\n").unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse("data_dir: /from/file\nweb_listen: 127.0.0.1:1\ncluster_name: f\n").unwrap();
+        let args = StartArgs {
+            data_dir: Some("/from/flag".into()),
+            ..Default::default()
+        };
+        let cfg = ProxyConfig::merge(args, file).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(cfg.web_listen.to_string(), "127.0.0.1:1");
+        assert_eq!(cfg.cluster_name.as_deref(), Some("f"));
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let bad_listen = StartArgs {
+            web_listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        let e = ProxyConfig::merge(bad_listen, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("\"nowhere\""), "{e}");
+        let e = ProxyConfig::merge(
+            StartArgs::default(),
+            parse("https_cert_file: /c.pem\n").unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+    }
+
+    #[test]
+    fn static_tokens_parse_from_values_and_files() {
+        let t = parse_static_token("node,proxy:abcdefgh12").unwrap();
+        assert_eq!(t[0].roles, vec![Role::Node, Role::Proxy]);
+        assert_eq!(t[0].value.expose(), "abcdefgh12");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "# fleet tokens\ntoken-one-1\n\n  token-two-2  \n").unwrap();
+        let t = parse_static_token(&format!("node:{}", path.display())).unwrap();
+        let values: Vec<&str> = t.iter().map(|t| t.value.expose()).collect();
+        assert_eq!(values, ["token-one-1", "token-two-2"]);
+        assert!(parse_static_token("abcdefgh").is_err());
+        assert!(parse_static_token("auth:abcdefgh").is_err());
+        let missing = parse_static_token("node:/no/such/file").unwrap_err();
+        assert!(missing.to_string().contains("/no/such/file"), "{missing}");
+    }
+}

@@ -1,0 +1,156 @@
+//! burrow-proxy: the cluster side of Burrow.
+//!
+//! What lives here:
+//! - [`config`]: flags, YAML and defaults, merged into a validated [`config::ProxyConfig`].
+//! - [`backend`]: the [`backend::Backend`] trait for cluster state and its redb implementation.
+//! - [`auth`]: the certificate authorities, join tokens and node joins.
+//! - [`web`]: the HTTPS web port (find, join, admin API).
+//!
+//! `main` parses the command line and calls [`run`], which tests can call too.
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+mod ratelimit;
+pub mod web;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
+use tunnel_proto::tls::{self, ALPN_HTTP1};
+
+use crate::auth::Auth;
+use crate::auth::ca::Authorities;
+use crate::backend::{Backend, RedbBackend};
+use crate::config::{ProxyConfig, StorageKind};
+
+/// File in the data dir holding the admin identity `burrowctl` uses on this host.
+pub const ADMIN_IDENTITY_FILE: &str = "admin-identity";
+/// File in the data dir holding the address `burrowctl` reaches this proxy's web API at.
+pub const WEB_ADDR_FILE: &str = "web-addr";
+const STATE_FILE: &str = "state.redb";
+
+/// Runs the proxy until `shutdown` is cancelled.
+pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    ensure_private_dir(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let backend: Arc<dyn Backend> = match config.storage {
+        StorageKind::Redb => Arc::new(RedbBackend::open(&config.data_dir.join(STATE_FILE))?),
+    };
+    let auth = Arc::new(
+        Auth::bootstrap(
+            backend,
+            config.cluster_name.as_deref(),
+            config.static_tokens.clone(),
+        )
+        .await?,
+    );
+    tracing::info!(
+        cluster = %auth.authorities.cluster_name,
+        ca_pin = %auth.authorities.pin,
+        version = tunnel_proto::VERSION,
+        "cluster loaded"
+    );
+    write_admin_identity(&config.data_dir, &auth.authorities)?;
+
+    let tls = web_tls_config(&config, &auth.authorities)?;
+    let listener = TcpListener::bind(config.web_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.web_listen))?;
+    let bound = listener.local_addr()?;
+    tracing::info!("web API listening on https://{bound}");
+    write_private_atomic(
+        &config.data_dir.join(WEB_ADDR_FILE),
+        format!("{}\n", local_dial_addr(bound)).as_bytes(),
+    )
+    .context("cannot write the web address file")?;
+
+    let state = Arc::new(web::WebState::new(auth, config.public_addr.clone()));
+    web::serve(listener, Arc::new(tls), state, shutdown).await?;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Writes the admin identity unless a valid one is already there. The file holds the admin
+/// certificate, its key, and the host CA certificate that `burrowctl` trusts the proxy with.
+fn write_admin_identity(data_dir: &Path, authorities: &Authorities) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_IDENTITY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && text.contains(&authorities.host_tls_cert_pem)
+    {
+        return Ok(());
+    }
+    let issued = authorities.issue_admin_identity()?;
+    let contents = format!(
+        "# Admin identity of Burrow cluster {}: certificate, key, host CA. Keep it secret.\n{}{}{}",
+        authorities.cluster_name,
+        issued.cert_pem,
+        issued.key_pem.expose(),
+        authorities.host_tls_cert_pem
+    );
+    write_private_atomic(&path, contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote the admin identity for burrowctl");
+    Ok(())
+}
+
+fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Result<ServerConfig> {
+    let (chain, key) = match &config.https_files {
+        Some((cert_file, key_file)) => {
+            let cert_pem = std::fs::read_to_string(cert_file)
+                .with_context(|| format!("cannot read https_cert_file {}", cert_file.display()))?;
+            let key_pem = std::fs::read_to_string(key_file)
+                .with_context(|| format!("cannot read https_key_file {}", key_file.display()))?;
+            (
+                tls::parse_certs(&cert_pem, &cert_file.display().to_string())?,
+                tls::parse_key(&key_pem, &key_file.display().to_string())?,
+            )
+        }
+        None => {
+            let mut names = Vec::new();
+            if let Some(public) = &config.public_addr
+                && let Some(host) = tunnel_proto::web::split_host(public)
+            {
+                names.push(host.to_string());
+            }
+            if !config.web_listen.ip().is_unspecified() {
+                names.push(config.web_listen.ip().to_string());
+            }
+            names.push("127.0.0.1".into());
+            let issued = authorities.issue_web_cert(&names)?;
+            (
+                tls::parse_certs(&issued.cert_pem, "web certificate")?,
+                tls::parse_key(issued.key_pem.expose(), "web key")?,
+            )
+        }
+    };
+    let provider = tls::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(authorities.host_tls_cert_der.clone().into())?;
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)
+        .context("the web certificate and key do not match")?;
+    server.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(server)
+}
+
+/// The address a local client dials to reach a listener bound to `bound`.
+fn local_dial_addr(bound: SocketAddr) -> SocketAddr {
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), bound.port()),
+        _ => bound,
+    }
+}

@@ -1,0 +1,377 @@
+//! The HTTPS web port: find, join and the admin API.
+//!
+//! The proxy owns the TLS accept loop (instead of a framework's) because the same port will also
+//! carry tunnels, told apart by ALPN. A client certificate is optional on this port; when one is
+//! presented, rustls has checked it against the host CA, and the admin API then requires its role
+//! to be admin.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tunnel_proto::api::{
+    self, ApiError, ApiErrorBody, FindResponse, JoinRequest, StatusResponse, TokenAddRequest,
+    TokenList, TokenRemoveRequest, TokenRemoved,
+};
+
+use crate::auth::ca::CertRole;
+use crate::auth::tokens::TokenError;
+use crate::auth::{Auth, AuthError};
+use crate::ratelimit::FailureLimiter;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Failed joins allowed from one address in a burst, then one per interval.
+const JOIN_FAILURE_BURST: u32 = 10;
+const JOIN_FAILURE_REFILL: Duration = Duration::from_secs(6);
+
+pub struct WebState {
+    pub auth: Arc<Auth>,
+    pub public_addr: Option<String>,
+    limiter: FailureLimiter,
+}
+
+impl WebState {
+    pub fn new(auth: Arc<Auth>, public_addr: Option<String>) -> Self {
+        Self {
+            auth,
+            public_addr,
+            limiter: FailureLimiter::new(JOIN_FAILURE_BURST, JOIN_FAILURE_REFILL),
+        }
+    }
+}
+
+/// What the TLS layer learned about the connection a request came on.
+#[derive(Debug, Clone)]
+struct Peer {
+    addr: SocketAddr,
+    role: Option<CertRole>,
+}
+
+/// An error answer: an HTTP status and a JSON body with a stable code.
+#[derive(Debug)]
+pub struct ApiFailure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiFailure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ApiErrorBody {
+            error: ApiError {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<AuthError> for ApiFailure {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Token(t) => t.into(),
+            AuthError::BadRequest(m) => ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            other => internal(other),
+        }
+    }
+}
+
+impl From<TokenError> for ApiFailure {
+    fn from(e: TokenError) -> Self {
+        let (status, code) = match &e {
+            TokenError::NotFound => (StatusCode::FORBIDDEN, "token_not_found"),
+            TokenError::Expired(_) => (StatusCode::FORBIDDEN, "token_expired"),
+            TokenError::Revoked => (StatusCode::FORBIDDEN, "token_revoked"),
+            TokenError::RoleNotAllowed { .. } => (StatusCode::FORBIDDEN, "role_not_allowed"),
+            TokenError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            TokenError::Exists => (StatusCode::CONFLICT, "token_exists"),
+            TokenError::Static(_) => (StatusCode::BAD_REQUEST, "token_static"),
+            TokenError::Ambiguous(_) => (StatusCode::BAD_REQUEST, "token_ambiguous"),
+            TokenError::Backend(_) => return internal(e),
+        };
+        ApiFailure::new(status, code, e.to_string())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiFailure {
+    tracing::error!(error = %e, "request failed");
+    ApiFailure::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the proxy failed to handle the request; its log says why",
+    )
+}
+
+pub fn router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route(api::FIND_PATH, get(find))
+        .route(api::JOIN_PATH, post(join))
+        .route(api::STATUS_PATH, get(status))
+        .route(api::TOKENS_PATH, get(tokens_list).post(tokens_add))
+        .route(api::TOKENS_REMOVE_PATH, post(tokens_remove))
+        .fallback(|| async {
+            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(DefaultBodyLimit::max(api::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves HTTPS on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    state: Arc<WebState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let router = router(state);
+    let tracker = TaskTracker::new();
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = serve_connection(tcp, addr, acceptor, router, shutdown).await {
+                tracing::debug!(peer = %addr, error = %e, "web connection ended with an error");
+            }
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("web connections still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await??;
+    let role = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| CertRole::of_certificate(leaf));
+    let peer = Peer { addr, role };
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        router.clone().oneshot(req)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r?,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await?;
+        }
+    }
+    Ok(())
+}
+
+async fn find(State(state): State<Arc<WebState>>) -> Json<FindResponse> {
+    let a = &state.auth.authorities;
+    Json(FindResponse {
+        cluster_name: a.cluster_name.clone(),
+        server_version: tunnel_proto::VERSION.to_string(),
+        host_ca_certs: vec![a.host_tls_cert_pem.clone()],
+        // Tunnels are not served yet; agents get their addresses here once they are.
+        tunnel_addrs: vec![],
+    })
+}
+
+async fn join(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::JoinResponse>, ApiFailure> {
+    let ip = canonical_ip(peer.addr.ip());
+    if !state.limiter.allowed(ip, Instant::now()) {
+        tracing::warn!(peer = %peer.addr, "join refused: too many failed attempts from this address");
+        return Err(ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed join attempts from this address; wait a minute and try again",
+        ));
+    }
+    let result = async {
+        let body = body.map_err(body_failure)?;
+        let req: JoinRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the join request is malformed: {e}"),
+            )
+        })?;
+        Ok::<_, ApiFailure>(state.auth.join(req).await?)
+    }
+    .await;
+    match result {
+        Ok(resp) => Ok(Json(resp)),
+        Err(failure) => {
+            if failure.status.is_client_error() {
+                state.limiter.failed(ip, Instant::now());
+                tracing::warn!(peer = %peer.addr, code = failure.code, reason = %failure.message, "join refused");
+            }
+            Err(failure)
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn body_failure(rejection: BytesRejection) -> ApiFailure {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {} bytes", api::MAX_BODY_BYTES),
+        )
+    } else {
+        ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", rejection.body_text())
+    }
+}
+
+fn require_admin(peer: &Peer) -> Result<(), ApiFailure> {
+    if peer.role == Some(CertRole::Admin) {
+        Ok(())
+    } else {
+        Err(ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs the cluster's admin identity (burrowctl --identity)",
+        ))
+    }
+}
+
+async fn status(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<StatusResponse>, ApiFailure> {
+    require_admin(&peer)?;
+    let a = &state.auth.authorities;
+    Ok(Json(StatusResponse {
+        cluster_name: a.cluster_name.clone(),
+        version: tunnel_proto::VERSION.to_string(),
+        ca_pins: vec![a.pin.to_string()],
+        public_addr: state.public_addr.clone(),
+    }))
+}
+
+async fn tokens_add(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::TokenAdded>, ApiFailure> {
+    require_admin(&peer)?;
+    let req: TokenAddRequest = parse_body(body)?;
+    let added = state
+        .auth
+        .tokens
+        .add(
+            req.roles,
+            Duration::from_secs(req.ttl_seconds),
+            req.value,
+            req.labels,
+        )
+        .await?;
+    tracing::info!(token = %added.id, roles = %api::Role::join_list(&added.roles), "join token created");
+    Ok(Json(added))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    with_secrets: bool,
+}
+
+async fn tokens_list(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<TokenList>, ApiFailure> {
+    require_admin(&peer)?;
+    let tokens = state.auth.tokens.list(q.with_secrets).await?;
+    Ok(Json(TokenList { tokens }))
+}
+
+async fn tokens_remove(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenRemoved>, ApiFailure> {
+    require_admin(&peer)?;
+    let req: TokenRemoveRequest = parse_body(body)?;
+    let id = state.auth.tokens.remove(&req.token).await?;
+    tracing::info!(token = %id, "join token revoked");
+    Ok(Json(TokenRemoved { id }))
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiFailure> {
+    let body = body.map_err(body_failure)?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the request is malformed: {e}"),
+        )
+    })
+}

@@ -1,0 +1,248 @@
+//! JSON messages of the proxy's web API.
+//!
+//! Public endpoints (no client certificate):
+//! - `GET  /v1/webapi/find`: [`FindResponse`]
+//! - `POST /v1/webapi/host/join`: [`JoinRequest`] -> [`JoinResponse`]
+//!
+//! Admin endpoints (client certificate of the admin identity, see `burrowctl`):
+//! - `GET  /v1/admin/status`: [`StatusResponse`]
+//! - `POST /v1/admin/tokens`: [`TokenAddRequest`] -> [`TokenAdded`]
+//! - `GET  /v1/admin/tokens`: [`TokenList`]
+//! - `POST /v1/admin/tokens/remove`: [`TokenRemoveRequest`] -> [`TokenRemoved`]
+//!
+//! Every error is an HTTP status with an [`ApiErrorBody`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+pub const FIND_PATH: &str = "/v1/webapi/find";
+pub const JOIN_PATH: &str = "/v1/webapi/host/join";
+pub const STATUS_PATH: &str = "/v1/admin/status";
+pub const TOKENS_PATH: &str = "/v1/admin/tokens";
+pub const TOKENS_REMOVE_PATH: &str = "/v1/admin/tokens/remove";
+
+/// Largest request body the web API reads; a join request is a few kilobytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Labels: ordered, so that listings and heartbeats are stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// A role a join token may allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Node,
+    Proxy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Proxy => "proxy",
+        }
+    }
+
+    /// Parses `node`, `proxy` or a comma-separated list of them (`node,proxy`).
+    pub fn parse_list(s: &str) -> Result<Vec<Role>, String> {
+        let mut roles = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let role = match part {
+                "node" => Role::Node,
+                "proxy" => Role::Proxy,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?}: expected node, proxy or node,proxy"
+                    ));
+                }
+            };
+            if !roles.contains(&role) {
+                roles.push(role);
+            }
+        }
+        if roles.is_empty() {
+            return Err("no role given: expected node, proxy or node,proxy".into());
+        }
+        roles.sort();
+        Ok(roles)
+    }
+
+    pub fn join_list(roles: &[Role]) -> String {
+        roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Where agents open tunnels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelAddr {
+    /// `tcp` (TLS + yamux) or `quic`.
+    pub transport: String,
+    /// `host:port`.
+    pub addr: String,
+    /// The ALPN protocol the tunnel speaks.
+    pub alpn: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FindResponse {
+    pub cluster_name: String,
+    pub server_version: String,
+    /// PEM certificates of the host CA (more than one during a rotation).
+    pub host_ca_certs: Vec<String>,
+    pub tunnel_addrs: Vec<TunnelAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub token: Secret,
+    pub node_name: String,
+    pub role: Role,
+    /// The node's SSH public key, OpenSSH `authorized_keys` format.
+    pub ssh_public_key: String,
+    /// A PEM PKCS#10 request for the node's TLS certificate (proves the key is held).
+    pub tls_csr: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub host_id: String,
+    pub cluster_name: String,
+    /// OpenSSH host certificate for `ssh_public_key`.
+    pub ssh_cert: String,
+    /// PEM TLS client/server certificate for the CSR's key, signed by the host CA.
+    pub tls_cert: String,
+    pub host_ca_certs: Vec<String>,
+    /// Host CA SSH public keys (`authorized_keys` format).
+    pub host_ca_ssh: Vec<String>,
+    /// User CA SSH public keys: which user certificates the node trusts.
+    pub user_ca_ssh: Vec<String>,
+    /// Labels the node inherits from its join token.
+    pub labels: Labels,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("host_id", &self.host_id)
+            .field("cluster_name", &self.cluster_name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub cluster_name: String,
+    pub version: String,
+    pub ca_pins: Vec<String>,
+    /// The address agents should be given, if the proxy knows it.
+    pub public_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAddRequest {
+    pub roles: Vec<Role>,
+    pub ttl_seconds: u64,
+    /// A value chosen by the admin; the proxy generates one when absent.
+    pub value: Option<Secret>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenAdded {
+    pub token: Secret,
+    pub id: String,
+    pub roles: Vec<Role>,
+    pub labels: Labels,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    Dynamic,
+    Static,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The first 16 hex digits of the token's SHA-256: names a token without revealing it.
+    pub id: String,
+    pub kind: TokenKind,
+    pub roles: Vec<Role>,
+    pub labels: Labels,
+    /// Unix seconds; `None` for static tokens, which never expire.
+    pub expires: Option<u64>,
+    /// Only with `?with_secrets=true`, and only for static tokens: dynamic tokens are stored by
+    /// hash and shown once, when they are created.
+    pub value: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRemoveRequest {
+    /// The token's value or its id.
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRemoved {
+    pub id: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: ApiError,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable, machine-readable: `token_not_found`, `token_expired`, `token_revoked`,
+    /// `role_not_allowed`, `bad_request`, `payload_too_large`, `rate_limited`, `unauthorized`,
+    /// `not_found`, `internal`.
+    pub code: String,
+    /// One sentence for people.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_lists_parse_and_deduplicate() {
+        assert_eq!(Role::parse_list("node").unwrap(), vec![Role::Node]);
+        assert_eq!(
+            Role::parse_list("proxy, node,node").unwrap(),
+            vec![Role::Node, Role::Proxy]
+        );
+        assert!(Role::parse_list("").is_err());
+        assert!(Role::parse_list("auth").unwrap_err().contains("\"auth\""));
+    }
+
+    #[test]
+    fn join_request_rejects_unknown_fields_and_hides_the_token() {
+        let err = serde_json::from_str::<JoinRequest>(
+            r#"{"token":"t","node_name":"n","role":"node","ssh_public_key":"k","tls_csr":"c","x":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"));
+        let ok: JoinRequest = serde_json::from_str(
+            r#"{"token":"s3cret","node_name":"n","role":"node","ssh_public_key":"k","tls_csr":"c"}"#,
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("s3cret"));
+    }
+}

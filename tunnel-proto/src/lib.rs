@@ -1,0 +1,25 @@
+//! Burrow's shared protocol crate.
+//!
+//! What lives here:
+//! - [`api`]: the JSON messages of the proxy's web API (find, join, admin), shared by the proxy, the
+//!   agent and `burrowctl`, and the error envelope every endpoint answers with.
+//! - [`pin`]: the CA pin (`sha256:<hex>` of a CA certificate's DER SubjectPublicKeyInfo), parsed into
+//!   a validated type and compared in constant time.
+//! - [`tls`]: rustls configurations (ring provider only) and the verifier that trusts the cluster's
+//!   host CA for proxies.
+//! - [`web`]: a small HTTPS/1.1 client over tokio-rustls for the web API.
+//! - [`fsutil`]: atomic writes of private files (0600) into private dirs (0700).
+//! - [`secret`]: a string type whose `Debug` never shows the secret.
+//!
+//! The tunnel wire format and transports will live here too; the `api`, `pin` and `secret` parts
+//! do no I/O.
+
+pub mod api;
+pub mod pin;
+pub mod secret;
+pub mod tls;
+pub mod fsutil;
+pub mod web;
+
+/// The version every Burrow binary reports; agents and proxies exchange it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
