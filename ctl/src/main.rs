@@ -1,1 +1,413 @@
-fn main() {}
+//! burrowctl: the admin CLI. It talks to a proxy's admin API over HTTPS, authenticated by the
+//! cluster's admin identity. On the proxy host it finds that identity and the proxy's address in
+//! the proxy's data dir by itself; elsewhere it takes `--proxy` and `--identity`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tunnel_proto::api::{
+    self, Labels, Role, StatusResponse, TokenAddRequest, TokenAdded, TokenKind, TokenList,
+    TokenRemoveRequest, TokenRemoved,
+};
+use tunnel_proto::secret::token_from_arg;
+use tunnel_proto::tls::{self, ALPN_HTTP1, ClientIdentity};
+use tunnel_proto::web::{WebClient, WebError};
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
+const DEFAULT_PROXY: &str = "127.0.0.1:3080";
+
+#[derive(Debug, Parser)]
+#[command(name = "burrowctl", version, about = "Burrow admin CLI: cluster status and join tokens")]
+struct Cli {
+    /// Proxy web API address [default: read from DATA_DIR/web-addr, else 127.0.0.1:3080].
+    #[arg(long, global = true, value_name = "HOST:PORT", env = "BURROW_PROXY")]
+    proxy: Option<String>,
+    /// Admin identity file [default: DATA_DIR/admin-identity].
+    #[arg(long, global = true, value_name = "FILE", env = "BURROW_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// The proxy's data dir, where the admin identity and the web address are found on the proxy host.
+    #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Output format: text for people, json (one document on stdout) for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the cluster name, version and CA pin.
+    Status,
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Print burrowctl's version.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a join token and print the command that joins a node with it.
+    Add {
+        /// Roles the token allows: node, proxy or node,proxy.
+        #[arg(long = "type", value_name = "ROLES", default_value = "node")]
+        roles: String,
+        /// How long the token is valid, e.g. 5m, 1h, 7d.
+        #[arg(long, value_name = "DURATION", default_value = "30m")]
+        ttl: String,
+        /// Use this value instead of a random one (or an absolute path to a file holding it).
+        #[arg(long, value_name = "VALUE_OR_ABS_PATH")]
+        value: Option<String>,
+        /// Labels nodes joining with this token inherit, k=v,k2=v2.
+        #[arg(long, value_name = "K=V,...")]
+        labels: Option<String>,
+    },
+    /// List live tokens; values are redacted unless --with-secrets.
+    Ls {
+        /// Show the values of static tokens (dynamic ones are stored by hash and were shown once).
+        #[arg(long)]
+        with_secrets: bool,
+    },
+    /// Revoke a token, given its value (or an absolute path to a file holding it) or its id.
+    Rm {
+        #[arg(value_name = "TOKEN_OR_ID")]
+        token: String,
+    },
+}
+
+/// An error and the exit code it deserves: 2 for usage and configuration, 1 for the rest.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+impl From<WebError> for Failure {
+    fn from(e: WebError) -> Self {
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Version = cli.command {
+        println!("burrowctl {}", tunnel_proto::VERSION);
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts");
+    match runtime.block_on(execute(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("burrowctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+struct Admin {
+    client: WebClient,
+}
+
+impl Admin {
+    fn connect(cli: &Cli) -> Result<Self, Failure> {
+        let identity_path = cli
+            .identity
+            .clone()
+            .unwrap_or_else(|| cli.data_dir.join("admin-identity"));
+        let text = std::fs::read_to_string(&identity_path).map_err(|e| {
+            usage(format!(
+                "cannot read the admin identity {}: {e} (on the proxy host pass --data-dir, elsewhere --identity)",
+                identity_path.display()
+            ))
+        })?;
+        let what = identity_path.display().to_string();
+        let certs = tls::parse_certs(&text, &what).map_err(|e| usage(e.to_string()))?;
+        let key = tls::parse_key(&text, &what).map_err(|e| usage(e.to_string()))?;
+        let (leaf, cas) = certs.split_first().expect("parse_certs returns at least one");
+        if cas.is_empty() {
+            return Err(usage(format!("{what} holds no CA certificate")));
+        }
+        let config = tls::cluster_client_config(
+            cas,
+            Some(ClientIdentity {
+                chain: vec![leaf.clone()],
+                key,
+            }),
+            false,
+            &[ALPN_HTTP1],
+        )
+        .map_err(|e| usage(format!("{what}: {e}")))?;
+        let addr = proxy_addr(cli.proxy.as_deref(), &cli.data_dir);
+        let client = WebClient::new(&addr, config).map_err(|e| usage(e.to_string()))?;
+        Ok(Self { client })
+    }
+}
+
+fn proxy_addr(flag: Option<&str>, data_dir: &Path) -> String {
+    if let Some(addr) = flag {
+        return addr.to_string();
+    }
+    std::fs::read_to_string(data_dir.join("web-addr"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_PROXY.to_string())
+}
+
+async fn execute(cli: &Cli) -> Result<(), Failure> {
+    let admin = Admin::connect(cli)?;
+    match &cli.command {
+        Command::Version => unreachable!("handled before connecting"),
+        Command::Status => status(&admin, cli.format).await,
+        Command::Tokens(TokensCommand::Add {
+            roles,
+            ttl,
+            value,
+            labels,
+        }) => {
+            let roles = Role::parse_list(roles).map_err(|e| usage(format!("--type: {e}")))?;
+            let ttl = parse_ttl(ttl)?;
+            let value = value
+                .as_deref()
+                .map(token_from_arg)
+                .transpose()
+                .map_err(|e| usage(format!("--value: {e}")))?;
+            let labels = labels
+                .as_deref()
+                .map(api::parse_labels)
+                .transpose()
+                .map_err(|e| usage(format!("--labels: {e}")))?
+                .unwrap_or_default();
+            tokens_add(&admin, cli.format, roles, ttl, value, labels).await
+        }
+        Command::Tokens(TokensCommand::Ls { with_secrets }) => {
+            tokens_ls(&admin, cli.format, *with_secrets).await
+        }
+        Command::Tokens(TokensCommand::Rm { token }) => {
+            let token = token_from_arg(token).map_err(usage)?;
+            let removed: TokenRemoved = admin
+                .client
+                .post(api::TOKENS_REMOVE_PATH, &TokenRemoveRequest { token })
+                .await?;
+            match cli.format {
+                Format::Json => print_json(&json!({ "removed": removed.id })),
+                Format::Text => println!("Token {} has been revoked.", removed.id),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, Failure> {
+    let ttl = humantime::parse_duration(text)
+        .map_err(|e| usage(format!("--ttl {text:?} is not a duration like 30m or 1h: {e}")))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(usage("--ttl must be at least 1s"));
+    }
+    Ok(ttl)
+}
+
+async fn status(admin: &Admin, format: Format) -> Result<(), Failure> {
+    let s: StatusResponse = admin.client.get(api::STATUS_PATH).await?;
+    match format {
+        Format::Json => print_json(&json!({
+            "cluster_name": s.cluster_name,
+            "version": s.version,
+            "ca_pin": s.ca_pins.first(),
+            "ca_pins": s.ca_pins,
+            "public_addr": s.public_addr,
+        })),
+        Format::Text => {
+            println!("Cluster:  {}", s.cluster_name);
+            println!("Version:  {}", s.version);
+            for pin in &s.ca_pins {
+                println!("CA pin:   {pin}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn tokens_add(
+    admin: &Admin,
+    format: Format,
+    roles: Vec<Role>,
+    ttl: Duration,
+    value: Option<tunnel_proto::secret::Secret>,
+    labels: Labels,
+) -> Result<(), Failure> {
+    let request = TokenAddRequest {
+        roles,
+        ttl_seconds: ttl.as_secs(),
+        value,
+        labels,
+    };
+    let added: TokenAdded = admin.client.post(api::TOKENS_PATH, &request).await?;
+    // The join command needs the CA pin and the address agents should dial.
+    let status: StatusResponse = admin.client.get(api::STATUS_PATH).await?;
+    let proxy = status
+        .public_addr
+        .clone()
+        .unwrap_or_else(|| admin.client.addr().to_string());
+    let mut command = format!(
+        "burrow-agent start --token {} --proxy {proxy}",
+        added.token.expose()
+    );
+    for pin in &status.ca_pins {
+        command.push_str(&format!(" --ca-pin {pin}"));
+    }
+    let ttl_text = humantime::format_duration(ttl).to_string();
+    match format {
+        Format::Json => print_json(&json!({
+            "token": added.token.expose(),
+            "id": added.id,
+            "roles": added.roles,
+            "labels": added.labels,
+            "expires": rfc3339(added.expires),
+            "ttl_seconds": ttl.as_secs(),
+            "join_command": command,
+        })),
+        Format::Text => {
+            println!("The invite token: {}", added.token.expose());
+            println!(
+                "It allows role {} and expires in {ttl_text} (at {}); its id is {}.",
+                Role::join_list(&added.roles),
+                rfc3339(added.expires),
+                added.id
+            );
+            if !added.labels.is_empty() {
+                println!("Nodes that join with it get the labels {}.", labels_text(&added.labels));
+            }
+            println!();
+            println!("Run this on the new node to join the cluster:");
+            println!();
+            println!("{command}");
+            println!();
+            println!("The token may also be written to a file (e.g. /var/lib/burrow/token) whose absolute");
+            println!("path is given as --token. {proxy} must be reachable from the new node.");
+        }
+    }
+    Ok(())
+}
+
+async fn tokens_ls(admin: &Admin, format: Format, with_secrets: bool) -> Result<(), Failure> {
+    let path = if with_secrets {
+        format!("{}?with_secrets=true", api::TOKENS_PATH)
+    } else {
+        api::TOKENS_PATH.to_string()
+    };
+    let list: TokenList = admin.client.get(&path).await?;
+    if format == Format::Json {
+        let tokens: Vec<_> = list
+            .tokens
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id,
+                    "kind": t.kind,
+                    "roles": t.roles,
+                    "labels": t.labels,
+                    "expires": t.expires.map(rfc3339),
+                    "value": t.value.as_ref().map(|v| v.expose()),
+                })
+            })
+            .collect();
+        print_json(&json!({ "tokens": tokens }));
+        return Ok(());
+    }
+    if list.tokens.is_empty() {
+        println!("No active tokens.");
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = list
+        .tokens
+        .iter()
+        .map(|t| {
+            [
+                t.value
+                    .as_ref()
+                    .map_or_else(|| "***".to_string(), |v| v.expose().to_string()),
+                t.id.clone(),
+                Role::join_list(&t.roles),
+                match t.kind {
+                    TokenKind::Static => "static".into(),
+                    TokenKind::Dynamic => "dynamic".into(),
+                },
+                if t.labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels_text(&t.labels)
+                },
+                t.expires.map_or_else(|| "never".into(), rfc3339),
+            ]
+        })
+        .collect();
+    print_table(&["TOKEN", "ID", "TYPE", "KIND", "LABELS", "EXPIRES"], &rows);
+    if with_secrets && list.tokens.iter().any(|t| t.kind == TokenKind::Dynamic) {
+        println!();
+        println!("Dynamic tokens are stored by hash: their values were shown once, when created.");
+    }
+    Ok(())
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn labels_text(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+}

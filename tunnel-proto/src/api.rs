@@ -75,6 +75,27 @@ impl Role {
     }
 }
 
+/// Parses static labels, `k=v,k2=v2`. Keys are letters, digits, `-`, `_`, `.` and `/`.
+pub fn parse_labels(s: &str) -> Result<Labels, String> {
+    let mut labels = Labels::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("label {pair:?} is not key=value"))?;
+        let k = k.trim();
+        let valid_key = !k.is_empty()
+            && k.len() <= 64
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !valid_key {
+            return Err(format!(
+                "label key {k:?} is invalid: use letters, digits, '-', '_', '.' or '/'"
+            ));
+        }
+        labels.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
 /// Where agents open tunnels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelAddr {
@@ -230,6 +251,16 @@ mod tests {
         );
         assert!(Role::parse_list("").is_err());
         assert!(Role::parse_list("auth").unwrap_err().contains("\"auth\""));
+    }
+
+    #[test]
+    fn labels_parse() {
+        let l = parse_labels("env=prod, role = db ,,").unwrap();
+        assert_eq!(l.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(l.get("role").map(String::as_str), Some("db"));
+        assert!(parse_labels("novalue").is_err());
+        assert!(parse_labels("bad key=v").is_err());
+        assert!(parse_labels("").unwrap().is_empty());
     }
 
     #[test]

@@ -29,6 +29,9 @@ impl RedbBackend {
             },
             other => BackendError::Storage(format!("cannot open {}: {other}", path.display())),
         })?;
+        // The file holds the CA keys: owner only, whatever the umask.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| BackendError::Storage(format!("cannot restrict {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(TABLE).map_err(storage)?;
         txn.commit().map_err(storage)?;

@@ -1,0 +1,288 @@
+//! Agent configuration: command-line flags over a YAML file over defaults, parsed into a
+//! validated [`AgentConfig`].
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use tunnel_proto::pin::CaPin;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow";
+/// The token file looked for in the data dir when no token is given, so that an image can be
+/// flashed with just that file.
+pub const DEFAULT_TOKEN_FILE: &str = "token";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "burrow-agent",
+    version,
+    about = "Burrow node agent: joins a cluster with a token and serves SSH through reverse tunnels"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the agent: join the cluster on first start, then run from the stored identity.
+    Start(StartArgs),
+    /// Print a commented sample YAML configuration.
+    Configure,
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// YAML config file (see `burrow-agent configure`); flags override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Join token, or the absolute path of a file holding it. Only needed on the first start
+    /// [default: DATA_DIR/token if that file exists].
+    #[arg(long, value_name = "VALUE_OR_ABS_PATH")]
+    pub token: Option<String>,
+    /// The proxy's web address (or a load balancer in front of the proxies).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub proxy: Option<String>,
+    /// Pin of the cluster's host CA (sha256:<64 hex>, from `burrowctl status`); repeatable.
+    /// Without one the agent cannot verify it joins the right cluster.
+    #[arg(long = "ca-pin", value_name = "PIN")]
+    pub ca_pins: Vec<String>,
+    /// Where the node's identity is kept [default: /var/lib/burrow].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The node's name, used in `ssh login@NAME` [default: this host's name].
+    #[arg(long, value_name = "NAME")]
+    pub nodename: Option<String>,
+    /// Do not verify the proxy's web certificate when joining (development only: a token can be
+    /// stolen by whoever answers at the proxy's address).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Log at debug level.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// The YAML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub token: Option<String>,
+    pub proxy: Option<String>,
+    #[serde(default)]
+    pub ca_pin: Vec<String>,
+    pub nodename: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub debug: bool,
+}
+
+/// Where the join token comes from; read only when the agent has to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A value or an absolute path given by flag or config.
+    Given(String),
+    /// Nothing given: `DATA_DIR/token`, if it exists at join time.
+    DefaultFile(PathBuf),
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub token: TokenSource,
+    pub proxy: String,
+    pub ca_pins: Vec<CaPin>,
+    pub nodename: String,
+    pub insecure: bool,
+    pub debug: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl AgentConfig {
+    pub fn load(args: StartArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: StartArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let token = match args.token.or(file.token) {
+            Some(t) => TokenSource::Given(t),
+            None => TokenSource::DefaultFile(data_dir.join(DEFAULT_TOKEN_FILE)),
+        };
+        let proxy = args.proxy.or(file.proxy).ok_or_else(|| {
+            err("no proxy address: pass --proxy HOST:PORT or set proxy: in the config")
+        })?;
+        if tunnel_proto::web::split_host(&proxy).is_none() {
+            return Err(err(format!(
+                "proxy address {proxy:?} is not host:port"
+            )));
+        }
+        let pin_texts = if args.ca_pins.is_empty() {
+            file.ca_pin
+        } else {
+            args.ca_pins
+        };
+        let ca_pins = pin_texts
+            .iter()
+            .map(|p| p.parse::<CaPin>().map_err(|e| err(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nodename = match args.nodename.or(file.nodename) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
+        };
+        validate_nodename(&nodename)?;
+        Ok(Self {
+            data_dir,
+            token,
+            proxy,
+            ca_pins,
+            nodename,
+            insecure: args.insecure || file.insecure,
+            debug: args.debug || file.debug,
+        })
+    }
+}
+
+fn validate_nodename(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "node name {name:?} is invalid: use letters, digits, '-', '.' or '_'"
+        )))
+    }
+}
+
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_norway::from_str(&text)
+        .map_err(|e| err(format!("config file {} is invalid: {e}", path.display())))
+}
+
+pub const SAMPLE_CONFIG: &str = r#"# burrow-agent configuration (YAML). Flags given to `burrow-agent start` override these values;
+# unknown keys are an error.
+
+# Where the node's identity (keys and certificates) is kept, mode 0700.
+data_dir: /var/lib/burrow
+
+# The join token, or the absolute path of a file holding it. Only used on the first start;
+# afterwards the agent runs from its identity. Default: DATA_DIR/token, if that file exists.
+#token: /var/lib/burrow/token
+
+# The proxy's web address, or a load balancer in front of the proxies.
+proxy: proxy.example.com:3080
+
+# Pins of the cluster's host CA, from `burrowctl status`. Without one the agent cannot verify
+# it joins the right cluster, and says so loudly.
+#ca_pin:
+#  - "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+
+# The node's name, used in `ssh login@NAME`. Default: this host's name.
+#nodename: edge-01
+
+# Do not verify the proxy's web certificate when joining. Development only.
+insecure: false
+
+# Log at debug level.
+debug: false
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<FileConfig, String> {
+        serde_norway::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sample_config_parses() {
+        let cfg = AgentConfig::merge(
+            StartArgs {
+                nodename: Some("n1".into()),
+                ..Default::default()
+            },
+            parse(SAMPLE_CONFIG).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy, "proxy.example.com:3080");
+        assert_eq!(
+            cfg.token,
+            TokenSource::DefaultFile(PathBuf::from("/var/lib/burrow/token"))
+        );
+        assert!(cfg.ca_pins.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = parse("proxy: a:1\ntokne: x\n").unwrap_err();
+        assert!(e.contains("unknown field `tokne`"), "{e}");
+        let bad_pin = StartArgs {
+            proxy: Some("a:1".into()),
+            nodename: Some("n".into()),
+            ca_pins: vec!["sha256:abc".into()],
+            ..Default::default()
+        };
+        let e = AgentConfig::merge(bad_pin, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("malformed"), "{e}");
+        let no_proxy = StartArgs {
+            nodename: Some("n".into()),
+            ..Default::default()
+        };
+        let e = AgentConfig::merge(no_proxy, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--proxy"), "{e}");
+        let bad_name = StartArgs {
+            proxy: Some("a:1".into()),
+            nodename: Some("a b".into()),
+            ..Default::default()
+        };
+        assert!(AgentConfig::merge(bad_name, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse("proxy: file:1\ndata_dir: /f\ntoken: from-file\nnodename: f\n").unwrap();
+        let args = StartArgs {
+            proxy: Some("flag:2".into()),
+            token: Some("/abs/token".into()),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::merge(args, file).unwrap();
+        assert_eq!(cfg.proxy, "flag:2");
+        assert_eq!(cfg.data_dir, PathBuf::from("/f"));
+        assert_eq!(cfg.token, TokenSource::Given("/abs/token".into()));
+        assert_eq!(cfg.nodename, "f");
+    }
+}
