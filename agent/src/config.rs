@@ -131,9 +131,7 @@ impl AgentConfig {
             err("no proxy address: pass --proxy HOST:PORT or set proxy: in the config")
         })?;
         if tunnel_proto::web::split_host(&proxy).is_none() {
-            return Err(err(format!(
-                "proxy address {proxy:?} is not host:port"
-            )));
+            return Err(err(format!("proxy address {proxy:?} is not host:port")));
         }
         let pin_texts = if args.ca_pins.is_empty() {
             file.ca_pin

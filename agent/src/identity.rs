@@ -56,9 +56,7 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "identity file {path} is damaged ({reason}); move it away to join the cluster again"
-    )]
+    #[error("identity file {path} is damaged ({reason}); move it away to join the cluster again")]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot write the identity to {path}: {source}")]
     Write {
@@ -109,10 +107,10 @@ impl Identity {
 
     /// Checks that every key and certificate parses and that the certificates are for the keys.
     pub fn check(&self) -> Result<(), String> {
-        let key = PrivateKey::from_openssh(self.ssh_key.expose())
-            .map_err(|e| format!("SSH key: {e}"))?;
-        let cert =
-            Certificate::from_openssh(&self.ssh_cert).map_err(|e| format!("SSH certificate: {e}"))?;
+        let key =
+            PrivateKey::from_openssh(self.ssh_key.expose()).map_err(|e| format!("SSH key: {e}"))?;
+        let cert = Certificate::from_openssh(&self.ssh_cert)
+            .map_err(|e| format!("SSH certificate: {e}"))?;
         if cert.public_key() != key.public_key().key_data() {
             return Err("the SSH certificate is not for the SSH key".into());
         }

@@ -50,7 +50,10 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
         addr: p.proxy.to_string(),
         reason,
     };
-    let finder = WebClient::new(p.proxy, tls::unverified_client_config(&[ALPN_HTTP1]).map_err(|e| bad(e.to_string()))?)?;
+    let finder = WebClient::new(
+        p.proxy,
+        tls::unverified_client_config(&[ALPN_HTTP1]).map_err(|e| bad(e.to_string()))?,
+    )?;
     let found: FindResponse = finder.get(api::FIND_PATH).await?;
     let trusted = trusted_cas(&found, p.ca_pins, p.proxy)?;
     if p.ca_pins.is_empty() {
@@ -63,7 +66,8 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
 
     let ssh_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
         .map_err(|e| JoinError::Keys(e.to_string()))?;
-    let tls_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| JoinError::Keys(e.to_string()))?;
+    let tls_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| JoinError::Keys(e.to_string()))?;
     let csr = CertificateParams::default()
         .serialize_request(&tls_key)
         .and_then(|c| c.pem())
@@ -86,17 +90,19 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
     }
     .map_err(|e| bad(e.to_string()))?;
     let joiner = WebClient::new(p.proxy, config)?;
-    let answer: JoinResponse = joiner
-        .post(api::JOIN_PATH, &request)
-        .await
-        .map_err(|e| match e {
-            WebError::Api { status, error } if (400..500).contains(&status) => {
-                JoinError::Refused(error.message)
-            }
-            other => JoinError::Web(other),
-        })?;
+    let answer: JoinResponse =
+        joiner
+            .post(api::JOIN_PATH, &request)
+            .await
+            .map_err(|e| match e {
+                WebError::Api { status, error } if (400..500).contains(&status) => {
+                    JoinError::Refused(error.message)
+                }
+                other => JoinError::Web(other),
+            })?;
 
-    let cert = Certificate::from_openssh(&answer.ssh_cert).map_err(|e| bad(format!("SSH certificate: {e}")))?;
+    let cert = Certificate::from_openssh(&answer.ssh_cert)
+        .map_err(|e| bad(format!("SSH certificate: {e}")))?;
     if cert.public_key() != ssh_key.public_key().key_data() {
         return Err(bad("the SSH certificate is not for this node's key".into()));
     }

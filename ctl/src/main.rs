@@ -20,7 +20,11 @@ const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
 const DEFAULT_PROXY: &str = "127.0.0.1:3080";
 
 #[derive(Debug, Parser)]
-#[command(name = "burrowctl", version, about = "Burrow admin CLI: cluster status and join tokens")]
+#[command(
+    name = "burrowctl",
+    version,
+    about = "Burrow admin CLI: cluster status and join tokens"
+)]
 struct Cli {
     /// Proxy web API address [default: read from DATA_DIR/web-addr, else 127.0.0.1:3080].
     #[arg(long, global = true, value_name = "HOST:PORT", env = "BURROW_PROXY")]
@@ -145,7 +149,9 @@ impl Admin {
         let what = identity_path.display().to_string();
         let certs = tls::parse_certs(&text, &what).map_err(|e| usage(e.to_string()))?;
         let key = tls::parse_key(&text, &what).map_err(|e| usage(e.to_string()))?;
-        let (leaf, cas) = certs.split_first().expect("parse_certs returns at least one");
+        let (leaf, cas) = certs
+            .split_first()
+            .expect("parse_certs returns at least one");
         if cas.is_empty() {
             return Err(usage(format!("{what} holds no CA certificate")));
         }
@@ -221,8 +227,11 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, Failure> {
-    let ttl = humantime::parse_duration(text)
-        .map_err(|e| usage(format!("--ttl {text:?} is not a duration like 30m or 1h: {e}")))?;
+    let ttl = humantime::parse_duration(text).map_err(|e| {
+        usage(format!(
+            "--ttl {text:?} is not a duration like 30m or 1h: {e}"
+        ))
+    })?;
     if ttl < Duration::from_secs(1) {
         return Err(usage("--ttl must be at least 1s"));
     }
@@ -298,14 +307,19 @@ async fn tokens_add(
                 added.id
             );
             if !added.labels.is_empty() {
-                println!("Nodes that join with it get the labels {}.", labels_text(&added.labels));
+                println!(
+                    "Nodes that join with it get the labels {}.",
+                    labels_text(&added.labels)
+                );
             }
             println!();
             println!("Run this on the new node to join the cluster:");
             println!();
             println!("{command}");
             println!();
-            println!("The token may also be written to a file (e.g. /var/lib/burrow/token) whose absolute");
+            println!(
+                "The token may also be written to a file (e.g. /var/lib/burrow/token) whose absolute"
+            );
             println!("path is given as --token. {proxy} must be reachable from the new node.");
         }
     }

@@ -297,7 +297,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let file = parse("data_dir: /from/file\nweb_listen: 127.0.0.1:1\ncluster_name: f\n").unwrap();
+        let file =
+            parse("data_dir: /from/file\nweb_listen: 127.0.0.1:1\ncluster_name: f\n").unwrap();
         let args = StartArgs {
             data_dir: Some("/from/flag".into()),
             ..Default::default()

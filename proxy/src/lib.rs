@@ -134,9 +134,10 @@ fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Re
     let provider = tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(authorities.host_tls_cert_der.clone().into())?;
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
     let mut server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(client_verifier)
@@ -149,8 +150,12 @@ fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Re
 /// The address a local client dials to reach a listener bound to `bound`.
 fn local_dial_addr(bound: SocketAddr) -> SocketAddr {
     match bound.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), bound.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), bound.port())
+        }
         _ => bound,
     }
 }

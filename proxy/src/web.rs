@@ -178,7 +178,10 @@ pub async fn serve(
         });
     }
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("web connections still open after the shutdown grace period");
     }
     Ok(())
@@ -281,10 +284,17 @@ fn body_failure(rejection: BytesRejection) -> ApiFailure {
         ApiFailure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("the request body is larger than {} bytes", api::MAX_BODY_BYTES),
+            format!(
+                "the request body is larger than {} bytes",
+                api::MAX_BODY_BYTES
+            ),
         )
     } else {
-        ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", rejection.body_text())
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            rejection.body_text(),
+        )
     }
 }
 

@@ -1,1 +1,269 @@
+//! Harness for the end-to-end tests: builds the real binaries once, starts them on 127.0.0.1
+//! with ports picked at run time, and waits for conditions instead of sleeping.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to print a line we wait for. Generous: CI machines are slow.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The directory holding the built binaries, building them the first time it is asked for.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "burrow-proxy",
+                "-p",
+                "burrow-agent",
+                "-p",
+                "burrowctl",
+            ])
+            .current_dir(&workspace)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the binaries failed");
+        // target/debug/deps/<test binary> -> target/debug
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().to_path_buf()
+    })
+}
+
+pub fn bin(name: &str) -> Command {
+    let mut cmd = Command::new(bin_dir().join(name));
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running binary whose stderr is collected.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    name: String,
+}
+
+impl Daemon {
+    pub fn spawn(mut cmd: Command, name: &str) -> Daemon {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Daemon {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; returns the rest of that line after it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let found = eventually(WAIT, || {
+            let log = self.log();
+            if let Some(i) = log.find(needle) {
+                let rest = &log[i + needle.len()..];
+                return Some(rest.lines().next().unwrap_or("").to_string());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}:\n{log}",
+                    self.name
+                );
+            }
+            None
+        });
+        found.unwrap_or_else(|| panic!("{} never logged {needle:?}:\n{}", self.name, self.log()))
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = eventually(WAIT, || self.child.try_wait().ok().flatten());
+        status.unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!("{} did not stop on SIGTERM:\n{}", self.name, self.log())
+        })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A proxy on 127.0.0.1 with a port picked at run time.
+pub struct Proxy {
+    pub daemon: Daemon,
+    pub data_dir: PathBuf,
+    pub web_addr: String,
+}
+
+impl Proxy {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Proxy {
+        let mut cmd = bin("burrow-proxy");
+        cmd.arg("start")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--web-listen", "127.0.0.1:0"])
+            .args(extra);
+        let mut daemon = Daemon::spawn(cmd, "burrow-proxy");
+        let web_addr = daemon
+            .wait_for("web API listening on https://")
+            .trim()
+            .to_string();
+        Proxy {
+            daemon,
+            data_dir: data_dir.to_path_buf(),
+            web_addr,
+        }
+    }
+
+    /// Runs `burrowctl` against this proxy the way an admin on the proxy host would.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        bin("burrowctl")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `burrowctl ... --format json` and parses stdout; panics if it failed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--format", "json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        assert!(
+            out.status.success(),
+            "burrowctl {args:?} failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "burrowctl {args:?} printed invalid JSON ({e}): {}",
+                text(&out.stdout)
+            )
+        })
+    }
+
+    pub fn pin(&self) -> String {
+        self.ctl_json(&["status"])["ca_pin"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Creates a node token and returns its value.
+    pub fn node_token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["tokens", "add", "--type", "node"];
+        args.extend_from_slice(extra);
+        self.ctl_json(&args)["token"].as_str().unwrap().to_string()
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes `token` to a file in `dir` and returns its absolute path, as a user would flash it.
+pub fn token_file(dir: &Path, token: &str) -> String {
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `burrow-agent start` with the given arguments, for runs expected to end by themselves.
+pub fn agent_run(args: &[&str]) -> Output {
+    let mut cmd = bin("burrow-agent");
+    cmd.arg("start").args(args);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A failing join must fail fast; a hang is a bug that must not hang the suite.
+    let done = eventually(WAIT, || child.try_wait().ok().flatten());
+    if done.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        done.is_some(),
+        "burrow-agent {args:?} did not exit: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+/// Files in `dir` (empty if it does not exist), to check a failure left nothing behind.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut v: Vec<String> = entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+        Err(_) => vec![],
+    }
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}

@@ -71,7 +71,11 @@ impl Role {
     }
 
     pub fn join_list(roles: &[Role]) -> String {
-        roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+        roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -85,7 +89,8 @@ pub fn parse_labels(s: &str) -> Result<Labels, String> {
         let k = k.trim();
         let valid_key = !k.is_empty()
             && k.len() <= 64
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !valid_key {
             return Err(format!(
                 "label key {k:?} is invalid: use letters, digits, '-', '_', '.' or '/'"

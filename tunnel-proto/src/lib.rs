@@ -15,10 +15,10 @@
 //! do no I/O.
 
 pub mod api;
+pub mod fsutil;
 pub mod pin;
 pub mod secret;
 pub mod tls;
-pub mod fsutil;
 pub mod web;
 
 /// The version every Burrow binary reports; agents and proxies exchange it.

@@ -54,8 +54,8 @@ pub fn token_from_arg(arg: &str) -> Result<Secret, String> {
         }
         return Ok(Secret::new(value));
     }
-    let text = std::fs::read_to_string(arg)
-        .map_err(|e| format!("cannot read token file {arg}: {e}"))?;
+    let text =
+        std::fs::read_to_string(arg).map_err(|e| format!("cannot read token file {arg}: {e}"))?;
     let value = text.trim();
     if value.is_empty() {
         return Err(format!("token file {arg} is empty"));
@@ -79,7 +79,10 @@ mod token_arg_tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "  s3cret-value\n").unwrap();
-        assert_eq!(token_from_arg(file.to_str().unwrap()).unwrap().expose(), "s3cret-value");
+        assert_eq!(
+            token_from_arg(file.to_str().unwrap()).unwrap().expose(),
+            "s3cret-value"
+        );
         std::fs::write(&file, "\n \n").unwrap();
         let e = token_from_arg(file.to_str().unwrap()).unwrap_err();
         assert!(e.ends_with("is empty"), "{e}");

@@ -92,12 +92,13 @@ impl WebClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, WebError> {
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
-            .await
-            .map_err(|_| WebError::Unreachable {
-                addr: self.addr.clone(),
-                reason: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
-            })??;
+        let (status, bytes) =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
+                .await
+                .map_err(|_| WebError::Unreachable {
+                    addr: self.addr.clone(),
+                    reason: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+                })??;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| self.bad(e));
         }
@@ -122,7 +123,12 @@ impl WebClient {
         };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| unreachable(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|_| {
+                unreachable(format!(
+                    "no connection within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let tls = self
@@ -151,7 +157,10 @@ impl WebClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.bad(e))?;
         let result = async {
-            let response = sender.send_request(request).await.map_err(|e| self.bad(e))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.bad(e))?;
             let status = response.status();
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::RngExt;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SerialNumber,
 };
 use russh::keys::ssh_key::certificate::{Builder as SshCertBuilder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
@@ -84,10 +84,8 @@ impl StoredAuthorities {
     pub fn generate(cluster_name: &str) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(
-            &format!("Burrow host CA for {cluster_name}"),
-            cluster_name,
-        );
+        params.distinguished_name =
+            distinguished_name(&format!("Burrow host CA for {cluster_name}"), cluster_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -130,7 +128,8 @@ pub struct IssuedPair {
 
 impl Authorities {
     pub fn load(stored: &StoredAuthorities) -> Result<Self, CaError> {
-        let corrupt = |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
         let certs = tunnel_proto::tls::parse_certs(&stored.host_tls_cert, "host CA certificate")
             .map_err(|e| corrupt("host CA certificate", &e))?;
         let der = certs[0].to_vec();
@@ -223,7 +222,9 @@ impl Authorities {
             ],
             NODE_VALIDITY,
         )?;
-        Ok(params.signed_by(&csr.public_key, &self.host_tls_issuer)?.pem())
+        Ok(params
+            .signed_by(&csr.public_key, &self.host_tls_issuer)?
+            .pem())
     }
 
     /// Signs an SSH host certificate for a node, valid for its host id and its name.
@@ -358,7 +359,12 @@ mod tests {
         assert_eq!(CertRole::of_certificate(&der[0]), Some(CertRole::Node));
         let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
         assert_eq!(
-            cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
             "host-1"
         );
         assert_eq!(

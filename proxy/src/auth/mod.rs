@@ -72,7 +72,9 @@ impl Auth {
                     fresh
                 } else {
                     let raw = backend.get(AUTHORITIES_KEY).await?.ok_or_else(|| {
-                        BackendError::Storage("cluster authorities vanished during bootstrap".into())
+                        BackendError::Storage(
+                            "cluster authorities vanished during bootstrap".into(),
+                        )
                     })?;
                     parse_stored(&raw)?
                 }
@@ -100,7 +102,10 @@ impl Auth {
         let ssh_key = PublicKey::from_openssh(req.ssh_public_key.trim()).map_err(|_| {
             AuthError::BadRequest("ssh_public_key is not an OpenSSH public key".into())
         })?;
-        if !matches!(ssh_key.algorithm(), Algorithm::Ed25519 | Algorithm::Ecdsa { .. }) {
+        if !matches!(
+            ssh_key.algorithm(),
+            Algorithm::Ed25519 | Algorithm::Ecdsa { .. }
+        ) {
             return Err(AuthError::BadRequest(format!(
                 "ssh_public_key of type {} is not accepted: use ed25519 or ECDSA",
                 ssh_key.algorithm()
@@ -193,11 +198,16 @@ mod tests {
     async fn bootstrap_creates_once_and_then_loads() {
         let dir = tempfile::tempdir().unwrap();
         let b: Arc<dyn Backend> = Arc::new(RedbBackend::open(&dir.path().join("s")).unwrap());
-        let a = Auth::bootstrap(b.clone(), Some("c1"), vec![]).await.unwrap();
+        let a = Auth::bootstrap(b.clone(), Some("c1"), vec![])
+            .await
+            .unwrap();
         let again = Auth::bootstrap(b.clone(), None, vec![]).await.unwrap();
         assert_eq!(a.authorities.pin, again.authorities.pin);
         assert_eq!(again.authorities.cluster_name, "c1");
-        let err = Auth::bootstrap(b, Some("other"), vec![]).await.err().unwrap();
+        let err = Auth::bootstrap(b, Some("other"), vec![])
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("holds cluster \"c1\""), "{err}");
     }
 

@@ -38,9 +38,7 @@ pub enum TokenError {
     Invalid(String),
     #[error("a token with this value already exists")]
     Exists,
-    #[error(
-        "token {0} is static: it comes from the proxy's configuration and is removed there"
-    )]
+    #[error("token {0} is static: it comes from the proxy's configuration and is removed there")]
     Static(String),
     #[error("{0:?} matches several tokens; give more of the id")]
     Ambiguous(String),
@@ -133,7 +131,9 @@ impl TokenStore {
         labels: Labels,
     ) -> Result<TokenAdded, TokenError> {
         if roles.is_empty() {
-            return Err(TokenError::Invalid("a token needs at least one role".into()));
+            return Err(TokenError::Invalid(
+                "a token needs at least one role".into(),
+            ));
         }
         if ttl.is_zero() {
             return Err(TokenError::Invalid("a token's TTL must be positive".into()));
@@ -220,12 +220,17 @@ impl TokenStore {
             return Ok(id_of(&h));
         }
         // Not a live token value: perhaps an id (a prefix of the hash).
-        let is_id = input.len() >= 8 && input.len() <= 64 && input.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_id =
+            input.len() >= 8 && input.len() <= 64 && input.bytes().all(|b| b.is_ascii_hexdigit());
         if !is_id {
             return Err(TokenError::NotFound);
         }
         let wanted = format!("{PREFIX}{}", input.to_ascii_lowercase());
-        if let Some((_, h)) = self.statics.iter().find(|(_, h)| key(h).starts_with(&wanted)) {
+        if let Some((_, h)) = self
+            .statics
+            .iter()
+            .find(|(_, h)| key(h).starts_with(&wanted))
+        {
             return Err(TokenError::Static(id_of(h)));
         }
         let now = unix_now();
@@ -247,7 +252,12 @@ impl TokenStore {
         }
     }
 
-    async fn revoke(&self, key: &str, raw: &[u8], mut record: TokenRecord) -> Result<(), TokenError> {
+    async fn revoke(
+        &self,
+        key: &str,
+        raw: &[u8],
+        mut record: TokenRecord,
+    ) -> Result<(), TokenError> {
         record.revoked = true;
         let remaining = record.expires.saturating_sub(unix_now());
         let ttl = Duration::from_secs(remaining) + TOMBSTONE_GRACE;
@@ -272,7 +282,11 @@ impl TokenStore {
                 labels: Labels::new(),
             });
         }
-        let raw = self.backend.get(&key(&h)).await?.ok_or(TokenError::NotFound)?;
+        let raw = self
+            .backend
+            .get(&key(&h))
+            .await?
+            .ok_or(TokenError::NotFound)?;
         let record = decode(&raw).ok_or(TokenError::NotFound)?;
         if record.revoked {
             return Err(TokenError::Revoked);
@@ -342,7 +356,10 @@ mod tests {
     #[tokio::test]
     async fn generated_tokens_are_128_bit_hex_and_stored_by_hash() {
         let (_d, s) = store(vec![]);
-        let added = s.add(vec![Role::Node], HOUR, None, Labels::new()).await.unwrap();
+        let added = s
+            .add(vec![Role::Node], HOUR, None, Labels::new())
+            .await
+            .unwrap();
         let value = added.token.expose().to_string();
         assert_eq!(value.len(), 32);
         assert!(value.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -351,7 +368,10 @@ mod tests {
         assert!(!keys[0].0.contains(&value));
         assert!(!String::from_utf8_lossy(&keys[0].1).contains(&value));
         assert_eq!(keys[0].0, key(&hash(&value)));
-        let other = s.add(vec![Role::Node], HOUR, None, Labels::new()).await.unwrap();
+        let other = s
+            .add(vec![Role::Node], HOUR, None, Labels::new())
+            .await
+            .unwrap();
         assert_ne!(other.token, added.token);
     }
 
@@ -359,19 +379,34 @@ mod tests {
     async fn check_tells_every_failure_apart() {
         let (_d, s) = store(vec![]);
         let labels = Labels::from([("env".to_string(), "lab".to_string())]);
-        let node = s.add(vec![Role::Node], HOUR, None, labels.clone()).await.unwrap();
+        let node = s
+            .add(vec![Role::Node], HOUR, None, labels.clone())
+            .await
+            .unwrap();
         let grant = s.check(&node.token, Role::Node).await.unwrap();
         assert_eq!(grant.labels, labels);
         assert!(matches!(
             s.check(&Secret::new("nope-nope-nope"), Role::Node).await,
             Err(TokenError::NotFound)
         ));
-        let proxy = s.add(vec![Role::Proxy], HOUR, None, Labels::new()).await.unwrap();
+        let proxy = s
+            .add(vec![Role::Proxy], HOUR, None, Labels::new())
+            .await
+            .unwrap();
         let err = s.check(&proxy.token, Role::Node).await.unwrap_err();
-        assert_eq!(err.to_string(), "the join token allows role proxy, not node");
+        assert_eq!(
+            err.to_string(),
+            "the join token allows role proxy, not node"
+        );
         s.remove(&node.token).await.unwrap();
-        assert!(matches!(s.check(&node.token, Role::Node).await, Err(TokenError::Revoked)));
-        assert!(matches!(s.remove(&node.token).await, Err(TokenError::NotFound)));
+        assert!(matches!(
+            s.check(&node.token, Role::Node).await,
+            Err(TokenError::Revoked)
+        ));
+        assert!(matches!(
+            s.remove(&node.token).await,
+            Err(TokenError::NotFound)
+        ));
     }
 
     #[tokio::test]
@@ -390,7 +425,10 @@ mod tests {
             .await
             .unwrap();
         let err = s.check(&value, Role::Node).await.unwrap_err();
-        assert!(err.to_string().starts_with("the join token expired at "), "{err}");
+        assert!(
+            err.to_string().starts_with("the join token expired at "),
+            "{err}"
+        );
         assert!(s.list(false).await.unwrap().is_empty());
     }
 
@@ -401,31 +439,58 @@ mod tests {
             value: Secret::new("static-secret-1"),
         }];
         let (_d, s) = store(statics);
-        let added = s.add(vec![Role::Node], HOUR, None, Labels::new()).await.unwrap();
+        let added = s
+            .add(vec![Role::Node], HOUR, None, Labels::new())
+            .await
+            .unwrap();
         let listed = s.list(true).await.unwrap();
         assert_eq!(listed.len(), 2);
         let st = listed.iter().find(|t| t.kind == TokenKind::Static).unwrap();
         assert_eq!(st.value.as_ref().unwrap().expose(), "static-secret-1");
-        assert!(listed.iter().all(|t| t.kind == TokenKind::Static || t.value.is_none()));
-        assert!(s.list(false).await.unwrap().iter().all(|t| t.value.is_none()));
+        assert!(
+            listed
+                .iter()
+                .all(|t| t.kind == TokenKind::Static || t.value.is_none())
+        );
+        assert!(
+            s.list(false)
+                .await
+                .unwrap()
+                .iter()
+                .all(|t| t.value.is_none())
+        );
         assert!(matches!(
             s.remove(&Secret::new("static-secret-1")).await,
             Err(TokenError::Static(_))
         ));
-        assert_eq!(s.remove(&Secret::new(&added.id[..10])).await.unwrap(), added.id);
+        assert_eq!(
+            s.remove(&Secret::new(&added.id[..10])).await.unwrap(),
+            added.id
+        );
         assert_eq!(s.list(false).await.unwrap().len(), 1);
-        s.check(&Secret::new("static-secret-1"), Role::Node).await.unwrap();
+        s.check(&Secret::new("static-secret-1"), Role::Node)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn chosen_values_are_validated_and_unique() {
         let (_d, s) = store(vec![]);
         for bad in ["short", "has space inside", &"x".repeat(300)] {
-            let r = s.add(vec![Role::Node], HOUR, Some(Secret::new(bad)), Labels::new()).await;
+            let r = s
+                .add(
+                    vec![Role::Node],
+                    HOUR,
+                    Some(Secret::new(bad)),
+                    Labels::new(),
+                )
+                .await;
             assert!(matches!(r, Err(TokenError::Invalid(_))), "{bad}");
         }
         let v = Some(Secret::new("my-chosen-token"));
-        s.add(vec![Role::Node], HOUR, v.clone(), Labels::new()).await.unwrap();
+        s.add(vec![Role::Node], HOUR, v.clone(), Labels::new())
+            .await
+            .unwrap();
         assert!(matches!(
             s.add(vec![Role::Node], HOUR, v, Labels::new()).await,
             Err(TokenError::Exists)

@@ -14,7 +14,9 @@ pub use self::redb::RedbBackend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("the state database {path} is in use by another process (is another burrow-proxy running with this data dir?)")]
+    #[error(
+        "the state database {path} is in use by another process (is another burrow-proxy running with this data dir?)"
+    )]
     Locked { path: String },
     #[error("state storage failed: {0}")]
     Storage(String),
@@ -29,8 +31,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
 
     /// Writes `value`, replacing any current value; with a TTL the key vanishes after it.
-    async fn put(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>)
-    -> Result<(), BackendError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BackendError>;
 
     /// Writes `value` only if the current value is `expected` (`None`: the key must be absent).
     /// Returns whether it wrote.
@@ -68,10 +74,26 @@ pub(crate) mod conformance {
     }
 
     pub async fn compare_and_swap(b: &dyn Backend) {
-        assert!(b.compare_and_swap("/c", None, b"x".to_vec(), None).await.unwrap());
-        assert!(!b.compare_and_swap("/c", None, b"y".to_vec(), None).await.unwrap());
-        assert!(!b.compare_and_swap("/c", Some(b"y"), b"z".to_vec(), None).await.unwrap());
-        assert!(b.compare_and_swap("/c", Some(b"x"), b"z".to_vec(), None).await.unwrap());
+        assert!(
+            b.compare_and_swap("/c", None, b"x".to_vec(), None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !b.compare_and_swap("/c", None, b"y".to_vec(), None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !b.compare_and_swap("/c", Some(b"y"), b"z".to_vec(), None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            b.compare_and_swap("/c", Some(b"x"), b"z".to_vec(), None)
+                .await
+                .unwrap()
+        );
         assert_eq!(b.get("/c").await.unwrap(), Some(b"z".to_vec()));
     }
 
@@ -79,21 +101,41 @@ pub(crate) mod conformance {
         for k in ["/t/b", "/t/a", "/tx/c", "/u/d"] {
             b.put(k, k.as_bytes().to_vec(), None).await.unwrap();
         }
-        let keys: Vec<String> = b.list("/t/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = b
+            .list("/t/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, vec!["/t/a", "/t/b"]);
         assert_eq!(b.list("/none/").await.unwrap(), vec![]);
     }
 
     pub async fn ttl_expiry(b: &dyn Backend) {
-        b.put("/e/short", b"v".to_vec(), Some(Duration::from_millis(200))).await.unwrap();
-        b.put("/e/long", b"v".to_vec(), Some(Duration::from_secs(600))).await.unwrap();
+        b.put("/e/short", b"v".to_vec(), Some(Duration::from_millis(200)))
+            .await
+            .unwrap();
+        b.put("/e/long", b"v".to_vec(), Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
         assert!(b.get("/e/short").await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(b.get("/e/short").await.unwrap(), None);
-        let keys: Vec<String> = b.list("/e/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = b
+            .list("/e/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, vec!["/e/long"]);
         // An expired key counts as absent for compare-and-swap too.
-        assert!(b.compare_and_swap("/e/short", None, b"w".to_vec(), None).await.unwrap());
+        assert!(
+            b.compare_and_swap("/e/short", None, b"w".to_vec(), None)
+                .await
+                .unwrap()
+        );
     }
 
     pub async fn large_values(b: &dyn Backend) {

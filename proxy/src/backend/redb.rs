@@ -31,7 +31,9 @@ impl RedbBackend {
         })?;
         // The file holds the CA keys: owner only, whatever the umask.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| BackendError::Storage(format!("cannot restrict {}: {e}", path.display())))?;
+            .map_err(|e| {
+                BackendError::Storage(format!("cannot restrict {}: {e}", path.display()))
+            })?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(TABLE).map_err(storage)?;
         txn.commit().map_err(storage)?;
@@ -245,7 +247,9 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_file_is_refused() {
         let (dir, _b) = open();
-        let err = RedbBackend::open(&dir.path().join("state.redb")).err().unwrap();
+        let err = RedbBackend::open(&dir.path().join("state.redb"))
+            .err()
+            .unwrap();
         assert!(matches!(err, BackendError::Locked { .. }), "{err}");
     }
 
@@ -253,6 +257,9 @@ mod tests {
     fn short_records_decode_as_absent() {
         assert_eq!(decode(b"abc", 0), None);
         assert_eq!(decode(&encode(b"v", None, 5), u64::MAX), Some(&b"v"[..]));
-        assert_eq!(decode(&encode(b"v", Some(Duration::from_millis(10)), 5), 15), None);
+        assert_eq!(
+            decode(&encode(b"v", Some(Duration::from_millis(10)), 5), 15),
+            None
+        );
     }
 }
