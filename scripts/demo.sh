@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The main job, end to end on this machine: a local cluster on the embedded backend, a join
+# token written to a file, and an agent that joins with it through the proxy's web port.
+# Everything runs on 127.0.0.1 in a temporary directory and is stopped at the end
+# (pass --keep to leave the cluster running until Ctrl-C).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+keep=false
+[ "${1:-}" = "--keep" ] && keep=true
+
+./scripts/install-deps.sh >/dev/null
+echo "==> building"
+cargo build --quiet --bins
+bin=$PWD/target/debug
+work=$(mktemp -d /tmp/burrow-demo.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "==> stopped; logs and state are in $work"
+}
+trap cleanup EXIT
+
+echo "==> starting a proxy (cluster 'demo', data in $work/proxy)"
+"$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen 127.0.0.1:0 --cluster-name demo \
+  2>"$work/proxy.log" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  [ -s "$work/proxy/web-addr" ] && break
+  sleep 0.1
+done
+[ -s "$work/proxy/web-addr" ] || { cat "$work/proxy.log"; echo "the proxy did not start"; exit 1; }
+ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
+
+echo "==> burrowctl status"
+ctl status
+echo "==> burrowctl tokens add --type node --ttl 5m"
+ctl tokens add --type node --ttl 5m --labels env=demo | tee "$work/token.txt"
+token=$(sed -n 's/^The invite token: //p' "$work/token.txt")
+pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+proxy_addr=$(cat "$work/proxy/web-addr")
+mkdir -p "$work/agent" && chmod 700 "$work/agent"
+printf '%s\n' "$token" >"$work/agent/token"
+chmod 600 "$work/agent/token"
+
+echo "==> burrow-agent start --token $work/agent/token --proxy $proxy_addr --ca-pin $pin"
+"$bin/burrow-agent" start --token "$work/agent/token" --proxy "$proxy_addr" --ca-pin "$pin" \
+  --data-dir "$work/agent" --nodename demo-node 2>"$work/agent.log" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  grep -q "agent ready" "$work/agent.log" 2>/dev/null && break
+  sleep 0.1
+done
+cat "$work/agent.log"
+grep -q "joined the cluster" "$work/agent.log" || { echo "the agent did not join"; exit 1; }
+echo "==> the node's identity: $(ls -l "$work/agent/identity.json")"
+
+if $keep; then
+  echo "==> the cluster keeps running; Ctrl-C stops it"
+  wait
+fi
+echo "==> demo OK"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what building and testing Burrow needs, idempotently: safe to run on every CI run.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Debian packages the tests use: real peers instead of mocks.
+#   pkg-config, build-essential: ring's C parts (usually present already).
+have cc || need_apt+=(build-essential)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# Rust components for the lint steps.
+if have rustup; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi

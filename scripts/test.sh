@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test Burrow has: formatting, lints, unit tests and the end-to-end tests that start
+# the real binaries on loopback. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo build (binaries for the end-to-end tests)"
+cargo build --workspace --bins --locked
+echo "==> cargo test"
+cargo test --workspace --locked -- --test-threads "${BURROW_TEST_THREADS:-4}"
