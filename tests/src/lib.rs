@@ -18,20 +18,21 @@ pub fn bin_dir() -> &'static Path {
             .parent()
             .unwrap()
             .to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "burrow-proxy",
-                "-p",
-                "burrow-agent",
-                "-p",
-                "burrowctl",
-            ])
-            .current_dir(&workspace)
-            .status()
-            .expect("cargo runs");
+        let mut cargo = Command::new(env!("CARGO"));
+        // The same command as scripts/test.sh, in the environment a shell would have: the
+        // variables cargo sets for a test run would change build-script fingerprints (ring's)
+        // and rebuild everything on every run.
+        cargo
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(&workspace);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let keep = matches!(key.as_ref(), "CARGO_HOME" | "CARGO_TARGET_DIR");
+            if (key.starts_with("CARGO_") && !keep) || key == "LD_LIBRARY_PATH" {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let status = cargo.status().expect("cargo runs");
         assert!(status.success(), "building the binaries failed");
         // target/debug/deps/<test binary> -> target/debug
         let exe = std::env::current_exe().unwrap();
