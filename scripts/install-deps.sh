@@ -5,9 +5,10 @@ set -euo pipefail
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# Debian packages the tests use: real peers instead of mocks.
-#   pkg-config, build-essential: ring's C parts (usually present already).
-have cc || need_apt+=(build-essential)
+# Debian packages the build and the tests use: real peers instead of mocks.
+have cc || need_apt+=(build-essential)           # ring's C parts
+have protoc || need_apt+=(protobuf-compiler)     # etcd-client's build
+have etcd || need_apt+=(etcd-server)             # the HA backend in tests
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

@@ -23,7 +23,7 @@ const DEFAULT_PROXY: &str = "127.0.0.1:3080";
 #[command(
     name = "burrowctl",
     version,
-    about = "Burrow admin CLI: cluster status and join tokens"
+    about = "Burrow admin CLI: cluster status, join tokens, proxies"
 )]
 struct Cli {
     /// Proxy web API address [default: read from DATA_DIR/web-addr, else 127.0.0.1:3080].
@@ -55,8 +55,17 @@ enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Live proxies of the cluster.
+    #[command(subcommand)]
+    Proxies(ProxiesCommand),
     /// Print burrowctl's version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxiesCommand {
+    /// List the proxies that are alive (registered within their lease).
+    Ls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +217,7 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
                 .unwrap_or_default();
             tokens_add(&admin, cli.format, roles, ttl, value, labels).await
         }
+        Command::Proxies(ProxiesCommand::Ls) => proxies_ls(&admin, cli.format).await,
         Command::Tokens(TokensCommand::Ls { with_secrets }) => {
             tokens_ls(&admin, cli.format, *with_secrets).await
         }
@@ -383,6 +393,29 @@ async fn tokens_ls(admin: &Admin, format: Format, with_secrets: bool) -> Result<
         println!();
         println!("Dynamic tokens are stored by hash: their values were shown once, when created.");
     }
+    Ok(())
+}
+
+async fn proxies_ls(admin: &Admin, format: Format) -> Result<(), Failure> {
+    let list: api::ProxyList = admin.client.get(api::PROXIES_PATH).await?;
+    if format == Format::Json {
+        print_json(&serde_json::to_value(&list).expect("JSON values serialize"));
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = list
+        .proxies
+        .iter()
+        .map(|p| {
+            [
+                p.id.clone(),
+                p.hostname.clone(),
+                p.public_addr.clone().unwrap_or_else(|| p.web_addr.clone()),
+                p.version.clone(),
+                rfc3339(p.started),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "HOSTNAME", "ADDRESS", "VERSION", "STARTED"], &rows);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use tunnel_proto::api::Role;
 use tunnel_proto::secret::Secret;
 
 use crate::auth::tokens::{StaticToken, validate_value};
+use crate::backend::{EtcdConfig, EtcdTls};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
 pub const DEFAULT_WEB_LISTEN: &str = "0.0.0.0:3080";
@@ -59,9 +60,12 @@ pub struct StartArgs {
     /// file with one token per line. Static tokens never expire. Repeatable; replaces the config's list.
     #[arg(long = "static-token", value_name = "ROLES:VALUE_OR_ABS_PATH")]
     pub static_tokens: Vec<String>,
-    /// State backend.
+    /// State backend: redb (embedded, one proxy) or etcd (several proxies share one cluster).
     #[arg(long, value_enum, value_name = "KIND")]
     pub storage: Option<StorageKind>,
+    /// etcd endpoint URL, e.g. http://127.0.0.1:2379 (with --storage etcd); repeatable.
+    #[arg(long = "etcd-endpoint", value_name = "URL")]
+    pub etcd_endpoints: Vec<String>,
     /// Log at debug level.
     #[arg(long)]
     pub debug: bool,
@@ -73,6 +77,8 @@ pub enum StorageKind {
     /// Embedded redb file in the data dir: one proxy.
     #[default]
     Redb,
+    /// etcd: several proxies share one cluster.
+    Etcd,
 }
 
 /// The YAML file, as written.
@@ -97,7 +103,22 @@ pub struct FileConfig {
 pub struct StorageConfig {
     #[serde(rename = "type", default)]
     pub kind: StorageKind,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
+
+/// Where the cluster's state lives.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    Redb,
+    Etcd(EtcdConfig),
+}
+
+pub const DEFAULT_ETCD_PREFIX: &str = "/burrow";
 
 /// The validated configuration the proxy runs with.
 #[derive(Debug, Clone)]
@@ -108,7 +129,7 @@ pub struct ProxyConfig {
     pub public_addr: Option<String>,
     pub https_files: Option<(PathBuf, PathBuf)>,
     pub static_tokens: Vec<StaticToken>,
-    pub storage: StorageKind,
+    pub storage: Storage,
     pub debug: bool,
 }
 
@@ -175,10 +196,68 @@ impl ProxyConfig {
         for spec in &token_specs {
             static_tokens.extend(parse_static_token(spec)?);
         }
-        let storage = args
-            .storage
-            .or(file.storage.map(|s| s.kind))
-            .unwrap_or_default();
+        let file_storage = file.storage.unwrap_or_default();
+        let kind = args.storage.unwrap_or(file_storage.kind);
+        let endpoints = if args.etcd_endpoints.is_empty() {
+            file_storage.endpoints
+        } else {
+            args.etcd_endpoints
+        };
+        let storage = match kind {
+            StorageKind::Redb => {
+                if !endpoints.is_empty() {
+                    return Err(err(
+                        "etcd endpoints are given but the storage is redb: add --storage etcd",
+                    ));
+                }
+                Storage::Redb
+            }
+            StorageKind::Etcd => {
+                if endpoints.is_empty() {
+                    return Err(err(
+                        "storage etcd needs at least one endpoint: --etcd-endpoint http://HOST:2379",
+                    ));
+                }
+                for e in &endpoints {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(err(format!(
+                            "etcd endpoint {e:?} must be a URL, e.g. http://127.0.0.1:2379"
+                        )));
+                    }
+                }
+                let prefix = file_storage
+                    .prefix
+                    .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+                if !prefix.starts_with('/') {
+                    return Err(err(format!("storage prefix {prefix:?} must start with /")));
+                }
+                let tls = match (
+                    file_storage.tls_ca_file,
+                    file_storage.tls_cert_file,
+                    file_storage.tls_key_file,
+                ) {
+                    (None, None, None) => None,
+                    (Some(ca_file), None, None) => Some(EtcdTls {
+                        ca_file,
+                        client: None,
+                    }),
+                    (Some(ca_file), Some(c), Some(k)) => Some(EtcdTls {
+                        ca_file,
+                        client: Some((c, k)),
+                    }),
+                    _ => {
+                        return Err(err(
+                            "etcd TLS needs tls_ca_file, and tls_cert_file with tls_key_file together",
+                        ));
+                    }
+                };
+                Storage::Etcd(EtcdConfig {
+                    endpoints,
+                    prefix,
+                    tls,
+                })
+            }
+        };
         Ok(Self {
             data_dir,
             cluster_name,
@@ -261,9 +340,17 @@ web_listen: 0.0.0.0:3080
 #static_tokens:
 #  - "node:/etc/burrow/node-tokens"
 
-# Where the cluster's state lives. redb: an embedded file in data_dir, for one proxy.
+# Where the cluster's state lives.
+#   redb: an embedded file in data_dir, for one proxy (the default).
+#   etcd: several proxies behind a load balancer share one cluster.
 storage:
   type: redb
+#  type: etcd
+#  endpoints: ["http://127.0.0.1:2379"]
+#  prefix: /burrow                       # one etcd can hold several clusters
+#  tls_ca_file: /etc/burrow/etcd-ca.pem  # for etcd over TLS
+#  tls_cert_file: /etc/burrow/etcd-client.pem
+#  tls_key_file: /etc/burrow/etcd-client-key.pem
 
 # Log at debug level.
 debug: false
@@ -283,7 +370,7 @@ mod tests {
         let cfg = ProxyConfig::merge(StartArgs::default(), file).unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.web_listen.to_string(), DEFAULT_WEB_LISTEN);
-        assert_eq!(cfg.storage, StorageKind::Redb);
+        assert!(matches!(cfg.storage, Storage::Redb));
         assert!(cfg.static_tokens.is_empty());
     }
 
@@ -307,6 +394,40 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(cfg.web_listen.to_string(), "127.0.0.1:1");
         assert_eq!(cfg.cluster_name.as_deref(), Some("f"));
+    }
+
+    #[test]
+    fn etcd_storage_from_flags_or_file() {
+        let file = parse(
+            "storage:\n  type: etcd\n  endpoints: [\"http://10.0.0.1:2379\"]\n  prefix: /c1\n",
+        )
+        .unwrap();
+        let cfg = ProxyConfig::merge(StartArgs::default(), file).unwrap();
+        let Storage::Etcd(etcd) = cfg.storage else {
+            panic!("etcd expected")
+        };
+        assert_eq!(etcd.endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(etcd.prefix, "/c1");
+        let args = StartArgs {
+            storage: Some(StorageKind::Etcd),
+            etcd_endpoints: vec!["http://127.0.0.1:1".into()],
+            ..Default::default()
+        };
+        let cfg = ProxyConfig::merge(args, FileConfig::default()).unwrap();
+        let Storage::Etcd(etcd) = cfg.storage else {
+            panic!("etcd expected")
+        };
+        assert_eq!(etcd.prefix, DEFAULT_ETCD_PREFIX);
+        let no_endpoint = StartArgs {
+            storage: Some(StorageKind::Etcd),
+            ..Default::default()
+        };
+        let e = ProxyConfig::merge(no_endpoint, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--etcd-endpoint"), "{e}");
+        let half_tls =
+            parse("storage:\n  type: etcd\n  endpoints: [\"http://a:1\"]\n  tls_cert_file: /c\n")
+                .unwrap();
+        assert!(ProxyConfig::merge(StartArgs::default(), half_tls).is_err());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! What lives here:
 //! - [`config`]: flags, YAML and defaults, merged into a validated [`config::ProxyConfig`].
-//! - [`backend`]: the [`backend::Backend`] trait for cluster state and its redb implementation.
+//! - [`backend`]: the [`backend::Backend`] trait for cluster state; redb and etcd.
 //! - [`auth`]: the certificate authorities, join tokens and node joins.
+//! - [`registry`]: the proxy's registration under a lease, and its readiness.
 //! - [`web`]: the HTTPS web port (find, join, admin API).
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 mod ratelimit;
+pub mod registry;
 pub mod web;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,36 +28,39 @@ use tokio_util::sync::CancellationToken;
 use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
 use tunnel_proto::tls::{self, ALPN_HTTP1};
 
-use crate::auth::Auth;
-use crate::auth::ca::Authorities;
-use crate::backend::{Backend, RedbBackend};
-use crate::config::{ProxyConfig, StorageKind};
+use crate::auth::ca::{Authorities, new_host_id, unix_now};
+use crate::auth::{Auth, AuthError};
+use crate::backend::{Backend, EtcdBackend, RedbBackend};
+use crate::config::{ProxyConfig, Storage};
+use crate::registry::Health;
 
 /// File in the data dir holding the admin identity `burrowctl` uses on this host.
 pub const ADMIN_IDENTITY_FILE: &str = "admin-identity";
 /// File in the data dir holding the address `burrowctl` reaches this proxy's web API at.
 pub const WEB_ADDR_FILE: &str = "web-addr";
 const STATE_FILE: &str = "state.redb";
+/// File in the data dir holding this proxy's id, stable across restarts.
+const PROXY_ID_FILE: &str = "proxy-id";
+const BOOTSTRAP_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the proxy until `shutdown` is cancelled.
 pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     ensure_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let backend: Arc<dyn Backend> = match config.storage {
-        StorageKind::Redb => Arc::new(RedbBackend::open(&config.data_dir.join(STATE_FILE))?),
+    let proxy_id = proxy_id(&config.data_dir)?;
+    let backend: Arc<dyn Backend> = match &config.storage {
+        Storage::Redb => Arc::new(RedbBackend::open(&config.data_dir.join(STATE_FILE))?),
+        Storage::Etcd(etcd) => Arc::new(EtcdBackend::connect(etcd).await?),
     };
-    let auth = Arc::new(
-        Auth::bootstrap(
-            backend,
-            config.cluster_name.as_deref(),
-            config.static_tokens.clone(),
-        )
-        .await?,
-    );
+    let Some(auth) = bootstrap(&config, backend.clone(), &shutdown).await? else {
+        return Ok(());
+    };
+    let auth = Arc::new(auth);
     tracing::info!(
         cluster = %auth.authorities.cluster_name,
         ca_pin = %auth.authorities.pin,
         version = tunnel_proto::VERSION,
+        %proxy_id,
         "cluster loaded"
     );
     write_admin_identity(&config.data_dir, &auth.authorities)?;
@@ -72,10 +77,80 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .context("cannot write the web address file")?;
 
-    let state = Arc::new(web::WebState::new(auth, config.public_addr.clone()));
+    let health = Arc::new(Health::default());
+    let info = tunnel_proto::api::ProxyInfo {
+        id: proxy_id.clone(),
+        hostname: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+        version: tunnel_proto::VERSION.to_string(),
+        web_addr: bound.to_string(),
+        public_addr: config.public_addr.clone(),
+        started: unix_now(),
+    };
+    let registration = tokio::spawn(registry::register(
+        backend.clone(),
+        info,
+        health.clone(),
+        shutdown.clone(),
+    ));
+
+    let state = Arc::new(web::WebState {
+        auth,
+        backend,
+        health,
+        proxy_id,
+        public_addr: config.public_addr.clone(),
+        limiter: web::join_limiter(),
+    });
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
+    let _ = registration.await;
     tracing::info!("proxy stopped");
     Ok(())
+}
+
+/// Loads or creates the cluster, waiting for the backend while it is unreachable. `None` if
+/// shut down while waiting.
+async fn bootstrap(
+    config: &ProxyConfig,
+    backend: Arc<dyn Backend>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Auth>> {
+    loop {
+        match Auth::bootstrap(
+            backend.clone(),
+            config.cluster_name.as_deref(),
+            config.static_tokens.clone(),
+        )
+        .await
+        {
+            Ok(auth) => return Ok(Some(auth)),
+            Err(AuthError::Backend(e)) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "waiting for the state backend");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(BOOTSTRAP_RETRY) => {}
+        }
+    }
+}
+
+/// This proxy's id: created on the first start, then read from the data dir.
+fn proxy_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(PROXY_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+    let id = new_host_id();
+    write_private_atomic(&path, format!("{id}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// Writes the admin identity unless a valid one is already there. The file holds the admin

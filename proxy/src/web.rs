@@ -33,7 +33,9 @@ use tunnel_proto::api::{
 use crate::auth::ca::CertRole;
 use crate::auth::tokens::TokenError;
 use crate::auth::{Auth, AuthError};
+use crate::backend::Backend;
 use crate::ratelimit::FailureLimiter;
+use crate::registry::{self, Health};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,18 +46,16 @@ const JOIN_FAILURE_REFILL: Duration = Duration::from_secs(6);
 
 pub struct WebState {
     pub auth: Arc<Auth>,
+    pub backend: Arc<dyn Backend>,
+    pub health: Arc<Health>,
+    pub proxy_id: String,
     pub public_addr: Option<String>,
-    limiter: FailureLimiter,
+    pub limiter: FailureLimiter,
 }
 
-impl WebState {
-    pub fn new(auth: Arc<Auth>, public_addr: Option<String>) -> Self {
-        Self {
-            auth,
-            public_addr,
-            limiter: FailureLimiter::new(JOIN_FAILURE_BURST, JOIN_FAILURE_REFILL),
-        }
-    }
+/// The limiter for failed joins.
+pub fn join_limiter() -> FailureLimiter {
+    FailureLimiter::new(JOIN_FAILURE_BURST, JOIN_FAILURE_REFILL)
 }
 
 /// What the TLS layer learned about the connection a request came on.
@@ -100,6 +100,7 @@ impl From<AuthError> for ApiFailure {
         match e {
             AuthError::Token(t) => t.into(),
             AuthError::BadRequest(m) => ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            AuthError::Backend(b) => backend_failure(b),
             other => internal(other),
         }
     }
@@ -107,6 +108,9 @@ impl From<AuthError> for ApiFailure {
 
 impl From<TokenError> for ApiFailure {
     fn from(e: TokenError) -> Self {
+        if let TokenError::Backend(b) = e {
+            return backend_failure(b);
+        }
         let (status, code) = match &e {
             TokenError::NotFound => (StatusCode::FORBIDDEN, "token_not_found"),
             TokenError::Expired(_) => (StatusCode::FORBIDDEN, "token_expired"),
@@ -116,7 +120,7 @@ impl From<TokenError> for ApiFailure {
             TokenError::Exists => (StatusCode::CONFLICT, "token_exists"),
             TokenError::Static(_) => (StatusCode::BAD_REQUEST, "token_static"),
             TokenError::Ambiguous(_) => (StatusCode::BAD_REQUEST, "token_ambiguous"),
-            TokenError::Backend(_) => return internal(e),
+            TokenError::Backend(_) => unreachable!("handled above"),
         };
         ApiFailure::new(status, code, e.to_string())
     }
@@ -138,6 +142,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::STATUS_PATH, get(status))
         .route(api::TOKENS_PATH, get(tokens_list).post(tokens_add))
         .route(api::TOKENS_REMOVE_PATH, post(tokens_remove))
+        .route(api::PROXIES_PATH, get(proxies_list))
+        .route(api::READY_PATH, get(ready))
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -322,6 +328,39 @@ async fn status(
         ca_pins: vec![a.pin.to_string()],
         public_addr: state.public_addr.clone(),
     }))
+}
+
+async fn ready(State(state): State<Arc<WebState>>) -> Result<Json<api::Readiness>, ApiFailure> {
+    match state.health.status() {
+        Ok(()) => Ok(Json(api::Readiness {
+            status: "ready".into(),
+            proxy_id: state.proxy_id.clone(),
+        })),
+        Err(why) => Err(ApiFailure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("not ready: {why}"),
+        )),
+    }
+}
+
+async fn proxies_list(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<api::ProxyList>, ApiFailure> {
+    require_admin(&peer)?;
+    let proxies = registry::list(state.backend.as_ref())
+        .await
+        .map_err(backend_failure)?;
+    Ok(Json(api::ProxyList { proxies }))
+}
+
+fn backend_failure(e: crate::backend::BackendError) -> ApiFailure {
+    if e.is_unavailable() {
+        ApiFailure::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+    } else {
+        internal(e)
+    }
 }
 
 async fn tokens_add(

@@ -99,21 +99,40 @@ impl Daemon {
 
     /// Waits until the log contains `needle`; returns the rest of that line after it.
     pub fn wait_for(&mut self, needle: &str) -> String {
-        let found = eventually(WAIT, || {
+        self.try_wait_for(needle).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Daemon::wait_for`], but an exit or a timeout is an `Err` with the log.
+    pub fn try_wait_for(&mut self, needle: &str) -> Result<String, String> {
+        enum Seen {
+            Line(String),
+            Exit(ExitStatus),
+        }
+        let seen = eventually(WAIT, || {
             let log = self.log();
             if let Some(i) = log.find(needle) {
                 let rest = &log[i + needle.len()..];
-                return Some(rest.lines().next().unwrap_or("").to_string());
+                return Some(Seen::Line(rest.lines().next().unwrap_or("").to_string()));
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before logging {needle:?}:\n{log}",
-                    self.name
-                );
-            }
-            None
+            self.child.try_wait().ok().flatten().map(Seen::Exit)
         });
-        found.unwrap_or_else(|| panic!("{} never logged {needle:?}:\n{}", self.name, self.log()))
+        match seen {
+            Some(Seen::Line(rest)) => Ok(rest),
+            Some(Seen::Exit(status)) => Err(format!(
+                "{} exited ({status}) before logging {needle:?}:\n{}",
+                self.name,
+                self.log()
+            )),
+            None => Err(format!(
+                "{} never logged {needle:?}:\n{}",
+                self.name,
+                self.log()
+            )),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM and waits for the exit.
@@ -267,4 +286,92 @@ pub fn closed_port() -> u16 {
 pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// A real etcd (Debian's etcd-server) on loopback ports picked at run time.
+pub struct Etcd {
+    daemon: Option<Daemon>,
+    pub url: String,
+    data_dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let (client_port, peer_port) = (closed_port(), closed_port());
+            let mut etcd = Etcd {
+                daemon: None,
+                url: format!("http://127.0.0.1:{client_port}"),
+                data_dir: dir.join("etcd"),
+                client_port,
+                peer_port,
+            };
+            match etcd.spawn() {
+                Ok(()) => return etcd,
+                // Another process took a port between picking and binding: pick again.
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("etcd did not start: {last_error}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let which = Command::new("sh").args(["-c", "command -v etcd"]).output();
+        if !which.is_ok_and(|o| o.status.success()) {
+            panic!(
+                "etcd is not installed: run ./scripts/install-deps.sh (Debian package etcd-server)"
+            );
+        }
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            // Keep test runs small: no metrics listener, quick snapshots of a tiny store.
+            .args(["--listen-metrics-urls", "", "--snapshot-count", "1000"]);
+        let mut daemon = Daemon::spawn(cmd, "etcd");
+        daemon.try_wait_for("ready to serve client requests")?;
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    /// SIGKILL: etcd vanishes mid-whatever, as in a crash or a network cut.
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut last = String::new();
+        for _ in 0..20 {
+            match self.spawn() {
+                Ok(()) => return,
+                // The old process's ports may take a moment to be free.
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("etcd did not restart: {last}");
+    }
 }

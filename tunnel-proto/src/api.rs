@@ -9,6 +9,9 @@
 //! - `POST /v1/admin/tokens`: [`TokenAddRequest`] -> [`TokenAdded`]
 //! - `GET  /v1/admin/tokens`: [`TokenList`]
 //! - `POST /v1/admin/tokens/remove`: [`TokenRemoveRequest`] -> [`TokenRemoved`]
+//! - `GET  /v1/admin/proxies`: [`ProxyList`]
+//!
+//! Health (no authentication): `GET /readyz`: [`Readiness`] or a `not_ready` error.
 //!
 //! Every error is an HTTP status with an [`ApiErrorBody`].
 
@@ -23,6 +26,9 @@ pub const JOIN_PATH: &str = "/v1/webapi/host/join";
 pub const STATUS_PATH: &str = "/v1/admin/status";
 pub const TOKENS_PATH: &str = "/v1/admin/tokens";
 pub const TOKENS_REMOVE_PATH: &str = "/v1/admin/tokens/remove";
+pub const PROXIES_PATH: &str = "/v1/admin/proxies";
+/// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
+pub const READY_PATH: &str = "/readyz";
 
 /// Largest request body the web API reads; a join request is a few kilobytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -227,6 +233,30 @@ pub struct TokenRemoved {
     pub id: String,
 }
 
+/// A live proxy, as registered in the backend under a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyInfo {
+    pub id: String,
+    pub hostname: String,
+    pub version: String,
+    /// The address the proxy's web API is bound to.
+    pub web_addr: String,
+    pub public_addr: Option<String>,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyList {
+    pub proxies: Vec<ProxyInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Readiness {
+    pub status: String,
+    pub proxy_id: String,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiErrorBody {
@@ -237,7 +267,7 @@ pub struct ApiErrorBody {
 pub struct ApiError {
     /// Stable, machine-readable: `token_not_found`, `token_expired`, `token_revoked`,
     /// `role_not_allowed`, `bad_request`, `payload_too_large`, `rate_limited`, `unauthorized`,
-    /// `not_found`, `internal`.
+    /// `not_found`, `not_ready`, `internal`.
     pub code: String,
     /// One sentence for people.
     pub message: String,

@@ -1,15 +1,20 @@
 //! Cluster state storage.
 //!
-//! Everything the proxies of one cluster share (CAs, tokens, nodes, revocations) lives behind
-//! [`Backend`]. `redb` is the embedded default for a single proxy; an etcd implementation for
-//! several proxies will implement the same trait and pass the same conformance tests.
+//! Everything the proxies of one cluster share (CAs, tokens, nodes, proxies, revocations) lives
+//! behind [`Backend`], with two implementations that pass one conformance suite
+//! (`tests/tests/backend.rs`):
+//! - [`RedbBackend`]: an embedded file in the proxy's data dir; the default, for one proxy.
+//! - [`EtcdBackend`]: etcd, for several proxies sharing one cluster.
 
+mod etcd;
 mod redb;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
+pub use self::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 pub use self::redb::RedbBackend;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,14 +23,49 @@ pub enum BackendError {
         "the state database {path} is in use by another process (is another burrow-proxy running with this data dir?)"
     )]
     Locked { path: String },
+    /// The store cannot be reached now; retrying later can help.
+    #[error("the state backend is unreachable: {0}")]
+    Unavailable(String),
+    /// The lease expired (or never existed): grant a new one and write again.
+    #[error("the lease has expired")]
+    LeaseExpired,
     #[error("state storage failed: {0}")]
     Storage(String),
 }
 
-/// A key-value store with compare-and-swap and per-key expiry.
+impl BackendError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, BackendError::Unavailable(_))
+    }
+}
+
+/// A lease: keys written under it vanish together when it is not renewed within its TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+/// A change under a watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Deleted, or expired with its TTL or lease.
+    Delete {
+        key: String,
+    },
+    /// Events may have been missed (the watcher fell behind, or the store's history was
+    /// compacted while it was away): list the prefix again.
+    Reset,
+}
+
+/// The current items under a prefix, and the changes that follow them.
+pub type Snapshot = (Vec<(String, Vec<u8>)>, mpsc::Receiver<Event>);
+
+/// A key-value store with compare-and-swap, expiry, leases and watches.
 ///
-/// Keys are `/`-separated paths (`/tokens/<hash>`); values are opaque bytes. A key whose TTL has
-/// passed is absent for every operation.
+/// Keys are `/`-separated paths (`/tokens/<hash>`); values are opaque bytes. A key whose TTL or
+/// lease has run out is absent for every operation.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
@@ -53,94 +93,25 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Every live key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, BackendError>;
-}
 
-/// Conformance tests every backend must pass.
-#[cfg(test)]
-pub(crate) mod conformance {
-    use std::time::Duration;
+    /// Grants a lease that lives `ttl` unless renewed.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, BackendError>;
 
-    use super::Backend;
+    /// Renews a lease for another TTL; [`BackendError::LeaseExpired`] if it is gone.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), BackendError>;
 
-    pub async fn get_put_delete(b: &dyn Backend) {
-        assert_eq!(b.get("/a").await.unwrap(), None);
-        b.put("/a", b"1".to_vec(), None).await.unwrap();
-        assert_eq!(b.get("/a").await.unwrap(), Some(b"1".to_vec()));
-        b.put("/a", b"2".to_vec(), None).await.unwrap();
-        assert_eq!(b.get("/a").await.unwrap(), Some(b"2".to_vec()));
-        assert!(b.delete("/a").await.unwrap());
-        assert!(!b.delete("/a").await.unwrap());
-        assert_eq!(b.get("/a").await.unwrap(), None);
-    }
+    /// Writes `value` under `lease`; [`BackendError::LeaseExpired`] if the lease is gone.
+    async fn put_leased(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<(), BackendError>;
 
-    pub async fn compare_and_swap(b: &dyn Backend) {
-        assert!(
-            b.compare_and_swap("/c", None, b"x".to_vec(), None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            !b.compare_and_swap("/c", None, b"y".to_vec(), None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            !b.compare_and_swap("/c", Some(b"y"), b"z".to_vec(), None)
-                .await
-                .unwrap()
-        );
-        assert!(
-            b.compare_and_swap("/c", Some(b"x"), b"z".to_vec(), None)
-                .await
-                .unwrap()
-        );
-        assert_eq!(b.get("/c").await.unwrap(), Some(b"z".to_vec()));
-    }
+    /// Ends a lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), BackendError>;
 
-    pub async fn list_by_prefix(b: &dyn Backend) {
-        for k in ["/t/b", "/t/a", "/tx/c", "/u/d"] {
-            b.put(k, k.as_bytes().to_vec(), None).await.unwrap();
-        }
-        let keys: Vec<String> = b
-            .list("/t/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, vec!["/t/a", "/t/b"]);
-        assert_eq!(b.list("/none/").await.unwrap(), vec![]);
-    }
-
-    pub async fn ttl_expiry(b: &dyn Backend) {
-        b.put("/e/short", b"v".to_vec(), Some(Duration::from_millis(200)))
-            .await
-            .unwrap();
-        b.put("/e/long", b"v".to_vec(), Some(Duration::from_secs(600)))
-            .await
-            .unwrap();
-        assert!(b.get("/e/short").await.unwrap().is_some());
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(b.get("/e/short").await.unwrap(), None);
-        let keys: Vec<String> = b
-            .list("/e/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, vec!["/e/long"]);
-        // An expired key counts as absent for compare-and-swap too.
-        assert!(
-            b.compare_and_swap("/e/short", None, b"w".to_vec(), None)
-                .await
-                .unwrap()
-        );
-    }
-
-    pub async fn large_values(b: &dyn Backend) {
-        let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        b.put("/big", big.clone(), None).await.unwrap();
-        assert_eq!(b.get("/big").await.unwrap(), Some(big));
-    }
+    /// The items under `prefix` now, and every change after them, until the receiver is
+    /// dropped. The stream survives losing the store for a while.
+    async fn watch(&self, prefix: &str) -> Result<Snapshot, BackendError>;
 }

@@ -1,24 +1,37 @@
 //! The embedded backend: one redb file in the proxy's data dir.
 //!
-//! Each value is stored as 8 bytes of expiry (Unix milliseconds, big endian, 0 for never)
-//! followed by the value. Expired keys are invisible at once and purged on later writes.
+//! Each value is stored behind a 9-byte header: a tag and a number. Tag 0: no expiry; tag 1:
+//! expires at the number (Unix milliseconds); tag 2: lives as long as the lease with that id,
+//! whose expiry is in the `leases` table. Expired keys are invisible at once; a sweeper deletes
+//! them and tells watchers.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use tokio::sync::{broadcast, mpsc};
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Event, LeaseId, Snapshot};
 
-const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
-const PURGE_EVERY_MS: u64 = 60_000;
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// lease id -> (TTL ms, expires ms), 16 bytes big endian.
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const EVENT_BUFFER: usize = 4096;
+
+const TAG_NONE: u8 = 0;
+const TAG_EXPIRES: u8 = 1;
+const TAG_LEASE: u8 = 2;
 
 pub struct RedbBackend {
-    db: Arc<Database>,
-    last_purge_ms: AtomicU64,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    events: broadcast::Sender<Event>,
 }
 
 impl RedbBackend {
@@ -35,31 +48,25 @@ impl RedbBackend {
                 BackendError::Storage(format!("cannot restrict {}: {e}", path.display()))
             })?;
         let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(TABLE).map_err(storage)?;
+        txn.open_table(KV).map_err(storage)?;
+        txn.open_table(LEASES).map_err(storage)?;
         txn.commit().map_err(storage)?;
-        Ok(Self {
-            db: Arc::new(db),
-            last_purge_ms: AtomicU64::new(0),
-        })
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let inner = Arc::new(Inner { db, events });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(sweep_forever(Arc::downgrade(&inner)));
+        }
+        Ok(Self { inner })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database) -> Result<T, BackendError> + Send + 'static,
+        f: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| BackendError::Storage(format!("storage task failed: {e}")))?
-    }
-
-    fn purge_due(&self, now: u64) -> bool {
-        let last = self.last_purge_ms.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= PURGE_EVERY_MS
-            && self
-                .last_purge_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
     }
 }
 
@@ -74,38 +81,164 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn encode(value: &[u8], ttl: Option<Duration>, now: u64) -> Vec<u8> {
-    let expires = ttl.map_or(0, |t| now.saturating_add(t.as_millis() as u64).max(1));
-    let mut out = Vec::with_capacity(8 + value.len());
-    out.extend_from_slice(&expires.to_be_bytes());
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn encode(value: &[u8], tag: u8, n: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + value.len());
+    out.push(tag);
+    out.extend_from_slice(&n.to_be_bytes());
     out.extend_from_slice(value);
     out
 }
 
-/// The live value in a stored record, or `None` if it expired (or is too short to be ours).
-fn decode(raw: &[u8], now: u64) -> Option<&[u8]> {
-    let (head, value) = raw.split_at_checked(8)?;
-    let expires = u64::from_be_bytes(head.try_into().ok()?);
-    (expires == 0 || expires > now).then_some(value)
+fn encode_ttl(value: &[u8], ttl: Option<Duration>, now: u64) -> Vec<u8> {
+    match ttl {
+        Some(t) => encode(value, TAG_EXPIRES, now.saturating_add(ms(t))),
+        None => encode(value, TAG_NONE, 0),
+    }
 }
 
-fn purge_expired(table: &mut redb::Table<&str, &[u8]>, now: u64) -> Result<(), BackendError> {
-    table
-        .retain(|_, raw| decode(raw, now).is_some())
-        .map_err(storage)
+/// Anything that can look a lease's expiry up: a read-only or a writable table.
+trait LeaseLookup {
+    fn lease_expires(&self, id: u64) -> Result<Option<u64>, BackendError>;
+}
+
+impl LeaseLookup for ReadOnlyTable<u64, &[u8]> {
+    fn lease_expires(&self, id: u64) -> Result<Option<u64>, BackendError> {
+        Ok(self
+            .get(id)
+            .map_err(storage)?
+            .and_then(|v| lease_expiry(v.value())))
+    }
+}
+
+impl LeaseLookup for Table<'_, u64, &[u8]> {
+    fn lease_expires(&self, id: u64) -> Result<Option<u64>, BackendError> {
+        Ok(self
+            .get(id)
+            .map_err(storage)?
+            .and_then(|v| lease_expiry(v.value())))
+    }
+}
+
+fn lease_expiry(raw: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?))
+}
+
+fn lease_record(ttl_ms: u64, expires: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&ttl_ms.to_be_bytes());
+    out[8..].copy_from_slice(&expires.to_be_bytes());
+    out
+}
+
+/// The live value in a stored record, or `None` if it expired (or is not one of ours).
+fn decode<'a>(
+    raw: &'a [u8],
+    now: u64,
+    leases: &impl LeaseLookup,
+) -> Result<Option<&'a [u8]>, BackendError> {
+    let Some((head, value)) = raw.split_at_checked(9) else {
+        return Ok(None);
+    };
+    let n = u64::from_be_bytes(head[1..9].try_into().expect("8 bytes"));
+    let live = match head[0] {
+        TAG_NONE => true,
+        TAG_EXPIRES => n > now,
+        TAG_LEASE => leases.lease_expires(n)?.is_some_and(|e| e > now),
+        _ => false,
+    };
+    Ok(live.then_some(value))
+}
+
+fn lease_of(raw: &[u8]) -> Option<u64> {
+    (raw.first() == Some(&TAG_LEASE))
+        .then(|| raw.get(1..9))
+        .flatten()
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+impl Inner {
+    fn read_live(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let kv = txn.open_table(KV).map_err(storage)?;
+        let leases = txn.open_table(LEASES).map_err(storage)?;
+        let Some(raw) = kv.get(key).map_err(storage)? else {
+            return Ok(None);
+        };
+        Ok(decode(raw.value(), now_ms(), &leases)?.map(<[u8]>::to_vec))
+    }
+
+    /// One write transaction; `f` returns its result and the events to publish after commit.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(
+            &mut Table<&str, &[u8]>,
+            &mut Table<u64, &[u8]>,
+        ) -> Result<(T, Vec<Event>), BackendError>,
+    ) -> Result<T, BackendError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let (result, events) = {
+            let mut kv = txn.open_table(KV).map_err(storage)?;
+            let mut leases = txn.open_table(LEASES).map_err(storage)?;
+            f(&mut kv, &mut leases)?
+        };
+        txn.commit().map_err(storage)?;
+        for e in events {
+            // No receiver is fine: nobody is watching.
+            let _ = self.events.send(e);
+        }
+        Ok(result)
+    }
+
+    /// Deletes expired keys and leases, telling watchers.
+    fn sweep(&self) -> Result<(), BackendError> {
+        let now = now_ms();
+        self.write(|kv, leases| {
+            let mut expired = Vec::new();
+            for entry in kv.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                if decode(v.value(), now, &*leases)?.is_none() {
+                    expired.push(k.value().to_string());
+                }
+            }
+            for k in &expired {
+                kv.remove(k.as_str()).map_err(storage)?;
+            }
+            leases
+                .retain(|_, v| lease_expiry(v).is_some_and(|e| e > now))
+                .map_err(storage)?;
+            Ok((
+                (),
+                expired
+                    .into_iter()
+                    .map(|key| Event::Delete { key })
+                    .collect(),
+            ))
+        })
+    }
+}
+
+async fn sweep_forever(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let result = tokio::task::spawn_blocking(move || inner.sweep()).await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "sweeping expired state failed");
+        }
+    }
 }
 
 #[async_trait]
 impl Backend for RedbBackend {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let key = key.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(storage)?;
-            let table = txn.open_table(TABLE).map_err(storage)?;
-            let found = table.get(key.as_str()).map_err(storage)?;
-            Ok(found.and_then(|raw| decode(raw.value(), now_ms()).map(<[u8]>::to_vec)))
-        })
-        .await
+        self.blocking(move |inner| inner.read_live(&key)).await
     }
 
     async fn put(
@@ -115,20 +248,13 @@ impl Backend for RedbBackend {
         ttl: Option<Duration>,
     ) -> Result<(), BackendError> {
         let key = key.to_string();
-        let now = now_ms();
-        let purge = self.purge_due(now);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(storage)?;
-            {
-                let mut table = txn.open_table(TABLE).map_err(storage)?;
-                if purge {
-                    purge_expired(&mut table, now)?;
-                }
-                table
-                    .insert(key.as_str(), encode(&value, ttl, now).as_slice())
+        self.blocking(move |inner| {
+            let record = encode_ttl(&value, ttl, now_ms());
+            inner.write(|kv, _| {
+                kv.insert(key.as_str(), record.as_slice())
                     .map_err(storage)?;
-            }
-            txn.commit().map_err(storage)
+                Ok(((), vec![Event::Put { key, value }]))
+            })
         })
         .await
     }
@@ -142,66 +268,60 @@ impl Backend for RedbBackend {
     ) -> Result<bool, BackendError> {
         let key = key.to_string();
         let expected = expected.map(<[u8]>::to_vec);
-        let now = now_ms();
-        self.blocking(move |db| {
-            // redb has one writer at a time, so read-compare-write inside one write
-            // transaction is atomic.
-            let txn = db.begin_write().map_err(storage)?;
-            let swapped = {
-                let mut table = txn.open_table(TABLE).map_err(storage)?;
-                let current = table
-                    .get(key.as_str())
-                    .map_err(storage)?
-                    .and_then(|raw| decode(raw.value(), now).map(<[u8]>::to_vec));
-                if current == expected {
-                    table
-                        .insert(key.as_str(), encode(&value, ttl, now).as_slice())
-                        .map_err(storage)?;
-                    true
-                } else {
-                    false
+        self.blocking(move |inner| {
+            let now = now_ms();
+            // redb has one writer at a time: read-compare-write in one write transaction is atomic.
+            inner.write(|kv, leases| {
+                let current = match kv.get(key.as_str()).map_err(storage)? {
+                    Some(raw) => decode(raw.value(), now, &*leases)?.map(<[u8]>::to_vec),
+                    None => None,
+                };
+                if current != expected {
+                    return Ok((false, vec![]));
                 }
-            };
-            if swapped {
-                txn.commit().map_err(storage)?;
-            } else {
-                txn.abort().map_err(storage)?;
-            }
-            Ok(swapped)
+                kv.insert(key.as_str(), encode_ttl(&value, ttl, now).as_slice())
+                    .map_err(storage)?;
+                Ok((true, vec![Event::Put { key, value }]))
+            })
         })
         .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, BackendError> {
         let key = key.to_string();
-        let now = now_ms();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(storage)?;
-            let existed = {
-                let mut table = txn.open_table(TABLE).map_err(storage)?;
-                let removed = table.remove(key.as_str()).map_err(storage)?;
-                removed.is_some_and(|raw| decode(raw.value(), now).is_some())
-            };
-            txn.commit().map_err(storage)?;
-            Ok(existed)
+        self.blocking(move |inner| {
+            let now = now_ms();
+            inner.write(|kv, leases| {
+                let existed = match kv.remove(key.as_str()).map_err(storage)? {
+                    Some(raw) => decode(raw.value(), now, &*leases)?.is_some(),
+                    None => false,
+                };
+                let events = if existed {
+                    vec![Event::Delete { key }]
+                } else {
+                    vec![]
+                };
+                Ok((existed, events))
+            })
         })
         .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
         let prefix = prefix.to_string();
-        self.blocking(move |db| {
+        self.blocking(move |inner| {
             let now = now_ms();
-            let txn = db.begin_read().map_err(storage)?;
-            let table = txn.open_table(TABLE).map_err(storage)?;
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let kv = txn.open_table(KV).map_err(storage)?;
+            let leases = txn.open_table(LEASES).map_err(storage)?;
             let mut out = Vec::new();
-            for entry in table.range(prefix.as_str()..).map_err(storage)? {
+            for entry in kv.range(prefix.as_str()..).map_err(storage)? {
                 let (k, v) = entry.map_err(storage)?;
                 let key = k.value();
                 if !key.starts_with(prefix.as_str()) {
                     break;
                 }
-                if let Some(value) = decode(v.value(), now) {
+                if let Some(value) = decode(v.value(), now, &leases)? {
                     out.push((key.to_string(), value.to_vec()));
                 }
             }
@@ -209,28 +329,123 @@ impl Backend for RedbBackend {
         })
         .await
     }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, BackendError> {
+        self.blocking(move |inner| {
+            // Positive i64 ids, like etcd's.
+            let id = (rand::random::<u64>() >> 1).max(1);
+            let record = lease_record(ms(ttl), now_ms().saturating_add(ms(ttl)));
+            inner.write(|_, leases| {
+                leases.insert(id, record.as_slice()).map_err(storage)?;
+                Ok(((), vec![]))
+            })?;
+            Ok(LeaseId(id as i64))
+        })
+        .await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), BackendError> {
+        let id = lease.0 as u64;
+        self.blocking(move |inner| {
+            let now = now_ms();
+            inner.write(|_, leases| {
+                let ttl_ms = match leases.get(id).map_err(storage)? {
+                    Some(raw) if lease_expiry(raw.value()).is_some_and(|e| e > now) => {
+                        u64::from_be_bytes(raw.value()[..8].try_into().expect("8 bytes"))
+                    }
+                    _ => return Err(BackendError::LeaseExpired),
+                };
+                leases
+                    .insert(
+                        id,
+                        lease_record(ttl_ms, now.saturating_add(ttl_ms)).as_slice(),
+                    )
+                    .map_err(storage)?;
+                Ok(((), vec![]))
+            })
+        })
+        .await
+    }
+
+    async fn put_leased(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<(), BackendError> {
+        let key = key.to_string();
+        let id = lease.0 as u64;
+        self.blocking(move |inner| {
+            let now = now_ms();
+            inner.write(|kv, leases| {
+                if leases.lease_expires(id)?.is_none_or(|e| e <= now) {
+                    return Err(BackendError::LeaseExpired);
+                }
+                kv.insert(key.as_str(), encode(&value, TAG_LEASE, id).as_slice())
+                    .map_err(storage)?;
+                Ok(((), vec![Event::Put { key, value }]))
+            })
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), BackendError> {
+        let id = lease.0 as u64;
+        self.blocking(move |inner| {
+            inner.write(|kv, leases| {
+                leases.remove(id).map_err(storage)?;
+                let mut gone = Vec::new();
+                for entry in kv.iter().map_err(storage)? {
+                    let (k, v) = entry.map_err(storage)?;
+                    if lease_of(v.value()) == Some(id) {
+                        gone.push(k.value().to_string());
+                    }
+                }
+                for k in &gone {
+                    kv.remove(k.as_str()).map_err(storage)?;
+                }
+                Ok((
+                    (),
+                    gone.into_iter().map(|key| Event::Delete { key }).collect(),
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Snapshot, BackendError> {
+        // Subscribe first, then list: a change in between shows up twice, never not at all.
+        let mut events = self.inner.events.subscribe();
+        let items = self.list(prefix).await?;
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => return,
+                    e = events.recv() => e,
+                };
+                let forward = match event {
+                    Ok(Event::Put { key, value }) if key.starts_with(&prefix) => {
+                        Event::Put { key, value }
+                    }
+                    Ok(Event::Delete { key }) if key.starts_with(&prefix) => Event::Delete { key },
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => Event::Reset,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(forward).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok((items, rx))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::conformance;
-
-    fn open() -> (tempfile::TempDir, RedbBackend) {
-        let dir = tempfile::tempdir().unwrap();
-        let b = RedbBackend::open(&dir.path().join("state.redb")).unwrap();
-        (dir, b)
-    }
-
-    #[tokio::test]
-    async fn conformance_suite() {
-        let (_dir, b) = open();
-        conformance::get_put_delete(&b).await;
-        conformance::compare_and_swap(&b).await;
-        conformance::list_by_prefix(&b).await;
-        conformance::ttl_expiry(&b).await;
-        conformance::large_values(&b).await;
-    }
 
     #[tokio::test]
     async fn values_survive_reopen() {
@@ -244,21 +459,40 @@ mod tests {
         assert_eq!(b.get("/k").await.unwrap(), Some(b"v".to_vec()));
     }
 
-    #[test]
-    fn a_second_open_of_the_same_file_is_refused() {
-        let (dir, _b) = open();
-        let err = RedbBackend::open(&dir.path().join("state.redb"))
-            .err()
-            .unwrap();
+    #[tokio::test]
+    async fn a_second_open_of_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let _b = RedbBackend::open(&path).unwrap();
+        let err = RedbBackend::open(&path).err().unwrap();
         assert!(matches!(err, BackendError::Locked { .. }), "{err}");
     }
 
     #[test]
-    fn short_records_decode_as_absent() {
-        assert_eq!(decode(b"abc", 0), None);
-        assert_eq!(decode(&encode(b"v", None, 5), u64::MAX), Some(&b"v"[..]));
+    fn records_that_are_not_ours_decode_as_absent() {
+        struct NoLeases;
+        impl LeaseLookup for NoLeases {
+            fn lease_expires(&self, _: u64) -> Result<Option<u64>, BackendError> {
+                Ok(None)
+            }
+        }
+        assert_eq!(decode(b"abc", 0, &NoLeases).unwrap(), None);
+        assert_eq!(decode(&encode(b"v", 9, 0), 0, &NoLeases).unwrap(), None);
         assert_eq!(
-            decode(&encode(b"v", Some(Duration::from_millis(10)), 5), 15),
+            decode(&encode(b"v", TAG_NONE, 0), u64::MAX, &NoLeases).unwrap(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(
+            decode(
+                &encode_ttl(b"v", Some(Duration::from_millis(10)), 5),
+                15,
+                &NoLeases
+            )
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            decode(&encode(b"v", TAG_LEASE, 7), 0, &NoLeases).unwrap(),
             None
         );
     }
