@@ -167,22 +167,56 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Proxy {
-        let mut cmd = bin("burrow-proxy");
-        cmd.arg("start")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--web-listen", "127.0.0.1:0"])
-            .args(extra);
-        let mut daemon = Daemon::spawn(cmd, "burrow-proxy");
-        let web_addr = daemon
-            .wait_for("web API listening on https://")
-            .trim()
-            .to_string();
-        Proxy {
-            daemon,
-            data_dir: data_dir.to_path_buf(),
-            web_addr,
-        }
+        Self::start_many(&[(data_dir, extra)]).pop().unwrap()
+    }
+
+    /// Starts several proxies at the same moment, then waits until each serves.
+    pub fn start_many(specs: &[(&Path, &[&str])]) -> Vec<Proxy> {
+        let daemons: Vec<Daemon> = specs
+            .iter()
+            .map(|(data_dir, extra)| {
+                let mut cmd = bin("burrow-proxy");
+                cmd.arg("start")
+                    .arg("--data-dir")
+                    .arg(data_dir)
+                    .args(["--web-listen", "127.0.0.1:0"])
+                    .args(*extra);
+                Daemon::spawn(cmd, "burrow-proxy")
+            })
+            .collect();
+        daemons
+            .into_iter()
+            .zip(specs)
+            .map(|(mut daemon, (data_dir, _))| {
+                let web_addr = daemon
+                    .wait_for("web API listening on https://")
+                    .trim()
+                    .to_string();
+                Proxy {
+                    daemon,
+                    data_dir: data_dir.to_path_buf(),
+                    web_addr,
+                }
+            })
+            .collect()
+    }
+
+    /// `GET /readyz`: `Ok(proxy id)` when ready, `Err(message)` when not.
+    pub fn ready(&self) -> Result<String, String> {
+        use tunnel_proto::tls::{ALPN_HTTP1, unverified_client_config};
+        use tunnel_proto::web::WebClient;
+        let client = WebClient::new(
+            &self.web_addr,
+            unverified_client_config(&[ALPN_HTTP1]).unwrap(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(client.get::<serde_json::Value>(tunnel_proto::api::READY_PATH))
+            .map(|v| v["proxy_id"].as_str().unwrap_or_default().to_string())
+            .map_err(|e| e.to_string())
     }
 
     /// Runs `burrowctl` against this proxy the way an admin on the proxy host would.
