@@ -455,7 +455,21 @@ mod tests {
             let b = RedbBackend::open(&path).unwrap();
             b.put("/k", b"v".to_vec(), None).await.unwrap();
         }
-        let b = RedbBackend::open(&path).unwrap();
+        // A sweep in flight may hold the file for a moment after the drop.
+        let mut reopened = None;
+        for _ in 0..100 {
+            match RedbBackend::open(&path) {
+                Ok(b) => {
+                    reopened = Some(b);
+                    break;
+                }
+                Err(BackendError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let b = reopened.expect("the file is released within 2s of the drop");
         assert_eq!(b.get("/k").await.unwrap(), Some(b"v".to_vec()));
     }
 
