@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+use tunnel_proto::api::Labels;
 use tunnel_proto::pin::CaPin;
+
+use crate::labels::{self, CommandLabel};
+use crate::pool::TransportMode;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow";
 /// The token file looked for in the data dir when no token is given, so that an image can be
@@ -55,6 +59,13 @@ pub struct StartArgs {
     /// The node's name, used in `ssh login@NAME` [default: this host's name].
     #[arg(long, value_name = "NAME")]
     pub nodename: Option<String>,
+    /// Node labels: static k=v, and command labels k=[PERIOD:COMMAND ARGS] re-run every period
+    /// (e.g. env=prod,kernel=[1h:uname -r]). Replaces the config's labels and commands.
+    #[arg(long, value_name = "K=V,K=[PERIOD:CMD ARGS],...")]
+    pub labels: Option<String>,
+    /// Tunnel transport: auto tries QUIC and falls back to TLS over TCP when UDP is blocked.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub transport: Option<TransportMode>,
     /// Do not verify the proxy's web certificate when joining (development only: a token can be
     /// stolen by whoever answers at the proxy's address).
     #[arg(long)]
@@ -74,6 +85,11 @@ pub struct FileConfig {
     #[serde(default)]
     pub ca_pin: Vec<String>,
     pub nodename: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub commands: Vec<CommandLabel>,
+    pub transport: Option<TransportMode>,
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
@@ -97,6 +113,9 @@ pub struct AgentConfig {
     pub proxy: String,
     pub ca_pins: Vec<CaPin>,
     pub nodename: String,
+    pub labels: Labels,
+    pub commands: Vec<CommandLabel>,
+    pub transport: TransportMode,
     pub insecure: bool,
     pub debug: bool,
 }
@@ -151,12 +170,34 @@ impl AgentConfig {
                 .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
         };
         validate_nodename(&nodename)?;
+        let (labels, commands) = match args.labels {
+            Some(spec) => labels::parse(&spec).map_err(|e| err(format!("--labels: {e}")))?,
+            None => {
+                let text: Vec<String> = file
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                tunnel_proto::api::parse_labels(&text.join(","))
+                    .map_err(|e| err(format!("labels: {e}")))?;
+                let commands = file
+                    .commands
+                    .into_iter()
+                    .map(labels::validate)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| err(format!("commands: {e}")))?;
+                (file.labels, commands)
+            }
+        };
         Ok(Self {
             data_dir,
             token,
             proxy,
             ca_pins,
             nodename,
+            labels,
+            commands,
+            transport: args.transport.or(file.transport).unwrap_or_default(),
             insecure: args.insecure || file.insecure,
             debug: args.debug || file.debug,
         })
@@ -209,6 +250,20 @@ proxy: proxy.example.com:3080
 
 # The node's name, used in `ssh login@NAME`. Default: this host's name.
 #nodename: edge-01
+
+# Static labels of this node, shown by `burrowctl nodes ls`.
+#labels:
+#  env: prod
+#  site: lab
+
+# Command labels: the trimmed output of a command, re-run every period (no shell involved).
+#commands:
+#  - name: kernel
+#    command: ["uname", "-r"]
+#    period: 1h
+
+# Tunnel transport: auto (QUIC, falling back to TLS over TCP when UDP is blocked), quic or tcp.
+transport: auto
 
 # Do not verify the proxy's web certificate when joining. Development only.
 insecure: false
@@ -267,6 +322,32 @@ mod tests {
             ..Default::default()
         };
         assert!(AgentConfig::merge(bad_name, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn labels_and_transport_from_the_file_or_flags() {
+        let file = parse(
+            "proxy: a:1\nnodename: n\nlabels: {env: lab}\ncommands:\n  - name: k\n    command: [uname, -r]\n    period: 2m\ntransport: tcp\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::merge(StartArgs::default(), file).unwrap();
+        assert_eq!(cfg.labels["env"], "lab");
+        assert_eq!(cfg.commands[0].period, std::time::Duration::from_secs(120));
+        assert_eq!(cfg.transport, TransportMode::Tcp);
+        let args = StartArgs {
+            proxy: Some("a:1".into()),
+            nodename: Some("n".into()),
+            labels: Some("role=db,up=[5s:uptime]".into()),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::merge(args, FileConfig::default()).unwrap();
+        assert_eq!(cfg.labels["role"], "db");
+        assert_eq!(cfg.commands[0].command, ["uptime"]);
+        assert_eq!(cfg.transport, TransportMode::Auto);
+        let e =
+            parse("commands:\n  - name: k\n    command: [ls]\n    period: 1m\n    shell: yes\n")
+                .unwrap_err();
+        assert!(e.contains("unknown field `shell`"), "{e}");
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! - [`config`]: flags, YAML and defaults, merged into a validated [`config::AgentConfig`].
 //! - [`join`]: joining a cluster through the proxy's web port with a token and a CA pin.
 //! - [`identity`]: the node's keys and certificates, stored atomically in the data dir.
+//! - [`labels`]: static and command labels.
+//! - [`pool`]: one tunnel to every proxy, with backoff, transport fallback and keep-alives.
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
 
 pub mod config;
 pub mod identity;
 pub mod join;
+pub mod labels;
+pub mod pool;
 
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::secret::{Secret, token_from_arg};
@@ -27,6 +31,8 @@ pub enum AgentError {
     Join(#[from] JoinError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
 }
 
 impl AgentError {
@@ -72,10 +78,45 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             identity
         }
     };
-    tracing::info!(host_id = %identity.host_id, "agent ready");
-    shutdown.cancelled().await;
+    let base = labels::merge(&[&identity.labels, &config.labels]);
+    let labels = labels::spawn(base, config.commands.clone(), shutdown.clone());
+    let tls = tunnel_tls(&identity)?;
+    tracing::info!(host_id = %identity.host_id, proxy = %config.proxy, transport = ?config.transport, "agent ready; opening tunnels");
+    pool::run(
+        pool::PoolConfig {
+            addr: config.proxy.clone(),
+            mode: config.transport,
+            tls: std::sync::Arc::new(tls),
+            host_id: identity.host_id.clone(),
+            node_name: identity.node_name.clone(),
+            labels,
+        },
+        shutdown,
+    )
+    .await?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Mutual TLS for tunnels: the node's certificate, and only the cluster's host CA for proxies.
+fn tunnel_tls(identity: &Identity) -> Result<rustls::ClientConfig, AgentError> {
+    use tunnel_proto::tls;
+    let bad = |e: tls::TlsError| {
+        AgentError::Runtime(anyhow::anyhow!("the stored identity is unusable: {e}"))
+    };
+    let mut cas = Vec::new();
+    for pem in &identity.host_ca_certs {
+        cas.extend(tls::parse_certs(pem, "host CA certificate").map_err(bad)?);
+    }
+    let chain = tls::parse_certs(&identity.tls_cert, "node certificate").map_err(bad)?;
+    let key = tls::parse_key(identity.tls_key.expose(), "node key").map_err(bad)?;
+    tls::cluster_client_config(
+        &cas,
+        Some(tls::ClientIdentity { chain, key }),
+        true,
+        &[tunnel_proto::wire::ALPN_TUNNEL],
+    )
+    .map_err(bad)
 }
 
 fn read_token(source: &TokenSource) -> Result<Secret, AgentError> {

@@ -23,7 +23,7 @@ const DEFAULT_PROXY: &str = "127.0.0.1:3080";
 #[command(
     name = "burrowctl",
     version,
-    about = "Burrow admin CLI: cluster status, join tokens, proxies"
+    about = "Burrow admin CLI: cluster status, join tokens, nodes, proxies"
 )]
 struct Cli {
     /// Proxy web API address [default: read from DATA_DIR/web-addr, else 127.0.0.1:3080].
@@ -58,8 +58,26 @@ enum Command {
     /// Live proxies of the cluster.
     #[command(subcommand)]
     Proxies(ProxiesCommand),
+    /// Nodes and their tunnels.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Print burrowctl's version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List nodes seen recently: name, host id, version, labels, proxies, last heartbeat.
+    Ls {
+        /// Only nodes with all these labels, k=v,k2=v2.
+        #[arg(long, value_name = "K=V,...")]
+        labels: Option<String>,
+    },
+    /// Remove a node and revoke its identity: its tunnels close and it cannot reconnect.
+    Rm {
+        #[arg(value_name = "HOST_ID")]
+        host_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +236,34 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             tokens_add(&admin, cli.format, roles, ttl, value, labels).await
         }
         Command::Proxies(ProxiesCommand::Ls) => proxies_ls(&admin, cli.format).await,
+        Command::Nodes(NodesCommand::Ls { labels }) => {
+            let filter = labels
+                .as_deref()
+                .map(api::parse_labels)
+                .transpose()
+                .map_err(|e| usage(format!("--labels: {e}")))?
+                .unwrap_or_default();
+            nodes_ls(&admin, cli.format, &filter).await
+        }
+        Command::Nodes(NodesCommand::Rm { host_id }) => {
+            let removed: api::NodeRemoved = admin
+                .client
+                .post(
+                    api::NODES_REMOVE_PATH,
+                    &api::NodeRemoveRequest {
+                        host_id: host_id.clone(),
+                    },
+                )
+                .await?;
+            match cli.format {
+                Format::Json => print_json(&json!({ "removed": removed.host_id })),
+                Format::Text => println!(
+                    "Node {} has been removed; its identity is revoked.",
+                    removed.host_id
+                ),
+            }
+            Ok(())
+        }
         Command::Tokens(TokensCommand::Ls { with_secrets }) => {
             tokens_ls(&admin, cli.format, *with_secrets).await
         }
@@ -393,6 +439,66 @@ async fn tokens_ls(admin: &Admin, format: Format, with_secrets: bool) -> Result<
         println!();
         println!("Dynamic tokens are stored by hash: their values were shown once, when created.");
     }
+    Ok(())
+}
+
+async fn nodes_ls(admin: &Admin, format: Format, filter: &Labels) -> Result<(), Failure> {
+    let list: api::NodeList = admin.client.get(api::NODES_PATH).await?;
+    let nodes: Vec<&api::NodeInfo> = list
+        .nodes
+        .iter()
+        .filter(|n| filter.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+        .collect();
+    if format == Format::Json {
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.node_name,
+                    "host_id": n.host_id,
+                    "version": n.version,
+                    "labels": n.labels,
+                    "proxies": n.proxies,
+                    "transports": n.transports,
+                    "last_seen": rfc3339(n.last_seen),
+                })
+            })
+            .collect();
+        print_json(&json!({ "nodes": nodes }));
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("No nodes.");
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.node_name.clone(),
+                n.host_id.clone(),
+                n.version.clone(),
+                if n.labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels_text(&n.labels)
+                },
+                n.proxies.len().to_string(),
+                rfc3339(n.last_seen),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "HOST ID",
+            "VERSION",
+            "LABELS",
+            "PROXIES",
+            "LAST SEEN",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 //! - [`backend`]: the [`backend::Backend`] trait for cluster state; redb and etcd.
 //! - [`auth`]: the certificate authorities, join tokens and node joins.
 //! - [`registry`]: the proxy's registration under a lease, and its readiness.
-//! - [`web`]: the HTTPS web port (find, join, admin API).
+//! - [`tunnel`]: the tunnel server: authentication, the tunnel table, inventory, revocation.
+//! - [`web`]: the HTTPS web port (find, join, admin API, and TCP tunnels by ALPN).
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
 
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod config;
 mod ratelimit;
 pub mod registry;
+pub mod tunnel;
 pub mod web;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
 use tunnel_proto::tls::{self, ALPN_HTTP1};
+use tunnel_proto::wire::ALPN_TUNNEL;
 
 use crate::auth::ca::{Authorities, new_host_id, unix_now};
 use crate::auth::{Auth, AuthError};
@@ -96,8 +99,18 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
 
+    let tunnels = tunnel::TunnelServer::start(proxy_id.clone(), backend.clone(), shutdown.clone())
+        .await
+        .context("cannot load the proxy list and revocations")?;
+    let quic =
+        tunnel_proto::transport::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)?))
+            .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
+    tracing::info!("QUIC tunnels listening on udp {bound}");
+    let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
+
     let state = Arc::new(web::WebState {
         auth,
+        tunnels: tunnels.clone(),
         backend,
         health,
         proxy_id,
@@ -105,6 +118,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         limiter: web::join_limiter(),
     });
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
+    tunnels.drain(std::time::Duration::from_secs(5)).await;
+    let _ = quic_task.await;
     let _ = registration.await;
     tracing::info!("proxy stopped");
     Ok(())
@@ -218,8 +233,15 @@ fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Re
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain, key)
         .context("the web certificate and key do not match")?;
-    server.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    server.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_HTTP1.to_vec()];
     Ok(server)
+}
+
+/// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required.
+fn quic_tls_config(web: &ServerConfig) -> anyhow::Result<ServerConfig> {
+    let mut config = web.clone();
+    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    Ok(config)
 }
 
 /// The address a local client dials to reach a listener bound to `bound`.

@@ -36,6 +36,7 @@ use crate::auth::{Auth, AuthError};
 use crate::backend::Backend;
 use crate::ratelimit::FailureLimiter;
 use crate::registry::{self, Health};
+use crate::tunnel::{self, TunnelServer};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,7 @@ const JOIN_FAILURE_REFILL: Duration = Duration::from_secs(6);
 
 pub struct WebState {
     pub auth: Arc<Auth>,
+    pub tunnels: Arc<TunnelServer>,
     pub backend: Arc<dyn Backend>,
     pub health: Arc<Health>,
     pub proxy_id: String,
@@ -143,6 +145,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::TOKENS_PATH, get(tokens_list).post(tokens_add))
         .route(api::TOKENS_REMOVE_PATH, post(tokens_remove))
         .route(api::PROXIES_PATH, get(proxies_list))
+        .route(api::NODES_PATH, get(nodes_list))
+        .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -159,6 +163,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
+    let tunnels = state.tunnels.clone();
     let router = router(state);
     let tracker = TaskTracker::new();
     loop {
@@ -177,8 +182,9 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let tunnels = tunnels.clone();
         tracker.spawn(async move {
-            if let Err(e) = serve_connection(tcp, addr, acceptor, router, shutdown).await {
+            if let Err(e) = serve_connection(tcp, addr, acceptor, router, tunnels, shutdown).await {
                 tracing::debug!(peer = %addr, error = %e, "web connection ended with an error");
             }
         });
@@ -198,10 +204,23 @@ async fn serve_connection(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     router: Router,
+    tunnels: Arc<TunnelServer>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
+    tunnel_proto::transport::set_tcp_keepalive(&tcp);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await??;
+    let connection = tls.get_ref().1;
+    if tunnel::is_tunnel_alpn(connection.alpn_protocol()) {
+        let certs = connection
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        tunnels.accept(tunnel_proto::transport::Session::from_tls(
+            tls, addr, certs, true,
+        ));
+        return Ok(());
+    }
     let role = tls
         .get_ref()
         .1
@@ -353,6 +372,47 @@ async fn proxies_list(
         .await
         .map_err(backend_failure)?;
     Ok(Json(api::ProxyList { proxies }))
+}
+
+async fn nodes_list(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Json<api::NodeList>, ApiFailure> {
+    require_admin(&peer)?;
+    let nodes = tunnel::inventory(state.backend.as_ref())
+        .await
+        .map_err(backend_failure)?;
+    Ok(Json(api::NodeList { nodes }))
+}
+
+async fn nodes_remove(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::NodeRemoved>, ApiFailure> {
+    require_admin(&peer)?;
+    let req: api::NodeRemoveRequest = parse_body(body)?;
+    if !tunnel::revoke(state.backend.as_ref(), &req.host_id)
+        .await
+        .map_err(backend_failure)?
+    {
+        return Err(ApiFailure::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!(
+                "no node with host id {} is known to the cluster",
+                req.host_id
+            ),
+        ));
+    }
+    // Close its tunnels here at once; other proxies see the revocation through the backend.
+    state
+        .tunnels
+        .disconnect(&req.host_id, "the node was removed from the cluster");
+    tracing::info!(host_id = %req.host_id, "node removed and revoked");
+    Ok(Json(api::NodeRemoved {
+        host_id: req.host_id,
+    }))
 }
 
 fn backend_failure(e: crate::backend::BackendError) -> ApiFailure {

@@ -10,6 +10,8 @@
 //! - `GET  /v1/admin/tokens`: [`TokenList`]
 //! - `POST /v1/admin/tokens/remove`: [`TokenRemoveRequest`] -> [`TokenRemoved`]
 //! - `GET  /v1/admin/proxies`: [`ProxyList`]
+//! - `GET  /v1/admin/nodes`: [`NodeList`]
+//! - `POST /v1/admin/nodes/remove`: [`NodeRemoveRequest`] -> [`NodeRemoved`]
 //!
 //! Health (no authentication): `GET /readyz`: [`Readiness`] or a `not_ready` error.
 //!
@@ -27,6 +29,8 @@ pub const STATUS_PATH: &str = "/v1/admin/status";
 pub const TOKENS_PATH: &str = "/v1/admin/tokens";
 pub const TOKENS_REMOVE_PATH: &str = "/v1/admin/tokens/remove";
 pub const PROXIES_PATH: &str = "/v1/admin/proxies";
+pub const NODES_PATH: &str = "/v1/admin/nodes";
+pub const NODES_REMOVE_PATH: &str = "/v1/admin/nodes/remove";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 
@@ -249,6 +253,52 @@ pub struct ProxyInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProxyList {
     pub proxies: Vec<ProxyInfo>,
+}
+
+/// One tunnel of a node to one proxy, as that proxy last recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub host_id: String,
+    pub node_name: String,
+    pub version: String,
+    pub labels: Labels,
+    pub proxy_id: String,
+    /// `quic` or `tcp`.
+    pub transport: String,
+    pub remote_addr: String,
+    /// Unix seconds.
+    pub connected: u64,
+    /// Unix seconds of the last heartbeat the proxy recorded.
+    pub last_seen: u64,
+}
+
+/// A node seen within the presence TTL, with every proxy it holds a tunnel to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub host_id: String,
+    pub node_name: String,
+    pub version: String,
+    pub labels: Labels,
+    pub proxies: Vec<String>,
+    pub transports: Vec<String>,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRemoveRequest {
+    pub host_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRemoved {
+    pub host_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

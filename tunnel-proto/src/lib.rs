@@ -11,15 +11,20 @@
 //! - [`fsutil`]: atomic writes of private files (0600) into private dirs (0700).
 //! - [`secret`]: a string type whose `Debug` never shows the secret.
 //!
-//! The tunnel wire format and transports will live here too; the `api`, `pin` and `secret` parts
-//! do no I/O.
+//! - [`wire`]: tunnel messages and their length-capped codec (no I/O, no clock).
+//! - [`transport`]: the two tunnel transports, QUIC and TLS + yamux over TCP, behind one
+//!   multiplexed [`transport::Session`], and framed message I/O on its streams.
+//!
+//! `api`, `pin`, `secret` and `wire` do no I/O.
 
 pub mod api;
 pub mod fsutil;
 pub mod pin;
 pub mod secret;
 pub mod tls;
+pub mod transport;
 pub mod web;
+pub mod wire;
 
 /// The version every Burrow binary reports; agents and proxies exchange it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,627 @@
+//! The agent pool: one live, authenticated tunnel to every proxy of the cluster.
+//!
+//! The agent knows one address, usually a round-robin load balancer. It dials it until it holds
+//! a tunnel to every proxy in the latest proxy list; a tunnel that lands on a proxy it already
+//! holds is closed at once, and a proxy that leaves the list is let go. Failed dials back off
+//! exponentially with full jitter, so agents do not return all in the same second.
+//!
+//! Transport `auto` tries QUIC first and falls back to TCP when UDP does not get through; while
+//! on TCP it keeps trying QUIC and moves each tunnel back when QUIC reaches its proxy.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::api::Labels;
+use tunnel_proto::transport::{self, Framed, Session, Transport, TunnelStream};
+use tunnel_proto::wire::{
+    DialRequest, Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Welcome,
+};
+
+const PING_EVERY: Duration = Duration::from_secs(3);
+/// A tunnel that answers no ping for this long is dead.
+const PONG_DEADLINE: Duration = Duration::from_secs(10);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `auto` gives QUIC before falling back to TCP.
+const QUIC_TRY: Duration = Duration::from_secs(3);
+/// How often `auto` tries QUIC again while it runs on TCP.
+const QUIC_RETRY_EVERY: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC, falling back to TCP when UDP does not get through.
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
+}
+
+/// What a tunnel says about itself and its node.
+pub struct PoolConfig {
+    pub addr: String,
+    pub mode: TransportMode,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub host_id: String,
+    pub node_name: String,
+    pub labels: watch::Receiver<Labels>,
+}
+
+/// Exponential backoff with full jitter: each delay is uniform in `[0, ceiling]`, the ceiling
+/// doubling from `BACKOFF_MIN` up to `BACKOFF_MAX` (the ceilings come from backon).
+pub struct Backoff {
+    ceilings: backon::ExponentialBackoff,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(BACKOFF_MIN, BACKOFF_MAX)
+    }
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            ceilings: backon::ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_factor(2.0)
+                .without_max_times()
+                .build(),
+        }
+    }
+
+    /// The next delay and the ceiling it was drawn under.
+    pub fn next_delay(&mut self) -> (Duration, Duration) {
+        let ceiling = self.ceilings.next().unwrap_or(BACKOFF_MAX);
+        (ceiling.mul_f64(rand::random::<f64>()), ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// When a tunnel pings and heartbeats, and when it counts as dead. Pure timing, so it is tested
+/// with a paused clock.
+#[derive(Debug)]
+pub struct Liveness {
+    last_pong: Instant,
+    next_ping: Instant,
+    next_heartbeat: Instant,
+    seq: u64,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    pub ping: Option<u64>,
+    pub heartbeat: bool,
+    pub dead: bool,
+}
+
+impl Liveness {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            last_pong: now,
+            next_ping: now + PING_EVERY,
+            next_heartbeat: now + HEARTBEAT_EVERY,
+            seq: 0,
+        }
+    }
+
+    pub fn next_wake(&self) -> Instant {
+        self.next_ping.min(self.next_heartbeat)
+    }
+
+    pub fn pong(&mut self, now: Instant) {
+        self.last_pong = now;
+    }
+
+    /// A heartbeat was just sent (for another reason, like changed labels).
+    pub fn heartbeat_sent(&mut self, now: Instant) {
+        self.next_heartbeat = now + HEARTBEAT_EVERY;
+    }
+
+    pub fn poll(&mut self, now: Instant) -> Due {
+        let mut due = Due::default();
+        if now.duration_since(self.last_pong) >= PONG_DEADLINE {
+            due.dead = true;
+            return due;
+        }
+        if now >= self.next_ping {
+            self.seq += 1;
+            due.ping = Some(self.seq);
+            self.next_ping = now + PING_EVERY;
+        }
+        if now >= self.next_heartbeat {
+            due.heartbeat = true;
+            self.next_heartbeat = now + HEARTBEAT_EVERY;
+        }
+        due
+    }
+}
+
+enum PoolEvent {
+    Dialed {
+        result: Result<Dialed, String>,
+        quic_failed: bool,
+    },
+    Proxies(Vec<ProxyEntry>),
+    Closed {
+        proxy_id: String,
+        tunnel: u64,
+        reconnect_after: Option<Duration>,
+    },
+}
+
+struct Dialed {
+    session: Session,
+    control: Framed<TunnelStream>,
+    welcome: Welcome,
+}
+
+struct Held {
+    tunnel: u64,
+    transport: Transport,
+    stop: CancellationToken,
+}
+
+/// Runs the pool until `shutdown`.
+pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let endpoint = match config.mode {
+        TransportMode::Tcp => None,
+        _ => Some(transport::quic_client_endpoint(false)?),
+    };
+    let (events_tx, mut events) = mpsc::channel::<PoolEvent>(64);
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut backoff = Backoff::default();
+    let mut duplicates = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut next_dial = Instant::now();
+    let mut dialing = false;
+    let mut quic_broken = false;
+    let mut next_quic_retry = Instant::now();
+    let mut tunnel_ids = 0u64;
+
+    loop {
+        let now = Instant::now();
+        let missing = held.is_empty() || wanted.iter().any(|id| !held.contains_key(id));
+        let on_tcp = held.values().any(|h| h.transport == Transport::Tcp);
+        let retry_quic = config.mode == TransportMode::Auto && on_tcp && now >= next_quic_retry;
+        if !dialing && ((missing && now >= next_dial) || retry_quic) {
+            dialing = true;
+            // While UDP looks blocked, only the periodic retry tries QUIC.
+            let try_quic = match config.mode {
+                TransportMode::Quic => true,
+                TransportMode::Tcp => false,
+                TransportMode::Auto => !quic_broken || retry_quic,
+            };
+            if retry_quic {
+                next_quic_retry = now + QUIC_RETRY_EVERY;
+            }
+            let fallback = config.mode == TransportMode::Auto && !retry_quic;
+            tokio::spawn(dial(
+                config.clone(),
+                endpoint.clone(),
+                try_quic,
+                fallback,
+                events_tx.clone(),
+            ));
+        }
+        let wake = if dialing || !missing {
+            now + Duration::from_secs(3600)
+        } else {
+            next_dial
+        };
+        let wake = if config.mode == TransportMode::Auto && on_tcp {
+            wake.min(next_quic_retry)
+        } else {
+            wake
+        };
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(wake) => continue,
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => break,
+            },
+        };
+        match event {
+            PoolEvent::Dialed {
+                result,
+                quic_failed,
+            } => {
+                dialing = false;
+                if quic_failed && config.mode == TransportMode::Auto && !quic_broken {
+                    tracing::warn!(addr = %config.addr, "QUIC does not get through (UDP blocked?); using TCP and trying QUIC again in the background");
+                    quic_broken = true;
+                    next_quic_retry = Instant::now() + QUIC_RETRY_EVERY;
+                }
+                match result {
+                    Err(reason) => {
+                        let (delay, _) = backoff.next_delay();
+                        tracing::warn!(addr = %config.addr, %reason, retry_in = ?delay, "cannot open a tunnel");
+                        next_dial = Instant::now() + delay;
+                    }
+                    Ok(d) => {
+                        backoff.reset();
+                        let transport = d.session.transport();
+                        if transport == Transport::Quic {
+                            if quic_broken {
+                                tracing::info!(
+                                    "QUIC gets through again; moving tunnels back to QUIC"
+                                );
+                            }
+                            quic_broken = false;
+                        }
+                        let proxy_id = d.welcome.proxy_id.clone();
+                        wanted = d.welcome.proxies.iter().map(|p| p.id.clone()).collect();
+                        let replaces_tcp = held.get(&proxy_id).is_some_and(|h| {
+                            h.transport == Transport::Tcp && transport == Transport::Quic
+                        });
+                        if held.contains_key(&proxy_id) && !replaces_tcp {
+                            tracing::debug!(%proxy_id, "the tunnel reached a proxy already held; closing it");
+                            let mut control = d.control;
+                            let _ = control
+                                .write(&Message::Goodbye {
+                                    reason: "duplicate tunnel".into(),
+                                })
+                                .await;
+                            d.session.close("duplicate tunnel");
+                            let (delay, _) = duplicates.next_delay();
+                            next_dial = Instant::now() + delay;
+                            continue;
+                        }
+                        duplicates.reset();
+                        if let Some(old) = held.remove(&proxy_id) {
+                            old.stop.cancel();
+                        }
+                        tunnel_ids += 1;
+                        let stop = shutdown.child_token();
+                        tracing::info!(%proxy_id, %transport, proxies = wanted.len(), held = held.len() + 1, "tunnel up");
+                        held.insert(
+                            proxy_id.clone(),
+                            Held {
+                                tunnel: tunnel_ids,
+                                transport,
+                                stop: stop.clone(),
+                            },
+                        );
+                        tokio::spawn(run_tunnel(
+                            config.clone(),
+                            d,
+                            tunnel_ids,
+                            events_tx.clone(),
+                            stop,
+                        ));
+                    }
+                }
+            }
+            PoolEvent::Proxies(list) => {
+                wanted = list.into_iter().map(|p| p.id).collect();
+                let gone: Vec<String> = held
+                    .keys()
+                    .filter(|id| !wanted.contains(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    tracing::info!(proxy_id = %id, "the proxy left the cluster; letting its tunnel go");
+                    if let Some(h) = held.remove(&id) {
+                        h.stop.cancel();
+                    }
+                }
+            }
+            PoolEvent::Closed {
+                proxy_id,
+                tunnel,
+                reconnect_after,
+            } => {
+                if held.get(&proxy_id).is_some_and(|h| h.tunnel == tunnel) {
+                    held.remove(&proxy_id);
+                    tracing::info!(%proxy_id, held = held.len(), "tunnel down");
+                    let delay = match reconnect_after {
+                        // The proxy asked for it (it is restarting): come back after a jittered wait.
+                        Some(after) => after.mul_f64(0.5 + rand::random::<f64>()),
+                        None => backoff.next_delay().0,
+                    };
+                    next_dial = next_dial.max(Instant::now() + delay);
+                }
+            }
+        }
+    }
+    for (_, h) in held.drain() {
+        h.stop.cancel();
+    }
+    // Give tunnels a moment to say goodbye.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+async fn dial(
+    config: Arc<PoolConfig>,
+    endpoint: Option<quinn::Endpoint>,
+    try_quic: bool,
+    fallback_to_tcp: bool,
+    events: mpsc::Sender<PoolEvent>,
+) {
+    let mut quic_failed = false;
+    let mut result = Err(String::from("no transport tried"));
+    if try_quic && let Some(endpoint) = &endpoint {
+        let limit = if fallback_to_tcp || config.mode == TransportMode::Auto {
+            QUIC_TRY
+        } else {
+            WELCOME_TIMEOUT
+        };
+        result = match tokio::time::timeout(limit, dial_with(&config, Some(endpoint))).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no QUIC answer within {}s", limit.as_secs())),
+        };
+        quic_failed = result.is_err();
+    }
+    if result.is_err() && (!try_quic || fallback_to_tcp) {
+        result = dial_with(&config, None).await;
+    }
+    let _ = events
+        .send(PoolEvent::Dialed {
+            result,
+            quic_failed,
+        })
+        .await;
+}
+
+/// Opens a tunnel (QUIC with an endpoint, else TCP), says hello and waits for the welcome.
+async fn dial_with(config: &PoolConfig, quic: Option<&quinn::Endpoint>) -> Result<Dialed, String> {
+    let session = match quic {
+        Some(endpoint) => transport::connect_quic(endpoint, &config.addr, config.tls.clone()).await,
+        None => transport::connect_tcp(&config.addr, config.tls.clone()).await,
+    }
+    .map_err(|e| e.to_string())?;
+    let stream = session.open().await.map_err(|e| e.to_string())?;
+    let mut control = Framed::new(stream);
+    let labels = config.labels.borrow().clone();
+    control
+        .write(&Message::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            version: tunnel_proto::VERSION.to_string(),
+            host_id: config.host_id.clone(),
+            node_name: config.node_name.clone(),
+            labels,
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
+        Ok(Ok(Some(Message::Welcome(welcome)))) if welcome.protocol == PROTOCOL_VERSION => {
+            Ok(Dialed {
+                session,
+                control,
+                welcome,
+            })
+        }
+        Ok(Ok(Some(Message::Goodbye { reason }))) => {
+            session.close("refused");
+            Err(format!("the proxy refused the tunnel: {reason}"))
+        }
+        Ok(Ok(other)) => {
+            session.close("protocol error");
+            Err(format!("unexpected answer to hello: {other:?}"))
+        }
+        Ok(Err(e)) => {
+            session.close("protocol error");
+            Err(format!("the proxy closed the tunnel: {e}"))
+        }
+        Err(_) => {
+            session.close("timeout");
+            Err("no welcome from the proxy".into())
+        }
+    }
+}
+
+/// Owns one tunnel: its control stream (pings, heartbeats, proxy lists) and its dial streams.
+async fn run_tunnel(
+    config: Arc<PoolConfig>,
+    dialed: Dialed,
+    tunnel: u64,
+    events: mpsc::Sender<PoolEvent>,
+    stop: CancellationToken,
+) {
+    let Dialed {
+        session,
+        mut control,
+        welcome,
+    } = dialed;
+    let proxy_id = welcome.proxy_id;
+    let mut labels = config.labels.clone();
+    let mut liveness = Liveness::new(Instant::now());
+    let mut reconnect_after = None;
+    let dials = tokio::spawn(serve_dials(session.clone()));
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = control.write(&Message::Goodbye { reason: "the agent lets this tunnel go".into() }).await;
+                break;
+            }
+            _ = session.closed() => break,
+            changed = labels.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let hb = heartbeat(&config, &labels.borrow_and_update());
+                let sent = control.write(&hb).await;
+                liveness.heartbeat_sent(Instant::now());
+                if sent.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(liveness.next_wake()) => {
+                let due = liveness.poll(Instant::now());
+                if due.dead {
+                    tracing::warn!(%proxy_id, "the tunnel stopped answering pings; closing it");
+                    break;
+                }
+                if let Some(seq) = due.ping && control.write(&Message::Ping { seq }).await.is_err() {
+                    break;
+                }
+                if due.heartbeat {
+                    let hb = heartbeat(&config, &labels.borrow());
+                    if control.write(&hb).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            msg = control.read() => msg,
+        };
+        match msg {
+            Ok(Some(Message::Pong { .. })) => liveness.pong(Instant::now()),
+            Ok(Some(Message::Proxies { proxies })) => {
+                let _ = events.send(PoolEvent::Proxies(proxies)).await;
+            }
+            Ok(Some(Message::Reconnect { reason, after_ms })) => {
+                tracing::info!(%proxy_id, %reason, "the proxy asks to reconnect later");
+                reconnect_after = Some(Duration::from_millis(after_ms.min(60_000)));
+                break;
+            }
+            Ok(Some(Message::Goodbye { reason })) => {
+                tracing::warn!(%proxy_id, %reason, "the proxy closed the tunnel");
+                break;
+            }
+            Ok(Some(other)) => {
+                tracing::warn!(%proxy_id, message = ?other, "unexpected message on the control stream; closing the tunnel");
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(%proxy_id, error = %e, "the control stream failed");
+                break;
+            }
+        }
+    }
+    session.close("tunnel closed");
+    dials.abort();
+    let _ = events
+        .send(PoolEvent::Closed {
+            proxy_id,
+            tunnel,
+            reconnect_after,
+        })
+        .await;
+}
+
+fn heartbeat(config: &PoolConfig, labels: &Labels) -> Message {
+    Message::Heartbeat(Heartbeat {
+        node_name: config.node_name.clone(),
+        labels: labels.clone(),
+        version: tunnel_proto::VERSION.to_string(),
+    })
+}
+
+/// Answers the proxy's dial streams. The node serves no port through tunnels yet: every dial is
+/// refused with a reason the proxy can show.
+async fn serve_dials(session: Session) {
+    while let Some(stream) = session.accept().await {
+        tokio::spawn(async move {
+            let mut framed = Framed::new(stream);
+            let Ok(Ok(Some(Message::Dial(DialRequest { port, .. })))) =
+                tokio::time::timeout(WELCOME_TIMEOUT, framed.read()).await
+            else {
+                return;
+            };
+            let _ = framed
+                .write(&Message::DialResult {
+                    error: Some(format!("this node serves no port {port} yet")),
+                })
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceilings_double_to_the_cap_and_delays_stay_under_them() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut ceilings = Vec::new();
+        for _ in 0..10 {
+            let (delay, ceiling) = b.next_delay();
+            assert!(delay <= ceiling, "{delay:?} > {ceiling:?}");
+            ceilings.push(ceiling.as_millis());
+        }
+        assert_eq!(
+            ceilings,
+            [
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
+            ]
+        );
+        b.reset();
+        assert_eq!(b.next_delay().1, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn full_jitter_spreads_a_thousand_agents_over_the_whole_window() {
+        // A thousand agents at the cap: their delays cover [0, 30s], not one instant.
+        let delays: Vec<Duration> = (0..1000)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_secs(30), Duration::from_secs(30));
+                b.next_delay().0
+            })
+            .collect();
+        let in_first_second = delays
+            .iter()
+            .filter(|d| **d < Duration::from_secs(1))
+            .count();
+        let in_last_10 = delays
+            .iter()
+            .filter(|d| **d > Duration::from_secs(20))
+            .count();
+        assert!(
+            in_first_second < 100,
+            "{in_first_second} of 1000 would return in the first second"
+        );
+        assert!(
+            in_last_10 > 200,
+            "only {in_last_10} of 1000 wait more than 20s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_pings_heartbeats_and_notices_a_dead_tunnel_within_seconds() {
+        let start = Instant::now();
+        let mut l = Liveness::new(start);
+        let mut pings = 0;
+        let mut heartbeats = 0;
+        // Pongs answer every ping: 35 s of healthy tunnel.
+        while Instant::now() < start + Duration::from_secs(35) {
+            tokio::time::sleep_until(l.next_wake()).await;
+            let due = l.poll(Instant::now());
+            assert!(!due.dead);
+            if due.ping.is_some() {
+                pings += 1;
+                l.pong(Instant::now());
+            }
+            heartbeats += usize::from(due.heartbeat);
+        }
+        assert_eq!(pings, 12, "a ping every 3s");
+        assert_eq!(heartbeats, 3, "a heartbeat every 10s");
+        // Then the peer goes silent: dead within the pong deadline plus one ping period.
+        let silent_from = Instant::now();
+        loop {
+            tokio::time::sleep_until(l.next_wake()).await;
+            if l.poll(Instant::now()).dead {
+                break;
+            }
+        }
+        let noticed = Instant::now() - silent_from;
+        assert!(noticed <= PONG_DEADLINE + PING_EVERY, "{noticed:?}");
+    }
+}

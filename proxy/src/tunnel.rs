@@ -1,0 +1,490 @@
+//! The proxy's side of tunnels: authenticating them, the table of live tunnels, presence
+//! records for the inventory, the proxy list pushed to agents, and revocations.
+//!
+//! Tunnels arrive on the web port (TLS with ALPN `burrow-tunnel/1`, told apart from HTTPS
+//! after the handshake), on QUIC on the same port number, and on the optional dedicated tunnel
+//! listener. One task per tunnel owns its control stream.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnel_proto::api::{Labels, NodeInfo, Presence};
+use tunnel_proto::transport::{Framed, Session};
+use tunnel_proto::wire::{Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
+
+use crate::auth::ca::{CertRole, unix_now};
+use crate::backend::{Backend, BackendError, Event};
+use crate::registry::PROXIES_PREFIX;
+
+pub const PRESENCE_PREFIX: &str = "/presence/";
+pub const REVOKED_PREFIX: &str = "/revoked/";
+/// A node vanishes from the inventory this long after the last record of it.
+const PRESENCE_TTL: Duration = Duration::from_secs(75);
+/// Presence is rewritten at most this often when nothing changed.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A tunnel whose control stream is silent this long (agents ping every few seconds) is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+const WATCH_RETRY: Duration = Duration::from_secs(1);
+
+struct Entry {
+    host_id: String,
+    node_name: String,
+    session: Session,
+}
+
+pub struct TunnelServer {
+    proxy_id: String,
+    backend: Arc<dyn Backend>,
+    tunnels: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+    proxies: watch::Sender<Vec<ProxyEntry>>,
+    revoked: Mutex<HashSet<String>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl TunnelServer {
+    /// Loads the proxy list and the revocations, then keeps them current in the background.
+    pub async fn start(
+        proxy_id: String,
+        backend: Arc<dyn Backend>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, BackendError> {
+        let (proxies, _) = watch::channel(vec![ProxyEntry {
+            id: proxy_id.clone(),
+        }]);
+        let server = Arc::new(Self {
+            proxy_id,
+            backend,
+            tunnels: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            proxies,
+            revoked: Mutex::new(HashSet::new()),
+            tasks: TaskTracker::new(),
+            shutdown,
+        });
+        let (proxy_items, proxy_events) = server.backend.watch(PROXIES_PREFIX).await?;
+        let (revoked_items, revoked_events) = server.backend.watch(REVOKED_PREFIX).await?;
+        server.set_proxies(&proxy_items);
+        server.set_revoked(&revoked_items);
+        tokio::spawn(server.clone().follow(PROXIES_PREFIX, proxy_events));
+        tokio::spawn(server.clone().follow(REVOKED_PREFIX, revoked_events));
+        Ok(server)
+    }
+
+    fn set_proxies(&self, items: &[(String, Vec<u8>)]) {
+        let mut ids: Vec<ProxyEntry> = items
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(PROXIES_PREFIX))
+            .map(|id| ProxyEntry { id: id.to_string() })
+            .collect();
+        // This proxy is live by definition, even while its registration is being renewed.
+        if !ids.iter().any(|p| p.id == self.proxy_id) {
+            ids.push(ProxyEntry {
+                id: self.proxy_id.clone(),
+            });
+        }
+        ids.sort();
+        self.proxies.send_if_modified(|cur| {
+            let changed = *cur != ids;
+            *cur = ids;
+            changed
+        });
+    }
+
+    fn set_revoked(&self, items: &[(String, Vec<u8>)]) {
+        let ids: HashSet<String> = items
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(REVOKED_PREFIX))
+            .map(str::to_string)
+            .collect();
+        for id in &ids {
+            self.disconnect(id, "the node was removed from the cluster");
+        }
+        *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// Applies the changes under `prefix` until shutdown, listing again after a reset.
+    async fn follow(
+        self: Arc<Self>,
+        prefix: &'static str,
+        mut events: tokio::sync::mpsc::Receiver<Event>,
+    ) {
+        let mut items: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        if let Ok(current) = self.backend.list(prefix).await {
+            items.extend(current);
+        }
+        loop {
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                e = events.recv() => e,
+            };
+            match event {
+                Some(Event::Put { key, value }) => {
+                    items.insert(key, value);
+                }
+                Some(Event::Delete { key }) => {
+                    items.remove(&key);
+                }
+                Some(Event::Reset) => match self.backend.list(prefix).await {
+                    Ok(current) => items = current.into_iter().collect(),
+                    Err(e) => tracing::warn!(error = %e, prefix, "cannot list after a watch reset"),
+                },
+                None => {
+                    // The watch ended (the backend went away for good?): start a new one.
+                    tokio::time::sleep(WATCH_RETRY).await;
+                    match self.backend.watch(prefix).await {
+                        Ok((current, rx)) => {
+                            items = current.into_iter().collect();
+                            events = rx;
+                        }
+                        Err(_) => continue,
+                    }
+                }
+            }
+            let list: Vec<(String, Vec<u8>)> =
+                items.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            if prefix == PROXIES_PREFIX {
+                self.set_proxies(&list);
+            } else {
+                self.set_revoked(&list);
+            }
+        }
+    }
+
+    fn is_revoked(&self, host_id: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(host_id)
+    }
+
+    /// Closes every tunnel of `host_id`.
+    pub fn disconnect(&self, host_id: &str, reason: &str) {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in tunnels.values().filter(|e| e.host_id == host_id) {
+            tracing::info!(host_id, node = %entry.node_name, reason, "closing tunnel");
+            entry.session.close(reason);
+        }
+    }
+
+    /// How many tunnels this proxy holds.
+    pub fn len(&self) -> usize {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
+    pub fn accept(self: &Arc<Self>, session: Session) {
+        let server = self.clone();
+        self.tasks.spawn(async move {
+            let remote = session.remote_addr();
+            if let Err(reason) = server.run_tunnel(session.clone()).await {
+                tracing::info!(peer = %remote, transport = %session.transport(), %reason, "tunnel refused or ended");
+                session.close(&reason);
+            }
+        });
+    }
+
+    async fn run_tunnel(self: Arc<Self>, session: Session) -> Result<(), String> {
+        let host_id = node_identity(&session)?;
+        if self.is_revoked(&host_id) {
+            return Err(format!("node {host_id} was removed from the cluster"));
+        }
+        let control = tokio::time::timeout(HELLO_TIMEOUT, session.accept())
+            .await
+            .map_err(|_| "no control stream".to_string())?
+            .ok_or("closed before the control stream")?;
+        let mut control = Framed::new(control);
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, control.read()).await {
+            Ok(Ok(Some(Message::Hello(h)))) => h,
+            Ok(Ok(other)) => return Err(format!("expected hello, got {other:?}")),
+            Ok(Err(e)) => return Err(format!("bad hello: {e}")),
+            Err(_) => return Err("no hello".into()),
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            let reason = format!(
+                "tunnel protocol {} is not supported (this proxy speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            );
+            let _ = control
+                .write(&Message::Goodbye {
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(reason);
+        }
+        // The tunnel is bound to the host id in the certificate, whatever the hello says.
+        if hello.host_id != host_id {
+            let reason = "the hello names another host than the certificate".to_string();
+            let _ = control
+                .write(&Message::Goodbye {
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(reason);
+        }
+        let mut proxies = self.proxies.subscribe();
+        let list = proxies.borrow_and_update().clone();
+        control
+            .write(&Message::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                version: tunnel_proto::VERSION.to_string(),
+                proxy_id: self.proxy_id.clone(),
+                proxies: list,
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Entry {
+                    host_id: host_id.clone(),
+                    node_name: hello.node_name.clone(),
+                    session: session.clone(),
+                },
+            );
+        // A revocation that landed between the check above and the insert.
+        if self.is_revoked(&host_id) {
+            session.close("the node was removed from the cluster");
+        }
+        let mut presence = Presence {
+            host_id: host_id.clone(),
+            node_name: hello.node_name.clone(),
+            version: hello.version.clone(),
+            labels: hello.labels.clone(),
+            proxy_id: self.proxy_id.clone(),
+            transport: session.transport().to_string(),
+            remote_addr: session.remote_addr().to_string(),
+            connected: unix_now(),
+            last_seen: unix_now(),
+        };
+        tracing::info!(%host_id, node = %hello.node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
+        self.write_presence(&presence).await;
+        let result = self
+            .serve_control(&session, &mut control, &mut proxies, &mut presence)
+            .await;
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let still_here = self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|e| e.host_id == host_id);
+        if !still_here {
+            let _ = self
+                .backend
+                .delete(&presence_key(&host_id, &self.proxy_id))
+                .await;
+        }
+        tracing::info!(%host_id, node = %hello.node_name, "tunnel down");
+        result
+    }
+
+    async fn serve_control(
+        &self,
+        session: &Session,
+        control: &mut Framed<tunnel_proto::transport::TunnelStream>,
+        proxies: &mut watch::Receiver<Vec<ProxyEntry>>,
+        presence: &mut Presence,
+    ) -> Result<(), String> {
+        let mut last_written = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    let _ = control.write(&Message::Reconnect {
+                        reason: "the proxy is shutting down".into(),
+                        after_ms: 1000,
+                    }).await;
+                    session.close("proxy shutting down");
+                    return Ok(());
+                }
+                _ = session.closed() => return Ok(()),
+                changed = proxies.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let list = proxies.borrow_and_update().clone();
+                    control.write(&Message::Proxies { proxies: list }).await.map_err(|e| e.to_string())?;
+                }
+                msg = tokio::time::timeout(SILENCE_LIMIT, control.read()) => {
+                    let msg = match msg {
+                        Err(_) => return Err("the agent went silent".into()),
+                        Ok(Err(e)) => return Err(format!("bad message: {e}")),
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Ok(Some(m))) => m,
+                    };
+                    match msg {
+                        Message::Ping { seq } => {
+                            control.write(&Message::Pong { seq }).await.map_err(|e| e.to_string())?;
+                        }
+                        Message::Heartbeat(hb) => {
+                            let changed = hb.labels != presence.labels || hb.node_name != presence.node_name || hb.version != presence.version;
+                            presence.labels = hb.labels;
+                            presence.node_name = hb.node_name;
+                            presence.version = hb.version;
+                            if changed || last_written.elapsed() >= PRESENCE_REFRESH {
+                                presence.last_seen = unix_now();
+                                self.write_presence(presence).await;
+                                last_written = Instant::now();
+                            }
+                        }
+                        Message::Goodbye { reason } => {
+                            tracing::debug!(%reason, "agent said goodbye");
+                            return Ok(());
+                        }
+                        Message::Audit(_) => {}
+                        other => return Err(format!("unexpected message on the control stream: {other:?}")),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_presence(&self, presence: &Presence) {
+        let value = serde_json::to_vec(presence).expect("presence serializes");
+        if let Err(e) = self
+            .backend
+            .put(
+                &presence_key(&presence.host_id, &self.proxy_id),
+                value,
+                Some(PRESENCE_TTL),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, host_id = %presence.host_id, "cannot record the node's presence");
+        }
+    }
+
+    /// Waits (bounded) for tunnel tasks after shutdown.
+    pub async fn drain(&self, grace: Duration) {
+        self.tasks.close();
+        let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
+    }
+}
+
+fn presence_key(host_id: &str, proxy_id: &str) -> String {
+    format!("{PRESENCE_PREFIX}{host_id}/{proxy_id}")
+}
+
+/// The host id a tunnel's client certificate names; only node certificates open tunnels.
+fn node_identity(session: &Session) -> Result<String, String> {
+    let leaf = session
+        .peer_certificates()
+        .first()
+        .ok_or("no client certificate")?;
+    if CertRole::of_certificate(leaf) != Some(CertRole::Node) {
+        return Err("the client certificate is not a node's".into());
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| "the client certificate names no host".to_string())
+}
+
+/// Every node seen within the presence TTL, with the proxies it holds tunnels to.
+pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendError> {
+    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
+    for (_, value) in backend.list(PRESENCE_PREFIX).await? {
+        let Ok(p) = serde_json::from_slice::<Presence>(&value) else {
+            continue;
+        };
+        let node = nodes.entry(p.host_id.clone()).or_insert_with(|| NodeInfo {
+            host_id: p.host_id.clone(),
+            node_name: p.node_name.clone(),
+            version: p.version.clone(),
+            labels: Labels::new(),
+            proxies: vec![],
+            transports: vec![],
+            last_seen: 0,
+        });
+        if p.last_seen >= node.last_seen {
+            node.node_name = p.node_name;
+            node.version = p.version;
+            node.labels = p.labels;
+            node.last_seen = p.last_seen;
+        }
+        node.proxies.push(p.proxy_id);
+        node.transports.push(p.transport);
+    }
+    Ok(nodes.into_values().collect())
+}
+
+/// Revokes a node: it is disconnected everywhere and refused from now on.
+pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, BackendError> {
+    let known = backend.get(&format!("/nodes/{host_id}")).await?.is_some()
+        || !backend
+            .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
+            .await?
+            .is_empty();
+    if !known {
+        return Ok(false);
+    }
+    backend
+        .put(
+            &format!("{REVOKED_PREFIX}{host_id}"),
+            unix_now().to_string().into_bytes(),
+            None,
+        )
+        .await?;
+    backend.delete(&format!("/nodes/{host_id}")).await?;
+    for (key, _) in backend
+        .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
+        .await?
+    {
+        backend.delete(&key).await?;
+    }
+    Ok(true)
+}
+
+/// Whether a TLS peer on the web port asked for a tunnel.
+pub fn is_tunnel_alpn(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(tunnel_proto::wire::ALPN_TUNNEL)
+}
+
+/// Accepts QUIC tunnels on `endpoint` until shutdown.
+pub async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    server: Arc<TunnelServer>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let remote: SocketAddr = incoming.remote_address();
+            match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => server.accept(Session::from_quic(conn)),
+                Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "QUIC handshake failed"),
+                Err(_) => tracing::debug!(peer = %remote, "QUIC handshake timed out"),
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"proxy shutting down");
+}

@@ -1,0 +1,445 @@
+//! Tunnel transports behind one multiplexed [`Session`]: QUIC (quinn) and TLS 1.3 + yamux over
+//! TCP. Both are mutual TLS with ALPN [`ALPN_TUNNEL`].
+//!
+//! A yamux connection is owned by one driver task that polls it; opens reach it over a channel
+//! and inbound streams leave it over another, so a `Session` is a cheap, cloneable handle.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::{self, Message, WireError};
+
+pub use crate::wire::ALPN_TUNNEL;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// QUIC and TCP keep-alives: a dead path is noticed within the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Flow-control windows large enough for bulk copies over long fat links.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+const MAX_STREAMS: u32 = 1024;
+
+/// A byte stream inside a tunnel.
+pub trait IoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> IoStream for T {}
+pub type TunnelStream = Box<dyn IoStream>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Handshake { addr: String, reason: String },
+    #[error("the tunnel is closed")]
+    Closed,
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+/// An authenticated, multiplexed tunnel.
+#[derive(Clone)]
+pub struct Session {
+    inner: Inner,
+    remote: SocketAddr,
+    peer_certs: Arc<Vec<CertificateDer<'static>>>,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Quic(quinn::Connection),
+    Yamux(Arc<YamuxHandle>),
+}
+
+struct YamuxHandle {
+    open: mpsc::Sender<oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>>,
+    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    closed: CancellationToken,
+}
+
+impl Session {
+    pub fn transport(&self) -> Transport {
+        match self.inner {
+            Inner::Quic(_) => Transport::Quic,
+            Inner::Yamux(_) => Transport::Tcp,
+        }
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// The certificate chain the peer authenticated with.
+    pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.peer_certs
+    }
+
+    /// Opens a stream. The peer sees it when the first bytes arrive.
+    pub async fn open(&self) -> Result<TunnelStream, TransportError> {
+        match &self.inner {
+            Inner::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(|_| TransportError::Closed)?;
+                Ok(Box::new(tokio::io::join(recv, send)))
+            }
+            Inner::Yamux(h) => {
+                let (tx, rx) = oneshot::channel();
+                h.open.send(tx).await.map_err(|_| TransportError::Closed)?;
+                let stream = rx
+                    .await
+                    .map_err(|_| TransportError::Closed)?
+                    .map_err(|e| TransportError::Stream(e.to_string()))?;
+                Ok(Box::new(stream.compat()))
+            }
+        }
+    }
+
+    /// The next stream the peer opened; `None` once the tunnel is closed.
+    pub async fn accept(&self) -> Option<TunnelStream> {
+        match &self.inner {
+            Inner::Quic(c) => {
+                let (send, recv) = c.accept_bi().await.ok()?;
+                Some(Box::new(tokio::io::join(recv, send)))
+            }
+            Inner::Yamux(h) => {
+                let stream = h.inbound.lock().await.recv().await?;
+                Some(Box::new(stream.compat()))
+            }
+        }
+    }
+
+    /// Closes the tunnel; the peer sees its streams end.
+    pub fn close(&self, reason: &str) {
+        match &self.inner {
+            Inner::Quic(c) => c.close(0u32.into(), reason.as_bytes()),
+            Inner::Yamux(h) => h.closed.cancel(),
+        }
+    }
+
+    /// Resolves when the tunnel is closed, by either side or by a dead path.
+    pub async fn closed(&self) {
+        match &self.inner {
+            Inner::Quic(c) => {
+                c.closed().await;
+            }
+            Inner::Yamux(h) => h.closed.cancelled().await,
+        }
+    }
+
+    pub fn from_quic(conn: quinn::Connection) -> Self {
+        let peer_certs = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .map(|b| *b)
+            .unwrap_or_default();
+        Self {
+            remote: conn.remote_address(),
+            inner: Inner::Quic(conn),
+            peer_certs: Arc::new(peer_certs),
+        }
+    }
+
+    /// Runs yamux over an established TLS stream.
+    pub fn from_tls<S>(
+        tls: S,
+        remote: SocketAddr,
+        peer_certs: Vec<CertificateDer<'static>>,
+        server: bool,
+    ) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mode = if server {
+            yamux::Mode::Server
+        } else {
+            yamux::Mode::Client
+        };
+        let conn = yamux::Connection::new(tls.compat(), yamux_config(), mode);
+        let (open_tx, open_rx) = mpsc::channel(64);
+        let (inbound_tx, inbound_rx) = mpsc::channel(256);
+        let closed = CancellationToken::new();
+        tokio::spawn(drive_yamux(conn, open_rx, inbound_tx, closed.clone()));
+        Self {
+            remote,
+            inner: Inner::Yamux(Arc::new(YamuxHandle {
+                open: open_tx,
+                inbound: Mutex::new(inbound_rx),
+                closed,
+            })),
+            peer_certs: Arc::new(peer_certs),
+        }
+    }
+}
+
+fn yamux_config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_connection_receive_window(Some(CONNECTION_WINDOW as usize))
+        .set_max_num_streams(MAX_STREAMS as usize);
+    cfg
+}
+
+type OpenRequest = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
+
+/// The one task that owns a yamux connection: it polls inbound streams, serves open requests,
+/// and closes the connection when asked.
+async fn drive_yamux<T>(
+    mut conn: yamux::Connection<T>,
+    mut opens: mpsc::Receiver<OpenRequest>,
+    inbound: mpsc::Sender<yamux::Stream>,
+    closed: CancellationToken,
+) where
+    T: futures_io::AsyncRead + futures_io::AsyncWrite + Unpin,
+{
+    use std::task::Poll;
+    let mut pending_open: Option<OpenRequest> = None;
+    let result = std::future::poll_fn(|cx| {
+        if closed.is_cancelled() {
+            return Poll::Ready(Ok(()));
+        }
+        // Serve open requests, one at a time.
+        loop {
+            if pending_open.is_none() {
+                match opens.poll_recv(cx) {
+                    Poll::Ready(Some(tx)) => pending_open = Some(tx),
+                    Poll::Ready(None) | Poll::Pending => break,
+                }
+            }
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(r) => {
+                    if let Some(tx) = pending_open.take() {
+                        let _ = tx.send(r);
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        // Drive the connection and take inbound streams; this also moves all stream I/O.
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    // A peer that opens streams faster than they are handled gets them dropped
+                    // (reset) rather than queued without bound.
+                    if inbound.try_send(stream).is_err() {
+                        tracing::debug!("dropping an inbound stream: too many waiting");
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    });
+    let result = tokio::select! {
+        r = result => r,
+        _ = closed.cancelled() => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "yamux connection ended");
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        std::future::poll_fn(|cx| conn.poll_close(cx)),
+    )
+    .await;
+    closed.cancel();
+}
+
+/// Dials a TLS + yamux tunnel.
+pub async fn connect_tcp(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Session, TransportError> {
+    let fail = |reason: String| TransportError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    set_tcp_keepalive(&tcp);
+    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    let name = server_name(addr);
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| TransportError::Handshake {
+        addr: addr.to_string(),
+        reason: "timed out".into(),
+    })?
+    .map_err(|e| TransportError::Handshake {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    let peer_certs = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    Ok(Session::from_tls(stream, remote, peer_certs, false))
+}
+
+/// Dials a QUIC tunnel from `endpoint`.
+pub async fn connect_quic(
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Session, TransportError> {
+    let fail = |reason: String| TransportError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("no address".into()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    let host = crate::web::split_host(addr).unwrap_or("burrow");
+    let connecting = endpoint
+        .connect_with(config, target, host)
+        .map_err(|e| fail(e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| fail("no QUIC answer (is UDP blocked?)".into()))?
+        .map_err(|e| TransportError::Handshake {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(Session::from_quic(conn))
+}
+
+/// QUIC settings shared by both ends.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a small duration")))
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// A client endpoint on an ephemeral UDP port, for every QUIC tunnel of one agent.
+pub fn quic_client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if ipv6 {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .expect("valid");
+    quinn::Endpoint::client(bind)
+}
+
+/// A server endpoint for QUIC tunnels on `addr`.
+pub fn quic_server_endpoint(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::other(format!("QUIC needs TLS 1.3: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    quinn::Endpoint::server(config, addr)
+}
+
+fn server_name(addr: &str) -> ServerName<'static> {
+    crate::web::split_host(addr)
+        .and_then(|h| ServerName::try_from(h.to_string()).ok())
+        .unwrap_or_else(|| ServerName::try_from(crate::tls::CLUSTER_SERVER_NAME).expect("valid"))
+}
+
+/// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.
+pub fn set_tcp_keepalive(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEP_ALIVE)
+        .with_interval(KEEP_ALIVE)
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&ka);
+}
+
+/// Reads and writes [`Message`] frames on a stream.
+pub struct Framed<S> {
+    stream: S,
+    buf: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("stream I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// The next message; `None` when the peer closed the stream cleanly between frames.
+    pub async fn read(&mut self) -> Result<Option<Message>, FrameError> {
+        loop {
+            if let Some((msg, used)) = wire::decode(&self.buf)? {
+                self.buf.advance(used);
+                return Ok(Some(msg));
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                };
+            }
+        }
+    }
+
+    pub async fn write(&mut self, msg: &Message) -> Result<(), FrameError> {
+        let mut out = Vec::new();
+        wire::encode(msg, &mut out)?;
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// The stream, with any bytes read past the last frame.
+    pub fn into_parts(self) -> (S, BytesMut) {
+        (self.stream, self.buf)
+    }
+}

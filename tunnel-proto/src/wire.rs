@@ -1,0 +1,248 @@
+//! Tunnel wire messages and their codec. No I/O and no clock: tested without sockets.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON, one [`Message`].
+//! Frames are capped at [`MAX_FRAME`]; [`decode`] tells "need more bytes" (`Ok(None)`) apart from
+//! "invalid" (`Err`), never panics and never allocates more than the cap, whatever the peer sends.
+//!
+//! The control stream (the first stream of a tunnel, opened by the agent) starts with
+//! [`Hello`] from the agent and [`Welcome`] from the proxy; both carry [`PROTOCOL_VERSION`].
+//! A dial stream (opened by the proxy) starts with a [`DialRequest`] and a [`DialResult`], then
+//! carries raw bytes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Labels;
+
+/// The tunnel protocol version; a peer speaking another is refused with [`Message::Goodbye`].
+pub const PROTOCOL_VERSION: u16 = 1;
+/// ALPN of tunnels, on TCP (TLS + yamux) and QUIC alike.
+pub const ALPN_TUNNEL: &[u8] = b"burrow-tunnel/1";
+/// Largest frame accepted or produced, length prefix excluded.
+pub const MAX_FRAME: usize = 64 * 1024;
+const HEADER: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Agent -> proxy, first on the control stream.
+    Hello(Hello),
+    /// Proxy -> agent, the answer to `Hello`.
+    Welcome(Welcome),
+    /// Proxy -> agent, whenever the set of live proxies changes.
+    Proxies {
+        proxies: Vec<ProxyEntry>,
+    },
+    /// Agent -> proxy, periodically.
+    Heartbeat(Heartbeat),
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
+    /// Proxy -> agent, first on a dial stream.
+    Dial(DialRequest),
+    /// Agent -> proxy, the answer to `Dial`; raw bytes follow when `error` is `None`.
+    DialResult {
+        error: Option<String>,
+    },
+    /// Proxy -> agent: this proxy is going away; reconnect after about `after_ms`.
+    Reconnect {
+        reason: String,
+        after_ms: u64,
+    },
+    /// Agent -> proxy: an audit event (session start and end, exec, failed login).
+    Audit(AuditEvent),
+    /// Either way: the sender closes the tunnel, and says why.
+    Goodbye {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub version: String,
+    pub host_id: String,
+    pub node_name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u16,
+    pub version: String,
+    /// The proxy this tunnel reached.
+    pub proxy_id: String,
+    /// Every live proxy of the cluster, this one included.
+    pub proxies: Vec<ProxyEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProxyEntry {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_name: String,
+    pub labels: Labels,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialRequest {
+    /// The node port the user asked for (3022: the node's SSH service).
+    pub port: u16,
+    /// Who the proxy dials for, for the node's audit log.
+    pub client_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// `session.start`, `session.end`, `exec`, `auth.failure`, ...
+    pub event: String,
+    /// Unix milliseconds.
+    pub time: u64,
+    #[serde(default)]
+    pub fields: Labels,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let body = serde_json::to_vec(msg).map_err(|e| WireError::Invalid(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Decodes the first frame in `buf`: `Ok(Some((message, bytes used)))`, `Ok(None)` if `buf`
+/// holds only part of a frame, `Err` if the frame is too large or not a valid message.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    let Some(header) = buf.get(..HEADER) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let Some(body) = buf.get(HEADER..HEADER + len) else {
+        return Ok(None);
+    };
+    let msg = serde_json::from_slice(body).map_err(|e| WireError::Invalid(e.to_string()))?;
+    Ok(Some((msg, HEADER + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                version: "0.1.0".into(),
+                host_id: "h".into(),
+                node_name: "pi".into(),
+                labels: Labels::from([("env".into(), "lab".into())]),
+            }),
+            Message::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                version: "0.1.0".into(),
+                proxy_id: "p1".into(),
+                proxies: vec![
+                    ProxyEntry { id: "p1".into() },
+                    ProxyEntry { id: "p2".into() },
+                ],
+            }),
+            Message::Proxies { proxies: vec![] },
+            Message::Heartbeat(Heartbeat {
+                node_name: "pi".into(),
+                labels: Labels::new(),
+                version: "0.1.0".into(),
+            }),
+            Message::Ping { seq: 7 },
+            Message::Pong { seq: u64::MAX },
+            Message::Dial(DialRequest {
+                port: 3022,
+                client_addr: "127.0.0.1:5".into(),
+            }),
+            Message::DialResult {
+                error: Some("no".into()),
+            },
+            Message::Reconnect {
+                reason: "shutdown".into(),
+                after_ms: 500,
+            },
+            Message::Audit(AuditEvent {
+                event: "exec".into(),
+                time: 1,
+                fields: Labels::new(),
+            }),
+            Message::Goodbye {
+                reason: "bye".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_even_split_byte_by_byte() {
+        let mut stream = Vec::new();
+        for m in samples() {
+            encode(&m, &mut stream).unwrap();
+        }
+        // Whole buffer: frames come out in order.
+        let mut at = 0;
+        for m in samples() {
+            let (got, used) = decode(&stream[at..]).unwrap().unwrap();
+            assert_eq!(got, m);
+            at += used;
+        }
+        assert_eq!(at, stream.len());
+        // Every prefix of the first frame is "need more bytes", never an error.
+        let (_, first) = decode(&stream).unwrap().unwrap();
+        for cut in 0..first {
+            assert_eq!(decode(&stream[..cut]).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_invalid_not_pending() {
+        let mut big = (MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
+        assert_eq!(decode(&big), Err(WireError::TooLarge(MAX_FRAME + 1)));
+        big = u32::MAX.to_be_bytes().to_vec();
+        assert!(matches!(decode(&big), Err(WireError::TooLarge(_))));
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"\xff\x00{]x");
+        assert!(matches!(decode(&garbage), Err(WireError::Invalid(_))));
+        let mut unknown = Vec::new();
+        let body = br#"{"type":"launch_missiles"}"#;
+        unknown.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        unknown.extend_from_slice(body);
+        assert!(matches!(decode(&unknown), Err(WireError::Invalid(_))));
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would_refuse() {
+        let huge = Message::Goodbye {
+            reason: "x".repeat(MAX_FRAME),
+        };
+        let mut out = Vec::new();
+        assert!(matches!(
+            encode(&huge, &mut out),
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(out.is_empty());
+    }
+}
