@@ -91,6 +91,14 @@ pub fn spawn(
         initial.insert(c.name.clone(), String::new());
     }
     let (tx, rx) = watch::channel(initial);
+    // The sender lives until shutdown even without commands: tunnels treat a closed channel
+    // as the agent stopping.
+    let keeper = tx.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        drop(keeper);
+    });
     for c in commands {
         let tx = tx.clone();
         let shutdown = shutdown.clone();

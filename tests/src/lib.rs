@@ -409,3 +409,44 @@ impl Etcd {
         panic!("etcd did not restart: {last}");
     }
 }
+
+/// A node joined to `proxy` and holding its tunnels, started with `extra` arguments.
+pub fn start_agent(proxy: &Proxy, data: &Path, name: &str, extra: &[&str]) -> Daemon {
+    let token = proxy.node_token(&[]);
+    let pin = proxy.pin();
+    let mut cmd = bin("burrow-agent");
+    cmd.args([
+        "start",
+        "--proxy",
+        &proxy.web_addr,
+        "--ca-pin",
+        &pin,
+        "--nodename",
+        name,
+        "--token",
+        &token,
+    ])
+    .arg("--data-dir")
+    .arg(data)
+    .args(extra);
+    let mut agent = Daemon::spawn(cmd, "burrow-agent");
+    agent.wait_for("tunnel up");
+    agent
+}
+
+/// The host id in a node's identity file.
+pub fn host_id(data: &Path) -> String {
+    let identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("identity.json")).unwrap()).unwrap();
+    identity["host_id"].as_str().unwrap().to_string()
+}
+
+/// The nodes `burrowctl nodes ls` shows, by host id.
+pub fn nodes(proxy: &Proxy) -> std::collections::BTreeMap<String, serde_json::Value> {
+    proxy.ctl_json(&["nodes", "ls"])["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["host_id"].as_str().unwrap().to_string(), n.clone()))
+        .collect()
+}

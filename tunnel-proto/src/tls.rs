@@ -117,15 +117,27 @@ pub fn cluster_client_config(
 }
 
 /// Client config that accepts any server certificate (handshake signatures are still checked).
-/// Used only for `find`, whose answer is then checked against the CA pin, and for `--insecure`.
+/// Used only for `find`, whose answer is then checked against the CA pin, for `--insecure`, and
+/// by tests that play a misbehaving peer.
 pub fn unverified_client_config(alpn: &[&[u8]]) -> Result<ClientConfig, TlsError> {
+    unverified_client_config_with(None, alpn)
+}
+
+/// [`unverified_client_config`] presenting a client certificate.
+pub fn unverified_client_config_with(
+    identity: Option<ClientIdentity>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServerCert { algorithms }))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert { algorithms }));
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

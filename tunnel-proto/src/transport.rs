@@ -27,7 +27,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Flow-control windows large enough for bulk copies over long fat links.
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
-const MAX_STREAMS: u32 = 1024;
+const _: () = assert!(CONNECTION_WINDOW as u64 >= 256 * 1024 * MAX_STREAMS as u64);
+const MAX_STREAMS: u32 = 256;
 
 /// A byte stream inside a tunnel.
 pub trait IoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -196,8 +197,9 @@ impl Session {
 
 fn yamux_config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
-    cfg.set_max_connection_receive_window(Some(CONNECTION_WINDOW as usize))
-        .set_max_num_streams(MAX_STREAMS as usize);
+    // yamux insists on at least 256 KiB per stream: set the stream count first.
+    cfg.set_max_num_streams(MAX_STREAMS as usize)
+        .set_max_connection_receive_window(Some(CONNECTION_WINDOW as usize));
     cfg
 }
 
@@ -395,6 +397,17 @@ pub fn set_tcp_keepalive(tcp: &TcpStream) {
 pub struct Framed<S> {
     stream: S,
     buf: BytesMut,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yamux_config_is_accepted() {
+        // yamux asserts its invariants at configuration time; a bad constant panics here.
+        let _ = yamux_config();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,261 @@
+//! Tunnels from the agent to one proxy: both transports, the inventory, labels, revocation and
+//! peers that misbehave.
+
+use std::time::Duration;
+
+use burrow_tests::*;
+use tunnel_proto::tls::{self, ClientIdentity};
+use tunnel_proto::transport;
+use tunnel_proto::wire::ALPN_TUNNEL;
+
+fn check_transport(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let proxy_id = proxy.ready().unwrap();
+    let state = dir.path().join("state");
+    std::fs::write(&state, "one\n").unwrap();
+    let labels = format!("env=lab,state=[1s:cat {}]", state.display());
+    let data = dir.path().join("agent");
+    let agent = start_agent(
+        &proxy,
+        &data,
+        "edge-1",
+        &["--transport", mode, "--labels", &labels],
+    );
+    assert!(
+        agent.log().contains(&format!("transport={mode}")),
+        "{}",
+        agent.log()
+    );
+    let id = host_id(&data);
+
+    let node = eventually(WAIT, || {
+        nodes(&proxy)
+            .remove(&id)
+            .filter(|n| n["labels"]["state"] == "one")
+    })
+    .unwrap_or_else(|| panic!("node in nodes ls with its labels: {:?}", nodes(&proxy)));
+    assert_eq!(node["name"], "edge-1");
+    assert_eq!(node["labels"]["env"], "lab");
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(node["proxies"], serde_json::json!([proxy_id]));
+    assert_eq!(node["transports"], serde_json::json!([mode]));
+
+    // The command label is re-run every period; the inventory follows.
+    std::fs::write(&state, "two\n").unwrap();
+    eventually(WAIT, || {
+        nodes(&proxy)
+            .remove(&id)
+            .filter(|n| n["labels"]["state"] == "two")
+    })
+    .expect("the command label's new value reaches nodes ls");
+    let text = text(&proxy.ctl(&["nodes", "ls"]).stdout);
+    assert!(
+        text.contains("edge-1") && text.contains(&id) && text.contains("state=two"),
+        "{text}"
+    );
+    let filtered = proxy.ctl_json(&["nodes", "ls", "--labels", "env=prod"]);
+    assert_eq!(filtered["nodes"], serde_json::json!([]));
+    let ours = proxy.ctl_json(&["nodes", "ls", "--labels", "env=lab"]);
+    assert_eq!(ours["nodes"].as_array().unwrap().len(), 1);
+    // One tunnel, held the whole time: no flapping, no reconnects.
+    assert_eq!(
+        agent.log().matches("tunnel up").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        proxy.daemon.log().matches("tunnel up").count(),
+        1,
+        "{}",
+        proxy.daemon.log()
+    );
+}
+
+#[test]
+fn an_agent_holds_a_tunnel_over_quic() {
+    check_transport("quic");
+}
+
+#[test]
+fn an_agent_holds_a_tunnel_over_tcp() {
+    check_transport("tcp");
+}
+
+#[test]
+fn a_removed_node_is_disconnected_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let data = dir.path().join("agent");
+    let mut agent = start_agent(&proxy, &data, "doomed", &["--transport", "tcp"]);
+    let other_data = dir.path().join("other");
+    let _other = start_agent(&proxy, &other_data, "bystander", &[]);
+    let id = host_id(&data);
+    eventually(WAIT, || nodes(&proxy).contains_key(&id).then_some(())).unwrap();
+
+    let out = proxy.ctl(&["nodes", "rm", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("revoked"));
+    agent.wait_for("tunnel down");
+    // It keeps trying, and is refused every time.
+    eventually(WAIT, || {
+        (proxy
+            .daemon
+            .log()
+            .matches(&format!("node {id} was removed from the cluster"))
+            .count()
+            >= 1)
+            .then_some(())
+    })
+    .expect("the proxy refuses the revoked node's new tunnels");
+    assert!(!nodes(&proxy).contains_key(&id));
+    let other = host_id(&other_data);
+    assert!(
+        nodes(&proxy).contains_key(&other),
+        "the other node is untouched"
+    );
+
+    let again = proxy.ctl(&["nodes", "rm", &id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("no node with host id"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+fn identity_of(data: &std::path::Path) -> ClientIdentity {
+    let identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("identity.json")).unwrap()).unwrap();
+    ClientIdentity {
+        chain: tls::parse_certs(identity["tls_cert"].as_str().unwrap(), "cert").unwrap(),
+        key: tls::parse_key(identity["tls_key"].as_str().unwrap(), "key").unwrap(),
+    }
+}
+
+#[test]
+fn a_node_certificate_from_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Proxy::start(&dir.path().join("ours"), &[]);
+    let theirs = Proxy::start(&dir.path().join("theirs"), &[]);
+    let foreign = dir.path().join("foreign");
+    drop(start_agent(&theirs, &foreign, "foreign", &[]));
+
+    let config =
+        tls::unverified_client_config_with(Some(identity_of(&foreign)), &[ALPN_TUNNEL]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // TCP: the handshake itself fails, or the session dies before a welcome.
+        if let Ok(session) =
+            transport::connect_tcp(&ours.web_addr, std::sync::Arc::new(config.clone())).await
+        {
+            let welcomed = tokio::time::timeout(Duration::from_secs(5), async {
+                let stream = session.open().await.ok()?;
+                let mut f = transport::Framed::new(stream);
+                f.write(&hello("x")).await.ok()?;
+                f.read().await.ok().flatten()
+            })
+            .await;
+            assert!(
+                !matches!(welcomed, Ok(Some(tunnel_proto::wire::Message::Welcome(_)))),
+                "a foreign node got a welcome"
+            );
+        }
+        // QUIC: the same.
+        let endpoint = transport::quic_client_endpoint(false).unwrap();
+        if let Ok(session) =
+            transport::connect_quic(&endpoint, &ours.web_addr, std::sync::Arc::new(config)).await
+        {
+            let stream = tokio::time::timeout(Duration::from_secs(5), session.open()).await;
+            if let Ok(Ok(stream)) = stream {
+                let mut f = transport::Framed::new(stream);
+                let _ = f.write(&hello("x")).await;
+                let answer = tokio::time::timeout(Duration::from_secs(5), f.read()).await;
+                assert!(
+                    !matches!(
+                        answer,
+                        Ok(Ok(Some(tunnel_proto::wire::Message::Welcome(_))))
+                    ),
+                    "a foreign node got a welcome over QUIC"
+                );
+            }
+        }
+    });
+    assert!(nodes(&ours).is_empty());
+    assert!(
+        !ours.daemon.log().contains("tunnel up"),
+        "{}",
+        ours.daemon.log()
+    );
+}
+
+fn hello(host_id: &str) -> tunnel_proto::wire::Message {
+    tunnel_proto::wire::Message::Hello(tunnel_proto::wire::Hello {
+        protocol: tunnel_proto::wire::PROTOCOL_VERSION,
+        version: "test".into(),
+        host_id: host_id.into(),
+        node_name: "x".into(),
+        labels: Default::default(),
+    })
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_only_that_tunnel() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let good = dir.path().join("good");
+    let _agent = start_agent(&proxy, &good, "good", &[]);
+    let good_id = host_id(&good);
+    // A second, legitimate node identity that will misbehave on the wire.
+    let bad = dir.path().join("bad");
+    drop(start_agent(&proxy, &bad, "bad", &["--transport", "tcp"]));
+    let bad_id = host_id(&bad);
+    let config = std::sync::Arc::new(
+        tls::unverified_client_config_with(Some(identity_of(&bad)), &[ALPN_TUNNEL]).unwrap(),
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (what, bytes) in [
+        ("garbage", b"\x00\x00\x00\x05\xff\xfe{]x".to_vec()),
+        ("oversized", u32::MAX.to_be_bytes().to_vec()),
+    ] {
+        rt.block_on(async {
+            for quic in [false, true] {
+                let session = if quic {
+                    let endpoint = transport::quic_client_endpoint(false).unwrap();
+                    transport::connect_quic(&endpoint, &proxy.web_addr, config.clone())
+                        .await
+                        .unwrap()
+                } else {
+                    transport::connect_tcp(&proxy.web_addr, config.clone())
+                        .await
+                        .unwrap()
+                };
+                let mut stream = session.open().await.unwrap();
+                stream.write_all(&bytes).await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::time::timeout(Duration::from_secs(10), session.closed())
+                    .await
+                    .unwrap_or_else(|_| panic!("{what} (quic: {quic}) closes the tunnel"));
+            }
+        });
+    }
+    let log = proxy.daemon.log();
+    assert!(log.contains("bad hello"), "{log}");
+    assert!(log.contains("larger than"), "{log}");
+    // The good node's tunnel is untouched and the proxy serves on.
+    let listed = nodes(&proxy);
+    assert!(listed.contains_key(&good_id), "{listed:?}");
+    assert!(proxy.ctl(&["status"]).status.success());
+    let _ = bad_id;
+}
