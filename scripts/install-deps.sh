@@ -9,6 +9,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have cc || need_apt+=(build-essential)           # ring's C parts
 have protoc || need_apt+=(protobuf-compiler)     # etcd-client's build
 have etcd || need_apt+=(etcd-server)             # the HA backend in tests
+have haproxy || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # the round-robin balancer in tests
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -16,6 +17,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  # Packages may start their own service; the tests start their own instances on free ports.
+  for svc in etcd haproxy; do
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
 fi
 
 # Rust components for the lint steps.

@@ -402,13 +402,23 @@ fn node_identity(session: &Session) -> Result<String, String> {
         .ok_or_else(|| "the client certificate names no host".to_string())
 }
 
-/// Every node seen within the presence TTL, with the proxies it holds tunnels to.
+/// Every node seen within the presence TTL, with the live proxies it holds tunnels to. A proxy
+/// that died leaves presence records behind until their TTL; they are not shown.
 pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendError> {
+    let live: HashSet<String> = backend
+        .list(PROXIES_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(PROXIES_PREFIX).map(str::to_string))
+        .collect();
     let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
     for (_, value) in backend.list(PRESENCE_PREFIX).await? {
         let Ok(p) = serde_json::from_slice::<Presence>(&value) else {
             continue;
         };
+        if !live.contains(&p.proxy_id) {
+            continue;
+        }
         let node = nodes.entry(p.host_id.clone()).or_insert_with(|| NodeInfo {
             host_id: p.host_id.clone(),
             node_name: p.node_name.clone(),

@@ -170,6 +170,13 @@ impl Proxy {
         Self::start_many(&[(data_dir, extra)]).pop().unwrap()
     }
 
+    /// Starts a proxy on a given web address (to restart one where a balancer expects it).
+    pub fn start_at(data_dir: &Path, web_listen: &str, extra: &[&str]) -> Proxy {
+        let mut args = vec!["--web-listen", web_listen];
+        args.extend_from_slice(extra);
+        Self::start(data_dir, &args)
+    }
+
     /// Starts several proxies at the same moment, then waits until each serves.
     pub fn start_many(specs: &[(&Path, &[&str])]) -> Vec<Proxy> {
         let daemons: Vec<Daemon> = specs
@@ -178,9 +185,11 @@ impl Proxy {
                 let mut cmd = bin("burrow-proxy");
                 cmd.arg("start")
                     .arg("--data-dir")
-                    .arg(data_dir)
-                    .args(["--web-listen", "127.0.0.1:0"])
-                    .args(*extra);
+                    .arg(data_dir);
+                if !extra.contains(&"--web-listen") {
+                    cmd.args(["--web-listen", "127.0.0.1:0"]);
+                }
+                cmd.args(*extra);
                 Daemon::spawn(cmd, "burrow-proxy")
             })
             .collect();
@@ -203,20 +212,7 @@ impl Proxy {
 
     /// `GET /readyz`: `Ok(proxy id)` when ready, `Err(message)` when not.
     pub fn ready(&self) -> Result<String, String> {
-        use tunnel_proto::tls::{ALPN_HTTP1, unverified_client_config};
-        use tunnel_proto::web::WebClient;
-        let client = WebClient::new(
-            &self.web_addr,
-            unverified_client_config(&[ALPN_HTTP1]).unwrap(),
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(client.get::<serde_json::Value>(tunnel_proto::api::READY_PATH))
-            .map(|v| v["proxy_id"].as_str().unwrap_or_default().to_string())
-            .map_err(|e| e.to_string())
+        ready_at(&self.web_addr)
     }
 
     /// Runs `burrowctl` against this proxy the way an admin on the proxy host would.
@@ -449,4 +445,55 @@ pub fn nodes(proxy: &Proxy) -> std::collections::BTreeMap<String, serde_json::Va
         .iter()
         .map(|n| (n["host_id"].as_str().unwrap().to_string(), n.clone()))
         .collect()
+}
+
+/// A real haproxy balancing TCP round-robin over `backends`, on a loopback port picked at run
+/// time.
+pub struct Haproxy {
+    _daemon: Daemon,
+    pub addr: String,
+}
+
+impl Haproxy {
+    pub fn start(dir: &Path, backends: &[&str]) -> Haproxy {
+        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)");
+        let port = closed_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cfg = format!(
+            "global\n  maxconn 4096\n\
+             defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch\n\
+             frontend tunnels\n  bind {addr}\n  default_backend proxies\n\
+             backend proxies\n  balance roundrobin\n"
+        );
+        for (i, b) in backends.iter().enumerate() {
+            cfg.push_str(&format!("  server p{i} {b} check inter 500ms fall 1 rise 1\n"));
+        }
+        let path = dir.join(format!("haproxy-{port}.cfg"));
+        std::fs::write(&path, cfg).unwrap();
+        let mut cmd = Command::new(haproxy);
+        cmd.arg("-db").arg("-f").arg(&path);
+        let mut daemon = Daemon::spawn(cmd, "haproxy");
+        eventually(WAIT, || {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("haproxy exited ({status}):\n{}", daemon.log());
+            }
+            std::net::TcpStream::connect(&addr).ok()
+        })
+        .expect("haproxy listens");
+        Haproxy { _daemon: daemon, addr }
+    }
+}
+
+/// `GET /readyz` at `addr` (a proxy or a balancer): `Ok(proxy id)` or `Err(message)`.
+pub fn ready_at(addr: &str) -> Result<String, String> {
+    use tunnel_proto::tls::{ALPN_HTTP1, unverified_client_config};
+    use tunnel_proto::web::WebClient;
+    let client = WebClient::new(addr, unverified_client_config(&[ALPN_HTTP1]).unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(client.get::<serde_json::Value>(tunnel_proto::api::READY_PATH))
+        .map(|v| v["proxy_id"].as_str().unwrap_or_default().to_string())
+        .map_err(|e| e.to_string())
 }
