@@ -152,6 +152,8 @@ enum PoolEvent {
     Dialed {
         result: Result<Dialed, String>,
         quic_failed: bool,
+        /// A background QUIC retry while on TCP, not a dial for a missing tunnel.
+        quic_retry: bool,
     },
     Proxies(Vec<ProxyEntry>),
     Closed {
@@ -213,6 +215,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Res
                 endpoint.clone(),
                 try_quic,
                 fallback,
+                retry_quic,
                 events_tx.clone(),
             ));
         }
@@ -238,6 +241,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Res
             PoolEvent::Dialed {
                 result,
                 quic_failed,
+                quic_retry,
             } => {
                 dialing = false;
                 if quic_failed && config.mode == TransportMode::Auto && !quic_broken {
@@ -246,6 +250,9 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Res
                     next_quic_retry = Instant::now() + QUIC_RETRY_EVERY;
                 }
                 match result {
+                    Err(reason) if quic_retry => {
+                        tracing::debug!(%reason, "QUIC still does not get through");
+                    }
                     Err(reason) => {
                         let (delay, _) = backoff.next_delay();
                         tracing::warn!(addr = %config.addr, %reason, retry_in = ?delay, "cannot open a tunnel");
@@ -350,6 +357,7 @@ async fn dial(
     endpoint: Option<quinn::Endpoint>,
     try_quic: bool,
     fallback_to_tcp: bool,
+    quic_retry: bool,
     events: mpsc::Sender<PoolEvent>,
 ) {
     let mut quic_failed = false;
@@ -373,6 +381,7 @@ async fn dial(
         .send(PoolEvent::Dialed {
             result,
             quic_failed,
+            quic_retry,
         })
         .await;
 }

@@ -183,9 +183,7 @@ impl Proxy {
             .iter()
             .map(|(data_dir, extra)| {
                 let mut cmd = bin("burrow-proxy");
-                cmd.arg("start")
-                    .arg("--data-dir")
-                    .arg(data_dir);
+                cmd.arg("start").arg("--data-dir").arg(data_dir);
                 if !extra.contains(&"--web-listen") {
                     cmd.args(["--web-listen", "127.0.0.1:0"]);
                 }
@@ -459,7 +457,9 @@ impl Haproxy {
         let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
             .into_iter()
             .find(|p| Path::new(p).exists())
-            .expect("haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)");
+            .expect(
+                "haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)",
+            );
         let port = closed_port();
         let addr = format!("127.0.0.1:{port}");
         let mut cfg = format!(
@@ -469,7 +469,9 @@ impl Haproxy {
              backend proxies\n  balance roundrobin\n"
         );
         for (i, b) in backends.iter().enumerate() {
-            cfg.push_str(&format!("  server p{i} {b} check inter 500ms fall 1 rise 1\n"));
+            cfg.push_str(&format!(
+                "  server p{i} {b} check inter 500ms fall 1 rise 1\n"
+            ));
         }
         let path = dir.join(format!("haproxy-{port}.cfg"));
         std::fs::write(&path, cfg).unwrap();
@@ -483,7 +485,10 @@ impl Haproxy {
             std::net::TcpStream::connect(&addr).ok()
         })
         .expect("haproxy listens");
-        Haproxy { _daemon: daemon, addr }
+        Haproxy {
+            _daemon: daemon,
+            addr,
+        }
     }
 }
 
@@ -492,8 +497,118 @@ pub fn ready_at(addr: &str) -> Result<String, String> {
     use tunnel_proto::tls::{ALPN_HTTP1, unverified_client_config};
     use tunnel_proto::web::WebClient;
     let client = WebClient::new(addr, unverified_client_config(&[ALPN_HTTP1]).unwrap()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(client.get::<serde_json::Value>(tunnel_proto::api::READY_PATH))
         .map(|v| v["proxy_id"].as_str().unwrap_or_default().to_string())
         .map_err(|e| e.to_string())
+}
+
+/// A loopback relay in front of a proxy, TCP and UDP on one port, whose UDP can be dropped:
+/// a firewall that blocks QUIC and then lets it through again.
+pub struct Relay {
+    pub addr: String,
+    udp_blocked: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(upstream: &str) -> Relay {
+        use std::net::{TcpListener, UdpSocket};
+        // One port number for both protocols.
+        let (tcp, udp) = (0..20)
+            .find_map(|_| {
+                let tcp = TcpListener::bind("127.0.0.1:0").ok()?;
+                let udp = UdpSocket::bind(tcp.local_addr().ok()?).ok()?;
+                Some((tcp, udp))
+            })
+            .expect("a free TCP+UDP port pair");
+        let addr = tcp.local_addr().unwrap().to_string();
+        let udp_blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let up = upstream.to_string();
+        let halt = stop.clone();
+        tcp.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = std::net::TcpStream::connect(&up) else {
+                            continue;
+                        };
+                        let (mut c2, mut s2) =
+                            (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        let (mut c1, mut s1) = (client, server);
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut c1, &mut s1);
+                            let _ = s1.shutdown(std::net::Shutdown::Write);
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut s2, &mut c2);
+                            let _ = c2.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        let up: std::net::SocketAddr = upstream.parse().unwrap();
+        let blocked = udp_blocked.clone();
+        let halt = stop.clone();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        std::thread::spawn(move || {
+            // One upstream socket per client address, with a thread carrying replies back.
+            let mut upstreams: std::collections::HashMap<std::net::SocketAddr, Arc<UdpSocket>> =
+                Default::default();
+            let front = Arc::new(udp);
+            let mut buf = vec![0u8; 65536];
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, client)) = front.recv_from(&mut buf) else {
+                    continue;
+                };
+                if blocked.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let upstream = upstreams.entry(client).or_insert_with(|| {
+                    let s = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+                    s.connect(up).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                    let (back, front, blocked, halt) =
+                        (s.clone(), front.clone(), blocked.clone(), halt.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                            let Ok(n) = back.recv(&mut buf) else { continue };
+                            if !blocked.load(std::sync::atomic::Ordering::Relaxed) {
+                                let _ = front.send_to(&buf[..n], client);
+                            }
+                        }
+                    });
+                    s
+                });
+                let _ = upstream.send(&buf[..n]);
+            }
+        });
+        Relay {
+            addr,
+            udp_blocked,
+            stop,
+        }
+    }
+
+    pub fn block_udp(&self, blocked: bool) {
+        self.udp_blocked
+            .store(blocked, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -23,8 +23,13 @@ impl Cluster {
         let etcd = Etcd::start(dir.path());
         // The balancer needs the proxies' addresses and the proxies need the balancer's (their
         // public address): pick the proxies' ports first.
-        let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", closed_port())).collect();
-        let lb = Haproxy::start(dir.path(), &addrs.iter().map(String::as_str).collect::<Vec<_>>());
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", closed_port()))
+            .collect();
+        let lb = Haproxy::start(
+            dir.path(),
+            &addrs.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         let extra = vec![
             "--storage".to_string(),
             "etcd".into(),
@@ -33,8 +38,18 @@ impl Cluster {
             "--public-addr".into(),
             lb.addr.clone(),
         ];
-        let dirs: Vec<_> = (0..n).map(|i| dir.path().join(format!("proxy{i}"))).collect();
-        let mut cluster = Cluster { _dir: dir, _etcd: etcd, proxies: vec![], dirs, addrs, lb, extra };
+        let dirs: Vec<_> = (0..n)
+            .map(|i| dir.path().join(format!("proxy{i}")))
+            .collect();
+        let mut cluster = Cluster {
+            _dir: dir,
+            _etcd: etcd,
+            proxies: vec![],
+            dirs,
+            addrs,
+            lb,
+            extra,
+        };
         for i in 0..n {
             let p = cluster.start_proxy(i);
             cluster.proxies.push(Some(p));
@@ -67,14 +82,25 @@ impl Cluster {
     }
 
     fn ids(&self) -> BTreeSet<String> {
-        self.proxies.iter().flatten().map(|p| p.ready().unwrap()).collect()
+        self.proxies
+            .iter()
+            .flatten()
+            .map(|p| p.ready().unwrap())
+            .collect()
     }
 
     /// The proxies `nodes ls` says `host` holds tunnels to.
     fn tunnels_of(&self, host: &str) -> BTreeSet<String> {
         nodes(self.any())
             .get(host)
-            .map(|n| n["proxies"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect())
+            .map(|n| {
+                n["proxies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -94,10 +120,20 @@ fn agent_behind_lb(cluster: &Cluster, data: &Path, extra: &[&str]) -> Daemon {
     let token = proxy.node_token(&[]);
     let pin = proxy.pin();
     let mut cmd = bin("burrow-agent");
-    cmd.args(["start", "--proxy", &cluster.lb.addr, "--ca-pin", &pin, "--nodename", "behind-nat", "--token", &token])
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra);
+    cmd.args([
+        "start",
+        "--proxy",
+        &cluster.lb.addr,
+        "--ca-pin",
+        &pin,
+        "--nodename",
+        "behind-nat",
+        "--token",
+        &token,
+    ])
+    .arg("--data-dir")
+    .arg(data)
+    .args(extra);
     let mut agent = Daemon::spawn(cmd, "burrow-agent");
     agent.wait_for("tunnel up");
     agent
@@ -121,7 +157,10 @@ fn one_tunnel_per_proxy(n: usize) {
         .map(|p| p.daemon.log().matches("tunnel down").count())
         .sum::<usize>();
     assert_eq!(up, n, "{log}");
-    assert!(duplicates_closed <= 3 * n, "too many wasted dials: {duplicates_closed}");
+    assert!(
+        duplicates_closed <= 3 * n,
+        "too many wasted dials: {duplicates_closed}"
+    );
 }
 
 #[test]
@@ -150,10 +189,18 @@ fn a_proxy_killed_and_restarted_loses_and_regains_only_its_tunnel() {
     let survivors: BTreeSet<String> = ids.iter().filter(|id| **id != victim_id).cloned().collect();
     cluster.wait_for_tunnels(&host, &survivors);
     let log = agent.log();
-    assert_eq!(log.matches("tunnel down").count(), 1, "only the dead proxy's tunnel went down:\n{log}");
+    assert_eq!(
+        log.matches("tunnel down").count(),
+        1,
+        "only the dead proxy's tunnel went down:\n{log}"
+    );
 
     cluster.proxies[1] = Some(cluster.start_proxy(1));
     cluster.wait_for_balancer();
     cluster.wait_for_tunnels(&host, &ids);
-    assert_eq!(agent.log().matches("tunnel down").count(), 1, "the others stayed up throughout");
+    assert_eq!(
+        agent.log().matches("tunnel down").count(),
+        1,
+        "the others stayed up throughout"
+    );
 }

@@ -259,3 +259,44 @@ fn garbage_and_oversized_frames_close_only_that_tunnel() {
     assert!(proxy.ctl(&["status"]).status.success());
     let _ = bad_id;
 }
+
+#[test]
+fn auto_falls_back_to_tcp_when_udp_is_blocked_and_returns_to_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let relay = Relay::start(&proxy.web_addr);
+    relay.block_udp(true);
+    let token = proxy.node_token(&[]);
+    let data = dir.path().join("agent");
+    let mut cmd = bin("burrow-agent");
+    cmd.args([
+        "start",
+        "--proxy",
+        &relay.addr,
+        "--ca-pin",
+        &proxy.pin(),
+        "--nodename",
+        "firewalled",
+        "--token",
+        &token,
+    ])
+    .args(["--transport", "auto"])
+    .arg("--data-dir")
+    .arg(&data);
+    let mut agent = Daemon::spawn(cmd, "burrow-agent");
+    agent.wait_for("QUIC does not get through");
+    agent.wait_for("tunnel up");
+    let id = host_id(&data);
+    let transports = |p: &Proxy| nodes(p).get(&id).map(|n| n["transports"].clone());
+    eventually(WAIT, || {
+        (transports(&proxy)? == serde_json::json!(["tcp"])).then_some(())
+    })
+    .expect("on TCP while UDP is blocked");
+
+    relay.block_udp(false);
+    agent.wait_for("QUIC gets through again");
+    eventually(WAIT, || {
+        (transports(&proxy)? == serde_json::json!(["quic"])).then_some(())
+    })
+    .unwrap_or_else(|| panic!("back on QUIC: {:?}\n{}", transports(&proxy), agent.log()));
+}
