@@ -179,3 +179,25 @@ fn trusted_cas(
     }
     Ok(trusted)
 }
+
+/// Asks the proxy (verified against the cluster's CA) where tunnels go. `None` when it names no
+/// dedicated address or cannot be reached: tunnels then use the proxy address itself. Called once
+/// per start; the pool never calls `find` between dials.
+pub async fn find_tunnel_addr(
+    proxy: &str,
+    cas: &[rustls::pki_types::CertificateDer<'static>],
+) -> Option<String> {
+    let config = tls::cluster_client_config(cas, None, true, &[ALPN_HTTP1]).ok()?;
+    let client = WebClient::new(proxy, config).ok()?;
+    match client.get::<FindResponse>(api::FIND_PATH).await {
+        Ok(found) => found
+            .tunnel_addrs
+            .into_iter()
+            .find(|a| a.transport == "tcp")
+            .map(|a| a.addr),
+        Err(e) => {
+            tracing::debug!(error = %e, "find failed; opening tunnels to the proxy address");
+            None
+        }
+    }
+}

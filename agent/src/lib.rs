@@ -15,8 +15,10 @@ pub mod join;
 pub mod labels;
 pub mod pool;
 
+use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::secret::{Secret, token_from_arg};
+use tunnel_proto::tls;
 
 use crate::config::{AgentConfig, TokenSource};
 use crate::identity::Identity;
@@ -80,11 +82,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let base = labels::merge(&[&identity.labels, &config.labels]);
     let labels = labels::spawn(base, config.commands.clone(), shutdown.clone());
-    let tls = tunnel_tls(&identity)?;
-    tracing::info!(host_id = %identity.host_id, proxy = %config.proxy, transport = ?config.transport, "agent ready; opening tunnels");
+    let cas = host_cas(&identity)?;
+    let tls = tunnel_tls(&identity, &cas)?;
+    let addr = join::find_tunnel_addr(&config.proxy, &cas)
+        .await
+        .unwrap_or_else(|| config.proxy.clone());
+    tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
     pool::run(
         pool::PoolConfig {
-            addr: config.proxy.clone(),
+            addr,
             mode: config.transport,
             tls: std::sync::Arc::new(tls),
             host_id: identity.host_id.clone(),
@@ -98,25 +104,33 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// Mutual TLS for tunnels: the node's certificate, and only the cluster's host CA for proxies.
-fn tunnel_tls(identity: &Identity) -> Result<rustls::ClientConfig, AgentError> {
-    use tunnel_proto::tls;
-    let bad = |e: tls::TlsError| {
-        AgentError::Runtime(anyhow::anyhow!("the stored identity is unusable: {e}"))
-    };
+/// The cluster's host CA certificates from the identity.
+fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, AgentError> {
     let mut cas = Vec::new();
     for pem in &identity.host_ca_certs {
-        cas.extend(tls::parse_certs(pem, "host CA certificate").map_err(bad)?);
+        cas.extend(tls::parse_certs(pem, "host CA certificate").map_err(unusable)?);
     }
-    let chain = tls::parse_certs(&identity.tls_cert, "node certificate").map_err(bad)?;
-    let key = tls::parse_key(identity.tls_key.expose(), "node key").map_err(bad)?;
+    Ok(cas)
+}
+
+/// Mutual TLS for tunnels: the node's certificate, and only the cluster's host CA for proxies.
+fn tunnel_tls(
+    identity: &Identity,
+    cas: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, AgentError> {
+    let chain = tls::parse_certs(&identity.tls_cert, "node certificate").map_err(unusable)?;
+    let key = tls::parse_key(identity.tls_key.expose(), "node key").map_err(unusable)?;
     tls::cluster_client_config(
-        &cas,
+        cas,
         Some(tls::ClientIdentity { chain, key }),
         true,
         &[tunnel_proto::wire::ALPN_TUNNEL],
     )
-    .map_err(bad)
+    .map_err(unusable)
+}
+
+fn unusable(e: tls::TlsError) -> AgentError {
+    AgentError::Runtime(anyhow::anyhow!("the stored identity is unusable: {e}"))
 }
 
 fn read_token(source: &TokenSource) -> Result<Secret, AgentError> {

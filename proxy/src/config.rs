@@ -53,6 +53,10 @@ pub struct StartArgs {
     /// HTTPS web API address (find, join, admin); port 0 picks a free port [default: 0.0.0.0:3080].
     #[arg(long, value_name = "ADDR")]
     pub web_listen: Option<String>,
+    /// A dedicated tunnel listener (TLS + yamux on TCP, QUIC on UDP, same port); optional:
+    /// tunnels are also served on the web port.
+    #[arg(long, value_name = "ADDR")]
+    pub tunnel_listen: Option<String>,
     /// The host:port agents and users reach this proxy at (often a load balancer); used in join commands.
     #[arg(long, value_name = "HOST:PORT")]
     pub public_addr: Option<String>,
@@ -88,6 +92,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub cluster_name: Option<String>,
     pub web_listen: Option<String>,
+    pub tunnel_listen: Option<String>,
     pub public_addr: Option<String>,
     pub https_cert_file: Option<PathBuf>,
     pub https_key_file: Option<PathBuf>,
@@ -126,6 +131,7 @@ pub struct ProxyConfig {
     pub data_dir: PathBuf,
     pub cluster_name: Option<String>,
     pub web_listen: SocketAddr,
+    pub tunnel_listen: Option<SocketAddr>,
     pub public_addr: Option<String>,
     pub https_files: Option<(PathBuf, PathBuf)>,
     pub static_tokens: Vec<StaticToken>,
@@ -164,6 +170,13 @@ impl ProxyConfig {
                 "web_listen {web_listen_text:?} is not an IP:PORT address"
             ))
         })?;
+        let tunnel_listen =
+            match args.tunnel_listen.or(file.tunnel_listen) {
+                Some(text) => Some(text.parse().map_err(|_| {
+                    err(format!("tunnel_listen {text:?} is not an IP:PORT address"))
+                })?),
+                None => None,
+            };
         let public_addr = args.public_addr.or(file.public_addr);
         if let Some(addr) = &public_addr
             && tunnel_proto::web::split_host(addr).is_none()
@@ -262,6 +275,7 @@ impl ProxyConfig {
             data_dir,
             cluster_name,
             web_listen,
+            tunnel_listen,
             public_addr,
             https_files,
             static_tokens,
@@ -326,6 +340,10 @@ data_dir: /var/lib/burrow-proxy
 
 # HTTPS web API: find, join and the admin API. Port 0 picks a free port.
 web_listen: 0.0.0.0:3080
+
+# A dedicated tunnel listener (TLS + yamux on TCP, QUIC on UDP, same port). Optional: tunnels
+# are also served on the web port, told apart from HTTPS by ALPN.
+#tunnel_listen: 0.0.0.0:3024
 
 # Where agents and users reach this proxy (usually a load balancer). Goes into the join command
 # that `burrowctl tokens add` prints.

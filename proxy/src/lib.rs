@@ -107,6 +107,27 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
             .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     tracing::info!("QUIC tunnels listening on udp {bound}");
     let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
+    let mut tunnel_addrs = Vec::new();
+    if let Some(addr) = config.tunnel_listen {
+        let tls = Arc::new(tunnel_tls_config(&auth.authorities, &config)?);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
+        let bound = listener.local_addr()?;
+        let quic = tunnel_proto::transport::quic_server_endpoint(bound, tls.clone())
+            .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
+        tracing::info!("tunnels listening on tcp and udp {bound}");
+        tokio::spawn(tunnel::serve_tcp(
+            listener,
+            tls,
+            tunnels.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
+        tunnel_addrs = advertised_tunnel_addrs(config.public_addr.as_deref(), bound);
+    } else if let Some(public) = &config.public_addr {
+        tunnel_addrs = advertised_tunnel_addrs(Some(public), bound);
+    }
 
     let state = Arc::new(web::WebState {
         auth,
@@ -115,6 +136,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         health,
         proxy_id,
         public_addr: config.public_addr.clone(),
+        tunnel_addrs,
         limiter: web::join_limiter(),
     });
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
@@ -234,6 +256,63 @@ fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Re
         .with_single_cert(chain, key)
         .context("the web certificate and key do not match")?;
     server.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(server)
+}
+
+/// Where agents should open tunnels: the dedicated listener's port (or the web port) on the
+/// public host when there is one, else on the bound address.
+fn advertised_tunnel_addrs(
+    public_addr: Option<&str>,
+    bound: SocketAddr,
+) -> Vec<tunnel_proto::api::TunnelAddr> {
+    let host = public_addr
+        .and_then(tunnel_proto::web::split_host)
+        .map(str::to_string)
+        .unwrap_or_else(|| local_dial_addr(bound).ip().to_string());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let addr = format!("{host}:{}", bound.port());
+    ["tcp", "quic"]
+        .into_iter()
+        .map(|transport| tunnel_proto::api::TunnelAddr {
+            transport: transport.to_string(),
+            addr: addr.clone(),
+            alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
+        })
+        .collect()
+}
+
+/// The dedicated tunnel listener: the cluster's own certificate (even when the web port has one
+/// from public PKI), a node certificate required, tunnels only.
+fn tunnel_tls_config(
+    authorities: &Authorities,
+    config: &ProxyConfig,
+) -> anyhow::Result<ServerConfig> {
+    let mut names = Vec::new();
+    if let Some(host) = config
+        .public_addr
+        .as_deref()
+        .and_then(tunnel_proto::web::split_host)
+    {
+        names.push(host.to_string());
+    }
+    let issued = authorities.issue_web_cert(&names)?;
+    let provider = tls::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(authorities.host_tls_cert_der.clone().into())?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut server = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            tls::parse_certs(&issued.cert_pem, "tunnel certificate")?,
+            tls::parse_key(issued.key_pem.expose(), "tunnel key")?,
+        )?;
+    server.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
     Ok(server)
 }
 

@@ -313,6 +313,9 @@ impl TunnelServer {
                         reason: "the proxy is shutting down".into(),
                         after_ms: 1000,
                     }).await;
+                    // Closing a QUIC connection drops unsent stream data: give the agent a moment
+                    // to read the advisory and close the tunnel itself.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
                     session.close("proxy shutting down");
                     return Ok(());
                 }
@@ -496,5 +499,51 @@ pub async fn serve_quic(
             }
         });
     }
+    // Let the tunnels deliver their reconnect advisories before the endpoint goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     endpoint.close(0u32.into(), b"proxy shutting down");
+}
+
+/// Accepts TLS + yamux tunnels on a dedicated TCP listener until shutdown.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    server: Arc<TunnelServer>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            tunnel_proto::transport::set_tcp_keepalive(&tcp);
+            match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let certs = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                        .unwrap_or_default();
+                    server.accept(Session::from_tls(tls, remote, certs, true));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %remote, error = %e, "tunnel TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(peer = %remote, "tunnel TLS handshake timed out"),
+            }
+        });
+    }
 }

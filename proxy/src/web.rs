@@ -52,6 +52,9 @@ pub struct WebState {
     pub health: Arc<Health>,
     pub proxy_id: String,
     pub public_addr: Option<String>,
+    /// Where agents should open tunnels, as `find` tells them; empty: the address they use for
+    /// the web API.
+    pub tunnel_addrs: Vec<api::TunnelAddr>,
     pub limiter: FailureLimiter,
 }
 
@@ -254,8 +257,7 @@ async fn find(State(state): State<Arc<WebState>>) -> Json<FindResponse> {
         cluster_name: a.cluster_name.clone(),
         server_version: tunnel_proto::VERSION.to_string(),
         host_ca_certs: vec![a.host_tls_cert_pem.clone()],
-        // Tunnels are not served yet; agents get their addresses here once they are.
-        tunnel_addrs: vec![],
+        tunnel_addrs: state.tunnel_addrs.clone(),
     })
 }
 

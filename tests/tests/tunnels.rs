@@ -71,6 +71,11 @@ fn check_transport(mode: &str) {
         "{}",
         proxy.daemon.log()
     );
+
+    // A proxy that stops gracefully tells its agents to come back later.
+    let (mut proxy, mut agent) = (proxy, agent);
+    assert_eq!(proxy.daemon.stop().code(), Some(0));
+    agent.wait_for("the proxy asks to reconnect later");
 }
 
 #[test]
@@ -299,4 +304,35 @@ fn auto_falls_back_to_tcp_when_udp_is_blocked_and_returns_to_quic() {
         (transports(&proxy)? == serde_json::json!(["quic"])).then_some(())
     })
     .unwrap_or_else(|| panic!("back on QUIC: {:?}\n{}", transports(&proxy), agent.log()));
+}
+
+#[test]
+fn find_sends_agents_to_the_dedicated_tunnel_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = Proxy::start(
+        &dir.path().join("proxy"),
+        &["--tunnel-listen", "127.0.0.1:0"],
+    );
+    let tunnel_addr = proxy
+        .daemon
+        .wait_for("tunnels listening on tcp and udp ")
+        .trim()
+        .to_string();
+    assert_ne!(tunnel_addr, proxy.web_addr);
+    for (i, mode) in ["tcp", "quic"].into_iter().enumerate() {
+        let data = dir.path().join(format!("agent-{mode}"));
+        let agent = start_agent(&proxy, &data, mode, &["--transport", mode]);
+        assert!(
+            agent.log().contains(&format!("tunnels={tunnel_addr}")),
+            "{}",
+            agent.log()
+        );
+        let id = host_id(&data);
+        eventually(WAIT, || {
+            (nodes(&proxy).get(&id)?["transports"] == serde_json::json!([mode])).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{mode} tunnel on the dedicated port"));
+        let peer_lines = proxy.daemon.log().matches("tunnel up").count();
+        assert_eq!(peer_lines, i + 1);
+    }
 }
