@@ -14,6 +14,7 @@ pub mod identity;
 pub mod join;
 pub mod labels;
 pub mod pool;
+pub mod ssh;
 
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
@@ -96,6 +97,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
+            ssh: std::sync::Arc::new(ssh::SshContext::new(&identity)?),
         },
         shutdown,
     )

@@ -52,7 +52,12 @@ pub struct PoolConfig {
     pub host_id: String,
     pub node_name: String,
     pub labels: watch::Receiver<Labels>,
+    /// The node's SSH server, for dial streams to port 3022.
+    pub ssh: Arc<crate::ssh::SshContext>,
 }
+
+/// The node port dial streams reach the SSH server on.
+pub const SSH_PORT: u16 = 3022;
 
 /// Exponential backoff with full jitter: each delay is uniform in `[0, ceiling]`, the ceiling
 /// doubling from `BACKOFF_MIN` up to `BACKOFF_MAX` (the ceilings come from backon).
@@ -450,7 +455,8 @@ async fn run_tunnel(
     let mut labels = config.labels.clone();
     let mut liveness = Liveness::new(Instant::now());
     let mut reconnect_after = None;
-    let dials = tokio::spawn(serve_dials(session.clone()));
+    let (audit_tx, mut audit_rx) = mpsc::channel::<tunnel_proto::wire::AuditEvent>(256);
+    let dials = tokio::spawn(serve_dials(session.clone(), config.ssh.clone(), audit_tx));
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
@@ -458,6 +464,12 @@ async fn run_tunnel(
                 break;
             }
             _ = session.closed() => break,
+            Some(event) = audit_rx.recv() => {
+                if control.write(&Message::Audit(event)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             changed = labels.changed() => {
                 if changed.is_err() {
                     break;
@@ -533,22 +545,49 @@ fn heartbeat(config: &PoolConfig, labels: &Labels) -> Message {
     })
 }
 
-/// Answers the proxy's dial streams. The node serves no port through tunnels yet: every dial is
-/// refused with a reason the proxy can show.
-async fn serve_dials(session: Session) {
+/// Answers the proxy's dial streams: port 3022 reaches the node's SSH server; other ports are
+/// refused with a reason the proxy shows the user.
+async fn serve_dials(
+    session: Session,
+    ssh: Arc<crate::ssh::SshContext>,
+    audit: mpsc::Sender<tunnel_proto::wire::AuditEvent>,
+) {
     while let Some(stream) = session.accept().await {
+        let ssh = ssh.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             let mut framed = Framed::new(stream);
-            let Ok(Ok(Some(Message::Dial(DialRequest { port, .. })))) =
+            let Ok(Ok(Some(Message::Dial(DialRequest { port, client_addr })))) =
                 tokio::time::timeout(WELCOME_TIMEOUT, framed.read()).await
             else {
                 return;
             };
-            let _ = framed
-                .write(&Message::DialResult {
-                    error: Some(format!("this node serves no port {port} yet")),
-                })
-                .await;
+            if port != SSH_PORT {
+                let _ = framed
+                    .write(&Message::DialResult {
+                        error: Some(format!(
+                            "this node serves SSH on port {SSH_PORT}, not {port}"
+                        )),
+                    })
+                    .await;
+                return;
+            }
+            if framed
+                .write(&Message::DialResult { error: None })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (stream, leftover) = framed.into_parts();
+            if !leftover.is_empty() {
+                // The proxy sends nothing after a dial until it has the answer.
+                tracing::warn!(
+                    "the proxy sent bytes before the dial was answered; dropping the stream"
+                );
+                return;
+            }
+            crate::ssh::serve(ssh, stream, client_addr, audit).await;
         });
     }
 }

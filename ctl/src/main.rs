@@ -61,8 +61,36 @@ enum Command {
     /// Nodes and their tunnels.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// User certificates and the cluster's SSH CAs.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Print burrowctl's version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Issue an SSH key and a user certificate (PATH and PATH-cert.pub) for plain OpenSSH.
+    Sign {
+        /// Who the certificate is for (its key id, in audit logs).
+        #[arg(long)]
+        user: String,
+        /// OS logins the certificate allows on nodes, a,b.
+        #[arg(long, value_name = "LOGIN,...")]
+        logins: String,
+        /// How long the certificate is valid.
+        #[arg(long, value_name = "DURATION", default_value = "12h")]
+        ttl: String,
+        /// Where to write the private key; the certificate goes to PATH-cert.pub.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// Print a CA for OpenSSH: host → a known_hosts @cert-authority line, user → a
+    /// TrustedUserCAKeys line for sshd.
+    Export {
+        #[arg(long = "type", value_name = "host|user")]
+        kind: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,6 +264,37 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             tokens_add(&admin, cli.format, roles, ttl, value, labels).await
         }
         Command::Proxies(ProxiesCommand::Ls) => proxies_ls(&admin, cli.format).await,
+        Command::Auth(AuthCommand::Sign {
+            user,
+            logins,
+            ttl,
+            out,
+        }) => auth_sign(&admin, cli.format, user, logins, parse_ttl(ttl)?, out).await,
+        Command::Auth(AuthCommand::Export { kind }) => {
+            let export: api::ExportResponse = admin
+                .client
+                .get(&format!("{}?type={kind}", api::AUTH_EXPORT_PATH))
+                .await?;
+            let lines: Vec<String> = export
+                .keys
+                .iter()
+                .map(|k| match kind.as_str() {
+                    "host" => format!("@cert-authority * {}", k.trim()),
+                    _ => k.trim().to_string(),
+                })
+                .collect();
+            match cli.format {
+                Format::Json => print_json(
+                    &json!({ "type": kind, "cluster_name": export.cluster_name, "lines": lines }),
+                ),
+                Format::Text => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Nodes(NodesCommand::Ls { labels }) => {
             let filter = labels
                 .as_deref()
@@ -438,6 +497,86 @@ async fn tokens_ls(admin: &Admin, format: Format, with_secrets: bool) -> Result<
     if with_secrets && list.tokens.iter().any(|t| t.kind == TokenKind::Dynamic) {
         println!();
         println!("Dynamic tokens are stored by hash: their values were shown once, when created.");
+    }
+    Ok(())
+}
+
+async fn auth_sign(
+    admin: &Admin,
+    format: Format,
+    user: &str,
+    logins: &str,
+    ttl: Duration,
+    out: &Path,
+) -> Result<(), Failure> {
+    use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey};
+    let logins: Vec<String> = logins
+        .split(',')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if logins.is_empty() {
+        return Err(usage("--logins needs at least one login"));
+    }
+    let runtime_failure = |m: String| Failure {
+        code: 1,
+        message: m,
+    };
+    let mut key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+        .map_err(|e| runtime_failure(format!("cannot create a key: {e}")))?;
+    key.set_comment(format!("burrow:{user}"));
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| runtime_failure(e.to_string()))?;
+    let signed: api::SignResponse = admin
+        .client
+        .post(
+            api::AUTH_SIGN_PATH,
+            &api::SignRequest {
+                user: user.to_string(),
+                logins: logins.clone(),
+                ttl_seconds: ttl.as_secs(),
+                public_key: public.clone(),
+            },
+        )
+        .await?;
+    let private = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| runtime_failure(e.to_string()))?;
+    let cert_path = PathBuf::from(format!("{}-cert.pub", out.display()));
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    let write = |path: &Path, bytes: &[u8]| {
+        tunnel_proto::fsutil::write_private_atomic(path, bytes)
+            .map_err(|e| runtime_failure(format!("cannot write {}: {e}", path.display())))
+    };
+    write(out, private.as_bytes())?;
+    write(
+        &cert_path,
+        format!("{}\n", signed.certificate.trim()).as_bytes(),
+    )?;
+    write(&pub_path, format!("{public}\n").as_bytes())?;
+    match format {
+        Format::Json => print_json(&json!({
+            "user": user,
+            "logins": logins,
+            "key": out.display().to_string(),
+            "certificate": cert_path.display().to_string(),
+            "ttl_seconds": ttl.as_secs(),
+        })),
+        Format::Text => {
+            println!(
+                "Wrote {} (key) and {} (certificate).",
+                out.display(),
+                cert_path.display()
+            );
+            println!(
+                "User {user} may log in as {} for {}.",
+                logins.join(", "),
+                humantime::format_duration(ttl)
+            );
+        }
     }
     Ok(())
 }

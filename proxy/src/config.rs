@@ -14,6 +14,7 @@ use crate::backend::{EtcdConfig, EtcdTls};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
 pub const DEFAULT_WEB_LISTEN: &str = "0.0.0.0:3080";
+pub const DEFAULT_SSH_LISTEN: &str = "0.0.0.0:3023";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the proxy (creates the cluster on first start).
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Print a commented sample YAML configuration.
     Configure,
     /// Print the version.
@@ -57,6 +58,9 @@ pub struct StartArgs {
     /// tunnels are also served on the web port.
     #[arg(long, value_name = "ADDR")]
     pub tunnel_listen: Option<String>,
+    /// SSH jump host address for users, or "off" [default: 0.0.0.0:3023].
+    #[arg(long, value_name = "ADDR|off")]
+    pub ssh_listen: Option<String>,
     /// The host:port agents and users reach this proxy at (often a load balancer); used in join commands.
     #[arg(long, value_name = "HOST:PORT")]
     pub public_addr: Option<String>,
@@ -93,6 +97,7 @@ pub struct FileConfig {
     pub cluster_name: Option<String>,
     pub web_listen: Option<String>,
     pub tunnel_listen: Option<String>,
+    pub ssh_listen: Option<String>,
     pub public_addr: Option<String>,
     pub https_cert_file: Option<PathBuf>,
     pub https_key_file: Option<PathBuf>,
@@ -132,6 +137,8 @@ pub struct ProxyConfig {
     pub cluster_name: Option<String>,
     pub web_listen: SocketAddr,
     pub tunnel_listen: Option<SocketAddr>,
+    /// `None`: no SSH service.
+    pub ssh_listen: Option<SocketAddr>,
     pub public_addr: Option<String>,
     pub https_files: Option<(PathBuf, PathBuf)>,
     pub static_tokens: Vec<StaticToken>,
@@ -177,6 +184,19 @@ impl ProxyConfig {
                 })?),
                 None => None,
             };
+        let ssh_text = args
+            .ssh_listen
+            .or(file.ssh_listen)
+            .unwrap_or_else(|| DEFAULT_SSH_LISTEN.to_string());
+        let ssh_listen = if ssh_text == "off" {
+            None
+        } else {
+            Some(ssh_text.parse().map_err(|_| {
+                err(format!(
+                    "ssh_listen {ssh_text:?} is not an IP:PORT address or off"
+                ))
+            })?)
+        };
         let public_addr = args.public_addr.or(file.public_addr);
         if let Some(addr) = &public_addr
             && tunnel_proto::web::split_host(addr).is_none()
@@ -276,6 +296,7 @@ impl ProxyConfig {
             cluster_name,
             web_listen,
             tunnel_listen,
+            ssh_listen,
             public_addr,
             https_files,
             static_tokens,
@@ -344,6 +365,9 @@ web_listen: 0.0.0.0:3080
 # A dedicated tunnel listener (TLS + yamux on TCP, QUIC on UDP, same port). Optional: tunnels
 # are also served on the web port, told apart from HTTPS by ALPN.
 #tunnel_listen: 0.0.0.0:3024
+
+# SSH jump host for users (ssh -J user@proxy:3023 login@node), or "off".
+ssh_listen: 0.0.0.0:3023
 
 # Where agents and users reach this proxy (usually a load balancer). Goes into the join command
 # that `burrowctl tokens add` prints.

@@ -10,11 +10,13 @@
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
 mod ratelimit;
 pub mod registry;
+pub mod sshproxy;
 pub mod tunnel;
 pub mod web;
 
@@ -83,10 +85,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     let health = Arc::new(Health::default());
     let info = tunnel_proto::api::ProxyInfo {
         id: proxy_id.clone(),
-        hostname: nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default(),
+        hostname: info_hostname(),
         version: tunnel_proto::VERSION.to_string(),
         web_addr: bound.to_string(),
         public_addr: config.public_addr.clone(),
@@ -99,9 +98,14 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
 
-    let tunnels = tunnel::TunnelServer::start(proxy_id.clone(), backend.clone(), shutdown.clone())
-        .await
-        .context("cannot load the proxy list and revocations")?;
+    let tunnels = tunnel::TunnelServer::start(
+        proxy_id.clone(),
+        backend.clone(),
+        config.data_dir.join("audit"),
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot load the proxy list and revocations")?;
     let quic =
         tunnel_proto::transport::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)?))
             .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
@@ -127,6 +131,38 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tunnel_addrs = advertised_tunnel_addrs(config.public_addr.as_deref(), bound);
     } else if let Some(public) = &config.public_addr {
         tunnel_addrs = advertised_tunnel_addrs(Some(public), bound);
+    }
+
+    if let Some(ssh_addr) = config.ssh_listen {
+        let mut names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            info_hostname(),
+        ];
+        if let Some(host) = config
+            .public_addr
+            .as_deref()
+            .and_then(tunnel_proto::web::split_host)
+        {
+            names.push(host.to_string());
+        }
+        if !ssh_addr.ip().is_unspecified() {
+            names.push(ssh_addr.ip().to_string());
+        }
+        names.sort();
+        names.dedup();
+        let (key, cert) = sshproxy::host_identity(&config.data_dir, &auth, &proxy_id, &names)?;
+        let listener = TcpListener::bind(ssh_addr)
+            .await
+            .with_context(|| format!("cannot listen for SSH on {ssh_addr}"))?;
+        tracing::info!("SSH jump host listening on {}", listener.local_addr()?);
+        tokio::spawn(sshproxy::serve(
+            listener,
+            Arc::new(sshproxy::server_config(key, cert)),
+            auth.clone(),
+            tunnels.clone(),
+            shutdown.clone(),
+        ));
     }
 
     let state = Arc::new(web::WebState {
@@ -173,6 +209,13 @@ async fn bootstrap(
             _ = tokio::time::sleep(BOOTSTRAP_RETRY) => {}
         }
     }
+}
+
+fn info_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
 }
 
 /// This proxy's id: created on the first start, then read from the data dir.

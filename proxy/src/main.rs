@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             println!("burrow-proxy {}", tunnel_proto::VERSION);
             return ExitCode::SUCCESS;
         }
-        Command::Start(args) => args,
+        Command::Start(args) => *args,
     };
     let config = match ProxyConfig::load(args) {
         Ok(c) => c,

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::api::{Labels, NodeInfo, Presence};
-use tunnel_proto::transport::{Framed, Session};
-use tunnel_proto::wire::{Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
+use tunnel_proto::transport::{Framed, Session, TunnelStream};
+use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
 
 use crate::auth::ca::{CertRole, unix_now};
 use crate::backend::{Backend, BackendError, Event};
@@ -48,6 +48,7 @@ pub struct TunnelServer {
     revoked: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    audit: crate::audit::AuditLog,
 }
 
 impl TunnelServer {
@@ -55,6 +56,7 @@ impl TunnelServer {
     pub async fn start(
         proxy_id: String,
         backend: Arc<dyn Backend>,
+        audit_dir: std::path::PathBuf,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackendError> {
         let (proxies, _) = watch::channel(vec![ProxyEntry {
@@ -69,6 +71,7 @@ impl TunnelServer {
             revoked: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
             shutdown,
+            audit: crate::audit::AuditLog::new(audit_dir),
         });
         let (proxy_items, proxy_events) = server.backend.watch(PROXIES_PREFIX).await?;
         let (revoked_items, revoked_events) = server.backend.watch(REVOKED_PREFIX).await?;
@@ -172,6 +175,78 @@ impl TunnelServer {
         for entry in tunnels.values().filter(|e| e.host_id == host_id) {
             tracing::info!(host_id, node = %entry.node_name, reason, "closing tunnel");
             entry.session.close(reason);
+        }
+    }
+
+    /// Opens a dial stream to `target` (a node name or host id) for `port`. Returns the stream and
+    /// any bytes the node sent right after accepting (its SSH banner, say).
+    pub async fn dial(
+        &self,
+        target: &str,
+        port: u16,
+        client_addr: &str,
+    ) -> Result<(TunnelStream, bytes::BytesMut), DialError> {
+        let session = {
+            let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            let mut hosts: BTreeMap<&str, (u64, &Entry)> = BTreeMap::new();
+            for (id, e) in tunnels.iter() {
+                if e.host_id == target || e.node_name == target {
+                    // The newest tunnel of a host (a QUIC one replacing TCP, say).
+                    let slot = hosts.entry(e.host_id.as_str()).or_insert((*id, e));
+                    if *id > slot.0 {
+                        *slot = (*id, e);
+                    }
+                }
+            }
+            match hosts.len() {
+                0 => None,
+                1 => hosts.into_values().next().map(|(_, e)| e.session.clone()),
+                _ => {
+                    return Err(DialError::Ambiguous {
+                        name: target.to_string(),
+                        host_ids: hosts.keys().map(|h| h.to_string()).collect(),
+                    });
+                }
+            }
+        };
+        let Some(session) = session else {
+            let known = self
+                .backend
+                .get(&format!("/nodes/{target}"))
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            return Err(if known {
+                DialError::Offline(target.to_string())
+            } else {
+                DialError::Unknown(target.to_string())
+            });
+        };
+        let stream = session
+            .open()
+            .await
+            .map_err(|e| DialError::Failed(format!("cannot open a stream to {target}: {e}")))?;
+        let mut framed = Framed::new(stream);
+        let exchange = async {
+            framed
+                .write(&Message::Dial(DialRequest {
+                    port,
+                    client_addr: client_addr.to_string(),
+                }))
+                .await?;
+            framed.read().await
+        };
+        match tokio::time::timeout(HELLO_TIMEOUT, exchange).await {
+            Ok(Ok(Some(Message::DialResult { error: None }))) => Ok(framed.into_parts()),
+            Ok(Ok(Some(Message::DialResult { error: Some(e) }))) => Err(DialError::Refused(e)),
+            Ok(Ok(other)) => Err(DialError::Failed(format!(
+                "unexpected answer to dial: {other:?}"
+            ))),
+            Ok(Err(e)) => Err(DialError::Failed(e.to_string())),
+            Err(_) => Err(DialError::Failed(format!(
+                "{target} did not answer the dial"
+            ))),
         }
     }
 
@@ -301,7 +376,7 @@ impl TunnelServer {
     async fn serve_control(
         &self,
         session: &Session,
-        control: &mut Framed<tunnel_proto::transport::TunnelStream>,
+        control: &mut Framed<TunnelStream>,
         proxies: &mut watch::Receiver<Vec<ProxyEntry>>,
         presence: &mut Presence,
     ) -> Result<(), String> {
@@ -353,7 +428,7 @@ impl TunnelServer {
                             tracing::debug!(%reason, "agent said goodbye");
                             return Ok(());
                         }
-                        Message::Audit(_) => {}
+                        Message::Audit(event) => self.audit.append(&event, &presence.host_id),
                         other => return Err(format!("unexpected message on the control stream: {other:?}")),
                     }
                 }
@@ -381,6 +456,20 @@ impl TunnelServer {
         self.tasks.close();
         let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no node is called {0:?} in this cluster")]
+    Unknown(String),
+    #[error("node {0:?} is offline: it holds no tunnel to this proxy")]
+    Offline(String),
+    #[error("several nodes are called {name:?}; use a host id: {}", host_ids.join(", "))]
+    Ambiguous { name: String, host_ids: Vec<String> },
+    #[error("the node refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 fn presence_key(host_id: &str, proxy_id: &str) -> String {

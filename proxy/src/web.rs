@@ -149,6 +149,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::TOKENS_REMOVE_PATH, post(tokens_remove))
         .route(api::PROXIES_PATH, get(proxies_list))
         .route(api::NODES_PATH, get(nodes_list))
+        .route(api::AUTH_SIGN_PATH, post(auth_sign))
+        .route(api::AUTH_EXPORT_PATH, get(auth_export))
         .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
         .fallback(|| async {
@@ -374,6 +376,77 @@ async fn proxies_list(
         .await
         .map_err(backend_failure)?;
     Ok(Json(api::ProxyList { proxies }))
+}
+
+/// Longest user certificate `burrowctl auth sign` issues.
+const MAX_USER_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+async fn auth_sign(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::SignResponse>, ApiFailure> {
+    require_admin(&peer)?;
+    let req: api::SignRequest = parse_body(body)?;
+    let bad = |m: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 64
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+    };
+    if !valid_name(&req.user) {
+        return Err(bad(format!("user {:?} is invalid", req.user)));
+    }
+    if req.logins.is_empty() || !req.logins.iter().all(|l| valid_name(l)) {
+        return Err(bad("logins must be one or more valid OS user names".into()));
+    }
+    let ttl = Duration::from_secs(req.ttl_seconds);
+    if ttl.is_zero() || ttl > MAX_USER_CERT_TTL {
+        return Err(bad("the TTL must be between 1s and 30 days".into()));
+    }
+    let key = russh::keys::ssh_key::PublicKey::from_openssh(req.public_key.trim())
+        .map_err(|_| bad("public_key is not an OpenSSH public key".into()))?;
+    let cert = state
+        .auth
+        .authorities
+        .sign_user_ssh(&key, &req.user, &req.logins, ttl)
+        .and_then(|c| Ok(c.to_openssh()?))
+        .map_err(internal)?;
+    tracing::info!(user = %req.user, logins = %req.logins.join(","), ttl = ?ttl, "user certificate issued");
+    Ok(Json(api::SignResponse { certificate: cert }))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+async fn auth_export(
+    State(state): State<Arc<WebState>>,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Json<api::ExportResponse>, ApiFailure> {
+    require_admin(&peer)?;
+    let a = &state.auth.authorities;
+    let key = match q.kind.as_str() {
+        "host" => a.host_ssh_public(),
+        "user" => a.user_ssh_public(),
+        other => {
+            return Err(ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("unknown CA type {other:?}: expected host or user"),
+            ));
+        }
+    }
+    .map_err(internal)?;
+    Ok(Json(api::ExportResponse {
+        kind: q.kind,
+        keys: vec![key],
+        cluster_name: a.cluster_name.clone(),
+    }))
 }
 
 async fn nodes_list(

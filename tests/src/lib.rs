@@ -187,6 +187,9 @@ impl Proxy {
                 if !extra.contains(&"--web-listen") {
                     cmd.args(["--web-listen", "127.0.0.1:0"]);
                 }
+                if !extra.contains(&"--ssh-listen") {
+                    cmd.args(["--ssh-listen", "127.0.0.1:0"]);
+                }
                 cmd.args(*extra);
                 Daemon::spawn(cmd, "burrow-proxy")
             })

@@ -288,6 +288,7 @@ fn sample_configs_work_and_help_documents_every_flag() {
                 &format!("data_dir: {}", data.display()),
             )
             .replace("web_listen: 0.0.0.0:3080", "web_listen: 127.0.0.1:0")
+            .replace("ssh_listen: 0.0.0.0:3023", "ssh_listen: 127.0.0.1:0")
             .replace("#cluster_name: example", "cluster_name: sampled"),
     )
     .unwrap();
@@ -320,6 +321,7 @@ fn sample_configs_work_and_help_documents_every_flag() {
         "--cluster-name",
         "--web-listen",
         "--tunnel-listen",
+        "--ssh-listen",
         "--public-addr",
         "--etcd-endpoint",
         "--static-token",

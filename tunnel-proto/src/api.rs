@@ -31,6 +31,8 @@ pub const TOKENS_REMOVE_PATH: &str = "/v1/admin/tokens/remove";
 pub const PROXIES_PATH: &str = "/v1/admin/proxies";
 pub const NODES_PATH: &str = "/v1/admin/nodes";
 pub const NODES_REMOVE_PATH: &str = "/v1/admin/nodes/remove";
+pub const AUTH_SIGN_PATH: &str = "/v1/admin/auth/sign";
+pub const AUTH_EXPORT_PATH: &str = "/v1/admin/auth/export";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 
@@ -235,6 +237,31 @@ pub struct TokenRemoveRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRemoved {
     pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignRequest {
+    pub user: String,
+    pub logins: Vec<String>,
+    pub ttl_seconds: u64,
+    /// The user's public key, OpenSSH format; the private key never leaves burrowctl.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignResponse {
+    /// The OpenSSH user certificate.
+    pub certificate: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportResponse {
+    /// `host` or `user`.
+    pub kind: String,
+    /// CA public keys, OpenSSH format.
+    pub keys: Vec<String>,
+    pub cluster_name: String,
 }
 
 /// A live proxy, as registered in the backend under a lease.

@@ -252,6 +252,69 @@ impl Authorities {
         Ok(builder.sign(&self.host_ssh)?)
     }
 
+    /// Signs a user's SSH certificate: the logins are its principals.
+    pub fn sign_user_ssh(
+        &self,
+        public_key: &PublicKey,
+        user: &str,
+        logins: &[String],
+        ttl: Duration,
+    ) -> Result<Certificate, CaError> {
+        let mut rng = rand::rng();
+        let now = unix_now();
+        let mut builder = SshCertBuilder::new_with_random_nonce(
+            &mut rng,
+            public_key.key_data().clone(),
+            now.saturating_sub(60),
+            now.saturating_add(ttl.as_secs()),
+        )?;
+        builder
+            .serial(rng.random())?
+            .key_id(user)?
+            .cert_type(CertType::User)?;
+        for login in logins {
+            builder.valid_principal(login.as_str())?;
+        }
+        for ext in [
+            "permit-pty",
+            "permit-port-forwarding",
+            "permit-agent-forwarding",
+            "permit-X11-forwarding",
+            "permit-user-rc",
+        ] {
+            builder.extension(ext, "")?;
+        }
+        Ok(builder.sign(&self.user_ssh)?)
+    }
+
+    /// Signs a proxy's SSH host certificate for the names users reach it by.
+    pub fn sign_proxy_ssh(
+        &self,
+        public_key: &PublicKey,
+        proxy_id: &str,
+        names: &[String],
+    ) -> Result<Certificate, CaError> {
+        let mut rng = rand::rng();
+        let mut builder = SshCertBuilder::new_with_random_nonce(
+            &mut rng,
+            public_key.key_data().clone(),
+            unix_now().saturating_sub(BACKDATE.as_secs()),
+            u64::MAX,
+        )?;
+        builder
+            .serial(rng.random())?
+            .key_id(format!("proxy:{proxy_id}"))?
+            .cert_type(CertType::Host)?;
+        for name in names {
+            builder.valid_principal(name.as_str())?;
+        }
+        Ok(builder.sign(&self.host_ssh)?)
+    }
+
+    pub fn user_ssh_ca(&self) -> &PublicKey {
+        self.user_ssh.public_key()
+    }
+
     fn leaf_params(
         &self,
         role: CertRole,

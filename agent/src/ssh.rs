@@ -1,0 +1,943 @@
+//! The node's SSH server, served over every dial stream of every tunnel.
+//!
+//! It presents the node's host certificate (principals: host id and node name), accepts only user
+//! certificates from the cluster's user CA, of type user, valid now, with the requested login
+//! among their principals, and honours the `force-command` and `source-address` critical
+//! options. Sessions run as the requested OS login: a shell on a real PTY, exec with exit status,
+//! env, window changes, signals, the SFTP subsystem (the system's sftp-server), and
+//! `direct-tcpip` forwarding. Every session start and end, exec and failed login becomes an
+//! audit event.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Sig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tunnel_proto::api::Labels;
+use tunnel_proto::transport::TunnelStream;
+use tunnel_proto::wire::AuditEvent;
+
+use crate::identity::Identity;
+
+/// Where Debian, Fedora and Arch keep OpenSSH's SFTP server.
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+];
+
+/// What every SSH connection on this node shares.
+pub struct SshContext {
+    pub config: Arc<russh::server::Config>,
+    pub user_cas: Vec<PublicKey>,
+    pub node_name: String,
+    pub host_id: String,
+}
+
+impl SshContext {
+    pub fn new(identity: &Identity) -> anyhow::Result<Self> {
+        let key = PrivateKey::from_openssh(identity.ssh_key.expose())?;
+        let cert = Certificate::from_openssh(&identity.ssh_cert)?;
+        let user_cas = identity
+            .user_ca_ssh
+            .iter()
+            .map(|k| PublicKey::from_openssh(k.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut methods = MethodSet::empty();
+        methods.push(MethodKind::PublicKey);
+        let config = russh::server::Config {
+            keys: vec![key],
+            certificates: vec![cert],
+            methods,
+            auth_rejection_time: Duration::from_millis(300),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            nodelay: true,
+            ..Default::default()
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            user_cas,
+            node_name: identity.node_name.clone(),
+            host_id: identity.host_id.clone(),
+        })
+    }
+}
+
+/// Serves one SSH connection on a dial stream. `client` is the user's address as the proxy saw it.
+pub async fn serve(
+    ctx: Arc<SshContext>,
+    stream: TunnelStream,
+    client: String,
+    audit: mpsc::Sender<AuditEvent>,
+) {
+    let handler = NodeHandler {
+        ctx: ctx.clone(),
+        client_ip: client
+            .rsplit_once(':')
+            .and_then(|(ip, _)| ip.trim_matches(['[', ']']).parse().ok()),
+        client,
+        audit,
+        login: None,
+        user: None,
+        force_command: None,
+        permit_pty: false,
+        permit_port_forwarding: false,
+        channels: HashMap::new(),
+    };
+    match russh::server::run_stream(ctx.config.clone(), stream, handler).await {
+        Ok(running) => {
+            let _ = running.await;
+        }
+        Err(e) => tracing::debug!(error = %e, "SSH handshake failed"),
+    }
+}
+
+#[derive(Default)]
+struct ChanState {
+    pty: Option<(String, u16, u16)>,
+    env: Vec<(String, String)>,
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
+    master: Option<Arc<OwnedFd>>,
+    child: Option<nix::unistd::Pid>,
+}
+
+struct NodeHandler {
+    ctx: Arc<SshContext>,
+    client: String,
+    client_ip: Option<IpAddr>,
+    audit: mpsc::Sender<AuditEvent>,
+    login: Option<String>,
+    user: Option<String>,
+    force_command: Option<String>,
+    permit_pty: bool,
+    permit_port_forwarding: bool,
+    channels: HashMap<ChannelId, ChanState>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a valid certificate grants.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub force_command: Option<String>,
+    pub permit_pty: bool,
+    pub permit_port_forwarding: bool,
+}
+
+/// The checks OpenSSH's sshd makes of a user certificate, against this cluster's user CAs.
+pub fn check_certificate(
+    cert: &Certificate,
+    login: &str,
+    user_cas: &[PublicKey],
+    client_ip: Option<IpAddr>,
+    now: u64,
+) -> Result<Grant, String> {
+    if cert.cert_type() != CertType::User {
+        return Err("not a user certificate".into());
+    }
+    if !user_cas
+        .iter()
+        .any(|ca| ca.key_data() == cert.signature_key())
+    {
+        return Err("not signed by this cluster's user CA".into());
+    }
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        return Err("the certificate has expired or is not yet valid".into());
+    }
+    if !cert.valid_principals().iter().any(|p| p == login) {
+        return Err(format!(
+            "login {login:?} is not among the certificate's principals"
+        ));
+    }
+    let mut force_command = None;
+    for (name, value) in cert.critical_options().iter() {
+        match name.as_str() {
+            "force-command" => force_command = Some(value.clone()),
+            "source-address" => {
+                let ip = client_ip.ok_or("the client address is unknown")?;
+                if !value.split(',').any(|cidr| cidr_contains(cidr.trim(), ip)) {
+                    return Err(format!(
+                        "source address {ip} is not allowed by the certificate"
+                    ));
+                }
+            }
+            other => return Err(format!("unsupported critical option {other:?}")),
+        }
+    }
+    Ok(Grant {
+        force_command,
+        permit_pty: cert.extensions().contains_key("permit-pty"),
+        permit_port_forwarding: cert.extensions().contains_key("permit-port-forwarding"),
+    })
+}
+
+fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
+    let (net, bits) = match cidr.split_once('/') {
+        Some((n, b)) => (n, b.parse::<u32>().ok()),
+        None => (cidr, None),
+    };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (net.parse::<IpAddr>(), ip) {
+        (Ok(IpAddr::V4(n)), IpAddr::V4(a)) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (Ok(IpAddr::V6(n)), IpAddr::V6(a)) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+impl NodeHandler {
+    fn event(&self, event: &str, extra: &[(&str, String)]) {
+        let mut fields = Labels::new();
+        fields.insert("node".into(), self.ctx.node_name.clone());
+        fields.insert("host_id".into(), self.ctx.host_id.clone());
+        fields.insert("client".into(), self.client.clone());
+        if let Some(u) = &self.user {
+            fields.insert("user".into(), u.clone());
+        }
+        if let Some(l) = &self.login {
+            fields.insert("login".into(), l.clone());
+        }
+        for (k, v) in extra {
+            fields.insert((*k).to_string(), v.clone());
+        }
+        let _ = self.audit.try_send(AuditEvent {
+            event: event.into(),
+            time: now_ms(),
+            fields,
+        });
+    }
+
+    async fn start(
+        &mut self,
+        id: ChannelId,
+        what: Start,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(login) = self.login.clone() else {
+            session.channel_failure(id)?;
+            return Ok(());
+        };
+        let state = self.channels.entry(id).or_default();
+        let command = match (&what, &self.force_command) {
+            (Start::Sftp, _) => None,
+            (_, Some(forced)) => Some(forced.clone()),
+            (Start::Exec(c), None) => Some(c.clone()),
+            (Start::Shell, None) => None,
+        };
+        let pty = if matches!(what, Start::Sftp) {
+            None
+        } else {
+            state.pty.clone()
+        };
+        let spawned = spawn(
+            &login,
+            matches!(what, Start::Sftp),
+            command.as_deref(),
+            pty.as_ref(),
+            &state.env,
+        );
+        let (mut child, io) = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%login, error = %e, "cannot start the session");
+                session.channel_failure(id)?;
+                return Ok(());
+            }
+        };
+        session.channel_success(id)?;
+        let session_id = format!("{:016x}", rand::random::<u64>());
+        let kind = match &what {
+            Start::Shell => "shell",
+            Start::Exec(_) => "exec",
+            Start::Sftp => "sftp",
+        };
+        state.child = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        let handle = session.handle();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        state.stdin = Some(tx);
+        let output = match io {
+            Io::Pty(master) => {
+                let master = Arc::new(master);
+                state.master = Some(master.clone());
+                tokio::spawn(pump_pty(master, rx, handle.clone(), id))
+            }
+            Io::Pipes => {
+                let stdin = child.stdin.take();
+                let stdout = child.stdout.take();
+                let stderr = child.stderr.take();
+                tokio::spawn(pump_pipes(stdin, stdout, stderr, rx, handle.clone(), id))
+            }
+        };
+        let audit = self.audit.clone();
+        let mut fields = Labels::new();
+        for (k, v) in [
+            ("node", self.ctx.node_name.clone()),
+            ("host_id", self.ctx.host_id.clone()),
+            ("client", self.client.clone()),
+            ("user", self.user.clone().unwrap_or_default()),
+            ("login", login.clone()),
+            ("session_id", session_id),
+        ] {
+            fields.insert(k.into(), v);
+        }
+        let command_text = command.clone();
+        self.event(
+            "session.start",
+            &[
+                ("session_id", fields["session_id"].clone()),
+                ("kind", kind.into()),
+            ],
+        );
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = output.await;
+            let (code, signal) = match &status {
+                Ok(s) => (s.code(), s.signal()),
+                Err(_) => (Some(255), None),
+            };
+            match (code, signal) {
+                (_, Some(sig)) => {
+                    let _ = handle
+                        .exit_signal_request(
+                            id,
+                            signal_name(sig),
+                            false,
+                            String::new(),
+                            String::new(),
+                        )
+                        .await;
+                }
+                (Some(c), None) => {
+                    let _ = handle.exit_status_request(id, c as u32).await;
+                }
+                (None, None) => {}
+            }
+            let _ = handle.eof(id).await;
+            let _ = handle.close(id).await;
+            let exit = code.map_or_else(
+                || format!("signal {}", signal.unwrap_or(0)),
+                |c| c.to_string(),
+            );
+            if let Some(cmd) = command_text {
+                let mut f = fields.clone();
+                f.insert("command".into(), cmd);
+                f.insert("exit_code".into(), exit.clone());
+                let _ = audit.try_send(AuditEvent {
+                    event: "exec".into(),
+                    time: now_ms(),
+                    fields: f,
+                });
+            }
+            fields.insert("exit_code".into(), exit);
+            let _ = audit.try_send(AuditEvent {
+                event: "session.end".into(),
+                time: now_ms(),
+                fields,
+            });
+        });
+        Ok(())
+    }
+}
+
+enum Start {
+    Shell,
+    Exec(String),
+    Sftp,
+}
+
+enum Io {
+    Pty(OwnedFd),
+    Pipes,
+}
+
+fn signal_name(sig: i32) -> Sig {
+    use nix::sys::signal::Signal;
+    match Signal::try_from(sig) {
+        Ok(Signal::SIGABRT) => Sig::ABRT,
+        Ok(Signal::SIGALRM) => Sig::ALRM,
+        Ok(Signal::SIGFPE) => Sig::FPE,
+        Ok(Signal::SIGHUP) => Sig::HUP,
+        Ok(Signal::SIGILL) => Sig::ILL,
+        Ok(Signal::SIGINT) => Sig::INT,
+        Ok(Signal::SIGKILL) => Sig::KILL,
+        Ok(Signal::SIGPIPE) => Sig::PIPE,
+        Ok(Signal::SIGQUIT) => Sig::QUIT,
+        Ok(Signal::SIGSEGV) => Sig::SEGV,
+        Ok(Signal::SIGTERM) => Sig::TERM,
+        Ok(Signal::SIGUSR1) => Sig::USR1,
+        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
+        Err(_) => Sig::Custom(sig.to_string()),
+    }
+}
+
+fn to_signal(sig: &Sig) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    Some(match sig {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
+    })
+}
+
+/// Starts the user's program as `login`, as login(1) would: its uid, gid and groups, its home,
+/// its shell, a clean environment.
+fn spawn(
+    login: &str,
+    sftp: bool,
+    command: Option<&str>,
+    pty: Option<&(String, u16, u16)>,
+    env: &[(String, String)],
+) -> anyhow::Result<(tokio::process::Child, Io)> {
+    let user = nix::unistd::User::from_name(login)?
+        .ok_or_else(|| anyhow::anyhow!("login {login:?} does not exist on this node"))?;
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && me != user.uid {
+        anyhow::bail!("the agent runs as uid {me} and cannot start sessions as {login}");
+    }
+    let shell = user.shell.to_string_lossy().into_owned();
+    let shell = if shell.is_empty() {
+        "/bin/sh".to_string()
+    } else {
+        shell
+    };
+    let mut cmd = if sftp {
+        let server = SFTP_SERVERS
+            .iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or_else(|| {
+                anyhow::anyhow!("no sftp-server on this node (install openssh-sftp-server)")
+            })?;
+        std::process::Command::new(server)
+    } else if let Some(c) = command {
+        let mut cmd = std::process::Command::new(&shell);
+        cmd.arg("-c").arg(c);
+        cmd
+    } else {
+        let mut cmd = std::process::Command::new(&shell);
+        let base = shell.rsplit('/').next().unwrap_or("sh");
+        cmd.arg0(format!("-{base}"));
+        cmd
+    };
+    let home = user.dir.clone();
+    let path = if user.uid.is_root() {
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    } else {
+        "/usr/local/bin:/usr/bin:/bin"
+    };
+    cmd.env_clear()
+        .env("HOME", &home)
+        .env("USER", login)
+        .env("LOGNAME", login)
+        .env("SHELL", &shell)
+        .env("PATH", path)
+        .current_dir(if home.is_dir() {
+            home.as_path()
+        } else {
+            std::path::Path::new("/")
+        });
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (uid, gid, name) = (user.uid, user.gid, std::ffi::CString::new(login)?);
+    let switch_user = me.is_root();
+    let io = match pty {
+        Some((term, cols, rows)) => {
+            let size = nix::pty::Winsize {
+                ws_row: *rows,
+                ws_col: *cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pair = nix::pty::openpty(Some(&size), None)?;
+            cmd.env("TERM", term);
+            let slave = pair.slave;
+            cmd.stdin(Stdio::from(slave.try_clone()?))
+                .stdout(Stdio::from(slave.try_clone()?))
+                .stderr(Stdio::from(slave));
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::unistd::setsid()?;
+                    if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Io::Pty(pair.master)
+        }
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::unistd::setsid()?;
+                    Ok(())
+                });
+            }
+            Io::Pipes
+        }
+    };
+    if switch_user {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::initgroups(&name, gid)?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+                Ok(())
+            });
+        }
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(false);
+    Ok((cmd.spawn()?, io))
+}
+
+/// Output on its way to the client: (extended stream, bytes).
+type Chunk = (Option<u32>, Vec<u8>);
+
+/// Most output bytes a session holds in memory when the client reads slower than the program
+/// writes.
+const OUTPUT_BUDGET: usize = 8 * 1024 * 1024;
+
+/// Forwards output to the client in order. Readers hand chunks over without waiting for the SSH
+/// session (whose loop may be busy pushing input the program has not read yet: waiting there
+/// could deadlock), within a byte budget.
+fn output_forwarder(handle: Handle, id: ChannelId) -> (OutputSender, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Chunk, tokio::sync::OwnedSemaphorePermit)>();
+    let budget = Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUDGET));
+    let task = tokio::spawn(async move {
+        while let Some(((ext, bytes), _permit)) = rx.recv().await {
+            let sent = match ext {
+                None => handle.data(id, bytes).await,
+                Some(e) => handle.extended_data(id, e, bytes).await,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    (OutputSender { tx, budget }, task)
+}
+
+#[derive(Clone)]
+struct OutputSender {
+    tx: mpsc::UnboundedSender<(Chunk, tokio::sync::OwnedSemaphorePermit)>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl OutputSender {
+    async fn send(&self, ext: Option<u32>, bytes: Vec<u8>) -> bool {
+        let n = u32::try_from(bytes.len().min(OUTPUT_BUDGET)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else {
+            return false;
+        };
+        self.tx.send(((ext, bytes), permit)).is_ok()
+    }
+}
+
+async fn pump_pty(
+    master: Arc<OwnedFd>,
+    mut input: mpsc::Receiver<Vec<u8>>,
+    handle: Handle,
+    id: ChannelId,
+) {
+    let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) else {
+        return;
+    };
+    let mut reader = tokio::fs::File::from_std(std::fs::File::from(r));
+    let mut writer = tokio::fs::File::from_std(std::fs::File::from(w));
+    let writing = tokio::spawn(async move {
+        while let Some(bytes) = input.recv().await {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+            let _ = writer.flush().await;
+        }
+    });
+    let (out, forwarding) = output_forwarder(handle, id);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break, // EIO once the last process on the terminal is gone
+            Ok(n) => {
+                if !out.send(None, buf[..n].to_vec()).await {
+                    break;
+                }
+            }
+        }
+    }
+    writing.abort();
+    drop(out);
+    let _ = forwarding.await;
+}
+
+async fn pump_pipes(
+    stdin: Option<tokio::process::ChildStdin>,
+    stdout: Option<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+    mut input: mpsc::Receiver<Vec<u8>>,
+    handle: Handle,
+    id: ChannelId,
+) {
+    let writing = tokio::spawn(async move {
+        let Some(mut stdin) = stdin else { return };
+        while let Some(bytes) = input.recv().await {
+            if stdin.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        // The client sent EOF: the program sees its stdin end.
+        let _ = stdin.shutdown().await;
+    });
+    let (sender, forwarding) = output_forwarder(handle, id);
+    let out = {
+        let sender = sender.clone();
+        async move {
+            let Some(mut stdout) = stdout else { return };
+            let mut buf = vec![0u8; 32 * 1024];
+            while let Ok(n) = stdout.read(&mut buf).await {
+                if n == 0 || !sender.send(None, buf[..n].to_vec()).await {
+                    break;
+                }
+            }
+        }
+    };
+    let err = {
+        let sender = sender.clone();
+        async move {
+            let Some(mut stderr) = stderr else { return };
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 || !sender.send(Some(1), buf[..n].to_vec()).await {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::join!(out, err);
+    drop(sender);
+    let _ = forwarding.await;
+    drop(writing);
+}
+
+impl russh::server::Handler for NodeHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        login: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let checked = check_certificate(cert, login, &self.ctx.user_cas, self.client_ip, now)
+            .and_then(|g| match nix::unistd::User::from_name(login) {
+                Ok(Some(_)) => Ok(g),
+                _ => Err(format!("login {login:?} does not exist on this node")),
+            });
+        match checked {
+            Ok(grant) => {
+                self.login = Some(login.to_string());
+                self.user = Some(cert.key_id().to_string());
+                self.force_command = grant.force_command;
+                self.permit_pty = grant.permit_pty;
+                self.permit_port_forwarding = grant.permit_port_forwarding;
+                tracing::info!(user = cert.key_id(), login, client = %self.client, "SSH login");
+                Ok(Auth::Accept)
+            }
+            Err(why) => {
+                tracing::warn!(user = cert.key_id(), login, client = %self.client, %why, "SSH login refused");
+                self.event(
+                    "auth.failure",
+                    &[
+                        ("attempted_login", login.to_string()),
+                        ("cert_user", cert.key_id().to_string()),
+                        ("reason", why),
+                    ],
+                );
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Client data arrives through `Handler::data`; the channel object itself is dropped, so
+        // its buffer can never fill and stall the session.
+        self.channels.insert(channel.id(), ChanState::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        id: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.permit_pty {
+            session.channel_failure(id)?;
+            return Ok(());
+        }
+        let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        self.channels.entry(id).or_default().pty =
+            Some((term.to_string(), clamp(cols), clamp(rows)));
+        session.channel_success(id)?;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Like sshd's default AcceptEnv: the locale only.
+        if name == "LANG" || name.starts_with("LC_") {
+            self.channels
+                .entry(id)
+                .or_default()
+                .env
+                .push((name.to_string(), value.to_string()));
+            session.channel_success(id)?;
+        } else {
+            session.channel_failure(id)?;
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(id, Start::Shell, session).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        self.start(id, Start::Exec(command), session).await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name == "sftp" {
+            self.start(id, Start::Sftp, session).await
+        } else {
+            session.channel_failure(id)?;
+            Ok(())
+        }
+    }
+
+    async fn data(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = self.channels.get(&id).and_then(|c| c.stdin.clone()) {
+            let _ = tx.send(data.to_vec()).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get_mut(&id)
+            && state.master.is_none()
+        {
+            state.stdin = None;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.remove(&id)
+            && let Some(pid) = state.child
+        {
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGHUP);
+        }
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        id: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(master) = self.channels.get(&id).and_then(|c| c.master.clone()) {
+            let size = libc::winsize {
+                ws_row: u16::try_from(rows).unwrap_or(u16::MAX),
+                ws_col: u16::try_from(cols).unwrap_or(u16::MAX),
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+            unsafe {
+                libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size);
+            }
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        id: ChannelId,
+        sig: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(pid), Some(signal)) = (
+            self.channels.get(&id).and_then(|c| c.child),
+            to_signal(&sig),
+        ) {
+            let _ = nix::sys::signal::killpg(pid, signal);
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.permit_port_forwarding || self.force_command.is_some() {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let target = format!("{}:{port}", host.trim_matches(['[', ']']));
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&target),
+        )
+        .await
+        {
+            Ok(Ok(mut tcp)) => {
+                self.event("port_forward", &[("target", target)]);
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                });
+            }
+            _ => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert!(cidr_contains("10.0.0.0/8", ip));
+        assert!(cidr_contains("10.1.2.3", ip));
+        assert!(!cidr_contains("10.1.2.4", ip));
+        assert!(!cidr_contains("192.168.0.0/16", ip));
+        assert!(cidr_contains("0.0.0.0/0", ip));
+        assert!(cidr_contains("::1/128", "::1".parse().unwrap()));
+        assert!(cidr_contains(
+            "127.0.0.0/8",
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        assert!(!cidr_contains("garbage", ip));
+    }
+}

@@ -1,0 +1,295 @@
+//! The proxy's SSH service (port 3023): a jump host for users with a certificate from the
+//! cluster's user CA. It carries bytes to nodes through their tunnels and never sees a
+//! session's plaintext: `ssh -J user@proxy login@node` sends `direct-tcpip` to `NODE:3022`, and
+//! `ssh -p 3023 user@proxy -s proxy:NODE:3022` (as a ProxyCommand) asks for that subsystem.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::fsutil::write_private_atomic;
+
+use crate::auth::Auth as ClusterAuth;
+use crate::tunnel::TunnelServer;
+
+const HOST_KEY_FILE: &str = "ssh-host-key";
+
+/// The proxy's SSH host key (created once in the data dir) and its host certificate for `names`.
+pub fn host_identity(
+    data_dir: &Path,
+    auth: &ClusterAuth,
+    proxy_id: &str,
+    names: &[String],
+) -> anyhow::Result<(PrivateKey, Certificate)> {
+    let path = data_dir.join(HOST_KEY_FILE);
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => PrivateKey::from_openssh(text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
+            write_private_atomic(&path, key.to_openssh(LineEnding::LF)?.as_bytes())?;
+            key
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    };
+    let cert = auth
+        .authorities
+        .sign_proxy_ssh(key.public_key(), proxy_id, names)?;
+    Ok((key, cert))
+}
+
+pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Config {
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    russh::server::Config {
+        keys: vec![key],
+        certificates: vec![cert],
+        methods,
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Accepts SSH connections until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<russh::server::Config>,
+    auth: Arc<ClusterAuth>,
+    tunnels: Arc<TunnelServer>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSH accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let handler = JumpHandler {
+            auth: auth.clone(),
+            tunnels: tunnels.clone(),
+            peer,
+            user: None,
+            sessions: HashMap::new(),
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            match russh::server::run_stream(config, tcp, handler).await {
+                Ok(running) => {
+                    if let Err(e) = running.await {
+                        tracing::debug!(%peer, error = %e, "SSH connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+            }
+        });
+    }
+}
+
+struct JumpHandler {
+    auth: Arc<ClusterAuth>,
+    tunnels: Arc<TunnelServer>,
+    peer: SocketAddr,
+    /// The certificate's key id, once authenticated.
+    user: Option<String>,
+    /// Session channels waiting for a `proxy:` subsystem request.
+    sessions: HashMap<ChannelId, Channel<Msg>>,
+}
+
+/// Checks a user certificate: issued by the cluster's user CA, of type user, valid now.
+pub fn check_user_certificate(
+    cert: &Certificate,
+    user_ca: &russh::keys::ssh_key::PublicKey,
+) -> Result<(), String> {
+    if cert.cert_type() != CertType::User {
+        return Err("not a user certificate".into());
+    }
+    if cert.signature_key() != user_ca.key_data() {
+        return Err("not signed by this cluster's user CA".into());
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        return Err("the certificate is not valid now".into());
+    }
+    Ok(())
+}
+
+/// `NODE:PORT` from a jump target; the port defaults to the node's SSH port.
+fn parse_target(spec: &str) -> Option<(&str, u16)> {
+    match spec.rsplit_once(':') {
+        Some((node, port)) => Some((node, port.parse().ok()?)),
+        None => Some((spec, 3022)),
+    }
+    .filter(|(node, _)| !node.is_empty())
+}
+
+impl JumpHandler {
+    async fn dial(
+        &self,
+        node: &str,
+        port: u16,
+    ) -> Result<(tunnel_proto::transport::TunnelStream, bytes::BytesMut), String> {
+        self.tunnels
+            .dial(node, port, &self.peer.to_string())
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Carries bytes between an SSH channel and a dial stream until either side ends.
+async fn pipe(
+    channel: Channel<Msg>,
+    stream: tunnel_proto::transport::TunnelStream,
+    leftover: bytes::BytesMut,
+) {
+    let mut channel = channel.into_stream();
+    let mut stream = stream;
+    if !leftover.is_empty() && channel.write_all(&leftover).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut channel, &mut stream).await;
+}
+
+impl russh::server::Handler for JumpHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        match check_user_certificate(cert, self.auth.authorities.user_ssh_ca()) {
+            Ok(()) => {
+                tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
+                self.user = Some(cert.key_id().to_string());
+                Ok(Auth::Accept)
+            }
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, login = user, %why, "SSH certificate refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.sessions.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        match self.dial(host, port).await {
+            Ok((stream, leftover)) => {
+                tracing::info!(user = ?self.user, node = host, port, peer = %self.peer, "forwarding to node");
+                reply.accept().await;
+                tokio::spawn(pipe(channel, stream, leftover));
+            }
+            Err(why) => {
+                tracing::warn!(user = ?self.user, node = host, port, %why, "cannot forward to node");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel_id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = name.strip_prefix("proxy:").and_then(parse_target);
+        let Some(channel) = self.sessions.remove(&channel_id) else {
+            session.channel_failure(channel_id)?;
+            return Ok(());
+        };
+        let Some((node, port)) = target else {
+            session.channel_failure(channel_id)?;
+            return Ok(());
+        };
+        match self.dial(node, port).await {
+            Ok((stream, leftover)) => {
+                tracing::info!(user = ?self.user, node, port, peer = %self.peer, "forwarding to node (subsystem)");
+                session.channel_success(channel_id)?;
+                tokio::spawn(pipe(channel, stream, leftover));
+            }
+            Err(why) => {
+                tracing::warn!(user = ?self.user, node, port, %why, "cannot forward to node");
+                // The user's ssh shows this on its stderr.
+                session.channel_success(channel_id)?;
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let _ = handle
+                        .extended_data(channel_id, 1, format!("burrow: {why}\r\n").into_bytes())
+                        .await;
+                    let _ = handle.exit_status_request(channel_id, 1).await;
+                    let _ = handle.eof(channel_id).await;
+                    let _ = handle.close(channel_id).await;
+                    drop(channel);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(parse_target("pi:3022"), Some(("pi", 3022)));
+        assert_eq!(parse_target("pi"), Some(("pi", 3022)));
+        assert_eq!(parse_target("pi:x"), None);
+        assert_eq!(parse_target(":22"), None);
+    }
+}
