@@ -10,6 +10,8 @@ have cc || need_apt+=(build-essential)           # ring's C parts
 have protoc || need_apt+=(protobuf-compiler)     # etcd-client's build
 have etcd || need_apt+=(etcd-server)             # the HA backend in tests
 have haproxy || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # the round-robin balancer in tests
+have ssh || need_apt+=(openssh-client)           # the real SSH client in tests
+[ -x /usr/lib/openssh/sftp-server ] || need_apt+=(openssh-sftp-server)  # scp/sftp on nodes
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

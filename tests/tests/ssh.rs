@@ -344,6 +344,7 @@ fn scp_carries_50_mb_there_and_back_and_l_forwards_a_port() {
         Some(buf)
     });
     let _ = forward.kill();
+    let _ = forward.wait();
     assert_eq!(
         &echoed.expect("bytes through ssh -L"),
         b"through the tunnel"
