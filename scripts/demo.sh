@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: a local cluster on the embedded backend, a join
-# token written to a file, and an agent that joins with it through the proxy's web port.
+# token written to a file, an agent that joins with it through the proxy's web port and holds
+# its tunnel, and a plain OpenSSH session into the node through the tunnel.
 # Everything runs on 127.0.0.1 in a temporary directory and is stopped at the end
 # (pass --keep to leave the cluster running until Ctrl-C).
 set -euo pipefail
@@ -22,15 +23,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+wait_for() { # FILE PATTERN: up to 10 s
+  for _ in $(seq 1 100); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 echo "==> starting a proxy (cluster 'demo', data in $work/proxy)"
 "$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen 127.0.0.1:0 --cluster-name demo \
-  2>"$work/proxy.log" &
+  --ssh-listen 127.0.0.1:0 2>"$work/proxy.log" &
 pids+=($!)
-for _ in $(seq 1 100); do
-  [ -s "$work/proxy/web-addr" ] && break
-  sleep 0.1
-done
-[ -s "$work/proxy/web-addr" ] || { cat "$work/proxy.log"; echo "the proxy did not start"; exit 1; }
+wait_for "$work/proxy.log" "web API listening" || { cat "$work/proxy.log"; echo "the proxy did not start"; exit 1; }
 ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
 
 echo "==> burrowctl status"
@@ -48,16 +53,33 @@ echo "==> burrow-agent start --token $work/agent/token --proxy $proxy_addr --ca-
 "$bin/burrow-agent" start --token "$work/agent/token" --proxy "$proxy_addr" --ca-pin "$pin" \
   --data-dir "$work/agent" --nodename demo-node 2>"$work/agent.log" &
 pids+=($!)
-for _ in $(seq 1 100); do
-  grep -q "agent ready" "$work/agent.log" 2>/dev/null && break
-  sleep 0.1
-done
+wait_for "$work/agent.log" "tunnel up" || true
 cat "$work/agent.log"
 grep -q "joined the cluster" "$work/agent.log" || { echo "the agent did not join"; exit 1; }
+grep -q "tunnel up" "$work/agent.log" || { echo "the agent opened no tunnel"; exit 1; }
 echo "==> the node's identity: $(ls -l "$work/agent/identity.json")"
+echo "==> burrowctl nodes ls"
+ctl nodes ls
+
+login=$(id -un)
+ssh_addr=$(sed -n 's/.*SSH jump host listening on \([0-9.:]*\).*/\1/p' "$work/proxy.log" | head -1)
+echo "==> burrowctl auth sign --user $login --logins $login --ttl 1h --out $work/key"
+ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key"
+ctl auth export --type host >"$work/known_hosts"
+cat >"$work/ssh_config" <<CONFIG
+Host *
+  UserKnownHostsFile $work/known_hosts
+  StrictHostKeyChecking yes
+  IdentityFile $work/key
+  IdentitiesOnly yes
+  BatchMode yes
+CONFIG
+echo "==> ssh -F $work/ssh_config -J $login@$ssh_addr -p 3022 $login@demo-node"
+ssh -F "$work/ssh_config" -J "$login@$ssh_addr" -p 3022 "$login@demo-node" \
+  'echo "hello from $(hostname) as $(whoami), through the tunnel"'
 
 if $keep; then
-  echo "==> the cluster keeps running; Ctrl-C stops it"
+  echo "==> the cluster keeps running; try the ssh command above; Ctrl-C stops it"
   wait
 fi
 echo "==> demo OK"
