@@ -63,6 +63,10 @@ pub struct StartArgs {
     /// (e.g. env=prod,kernel=[1h:uname -r]). Replaces the config's labels and commands.
     #[arg(long, value_name = "K=V,K=[PERIOD:CMD ARGS],...")]
     pub labels: Option<String>,
+    /// Also serve SSH on a local address (e.g. 0.0.0.0:3022), or "off" [default: off: SSH only
+    /// through the tunnels].
+    #[arg(long, value_name = "ADDR|off")]
+    pub ssh_listen: Option<String>,
     /// Tunnel transport: auto tries QUIC and falls back to TLS over TCP when UDP is blocked.
     #[arg(long, value_enum, value_name = "MODE")]
     pub transport: Option<TransportMode>,
@@ -90,6 +94,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub commands: Vec<CommandLabel>,
     pub transport: Option<TransportMode>,
+    pub ssh_listen: Option<String>,
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
@@ -116,6 +121,8 @@ pub struct AgentConfig {
     pub labels: Labels,
     pub commands: Vec<CommandLabel>,
     pub transport: TransportMode,
+    /// A local SSH listener besides the tunnels; `None`: off.
+    pub ssh_listen: Option<std::net::SocketAddr>,
     pub insecure: bool,
     pub debug: bool,
 }
@@ -189,6 +196,14 @@ impl AgentConfig {
                 (file.labels, commands)
             }
         };
+        let ssh_listen = match args.ssh_listen.or(file.ssh_listen).as_deref() {
+            None | Some("off") => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                err(format!(
+                    "ssh_listen {text:?} is not an IP:PORT address or off"
+                ))
+            })?),
+        };
         Ok(Self {
             data_dir,
             token,
@@ -198,6 +213,7 @@ impl AgentConfig {
             labels,
             commands,
             transport: args.transport.or(file.transport).unwrap_or_default(),
+            ssh_listen,
             insecure: args.insecure || file.insecure,
             debug: args.debug || file.debug,
         })
@@ -264,6 +280,9 @@ proxy: proxy.example.com:3080
 
 # Tunnel transport: auto (QUIC, falling back to TLS over TCP when UDP is blocked), quic or tcp.
 transport: auto
+
+# Also serve SSH on a local address, besides the tunnels ("off" by default).
+#ssh_listen: 0.0.0.0:3022
 
 # Do not verify the proxy's web certificate when joining. Development only.
 insecure: false

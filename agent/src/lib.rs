@@ -89,6 +89,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .await
         .unwrap_or_else(|| config.proxy.clone());
     tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
+    let ssh = std::sync::Arc::new(ssh::SshContext::new(&identity)?);
+    if let Some(addr) = config.ssh_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            AgentError::Runtime(anyhow::anyhow!("cannot listen for SSH on {addr}: {e}"))
+        })?;
+        tracing::info!(
+            "SSH listening on {}",
+            listener.local_addr().map_err(anyhow::Error::from)?
+        );
+        tokio::spawn(ssh::serve_listener(listener, ssh.clone(), shutdown.clone()));
+    }
     pool::run(
         pool::PoolConfig {
             addr,
@@ -97,7 +108,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
-            ssh: std::sync::Arc::new(ssh::SshContext::new(&identity)?),
+            ssh,
         },
         shutdown,
     )

@@ -105,6 +105,41 @@ pub async fn serve(
     }
 }
 
+/// Serves SSH on a local listener (`--ssh-listen`). Its audit events go to the agent's log: they
+/// have no tunnel to travel on.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<SshContext>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (audit, mut events) = mpsc::channel::<AuditEvent>(256);
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            tracing::info!(event = %e.event, fields = ?e.fields, "audit");
+        }
+    });
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSH accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(serve(
+            ctx.clone(),
+            Box::new(tcp),
+            peer.to_string(),
+            audit.clone(),
+        ));
+    }
+}
+
 #[derive(Default)]
 struct ChanState {
     pty: Option<(String, u16, u16)>,

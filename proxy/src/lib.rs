@@ -130,7 +130,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
         tunnel_addrs = advertised_tunnel_addrs(config.public_addr.as_deref(), bound);
     } else if let Some(public) = &config.public_addr {
-        tunnel_addrs = advertised_tunnel_addrs(Some(public), bound);
+        // Tunnels share the web port: the public address (a balancer, usually) as it is.
+        tunnel_addrs = tunnel_addr_entries(public);
     }
 
     if let Some(ssh_addr) = config.ssh_listen {
@@ -317,12 +318,15 @@ fn advertised_tunnel_addrs(
     } else {
         host
     };
-    let addr = format!("{host}:{}", bound.port());
+    tunnel_addr_entries(&format!("{host}:{}", bound.port()))
+}
+
+fn tunnel_addr_entries(addr: &str) -> Vec<tunnel_proto::api::TunnelAddr> {
     ["tcp", "quic"]
         .into_iter()
         .map(|transport| tunnel_proto::api::TunnelAddr {
             transport: transport.to_string(),
-            addr: addr.clone(),
+            addr: addr.to_string(),
             alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
         })
         .collect()

@@ -435,3 +435,39 @@ fn refusals_are_clear_and_audited() {
         "{audit}"
     );
 }
+
+#[test]
+fn ambiguous_names_list_host_ids_and_the_local_listener_serves_ssh() {
+    let s = Setup::new();
+    let cfg = s.config("alice", "known_hosts");
+    // A second node with the same name, which also listens for SSH locally.
+    let twin_data = s.dir.join("twin");
+    let mut twin = start_agent(
+        &s.proxy,
+        &twin_data,
+        "node1",
+        &["--ssh-listen", "127.0.0.1:0"],
+    );
+    let local = twin.wait_for("SSH listening on ").trim().to_string();
+    let twin_id = host_id(&twin_data);
+    let out = s.ssh_proxycommand(&cfg, &format!("{}@node1", s.login), "true");
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(err.contains("several nodes are called \"node1\""), "{err}");
+    assert!(err.contains(&s.host_id) && err.contains(&twin_id), "{err}");
+    // The host id picks one.
+    let out = s.ssh_proxycommand(&cfg, &format!("{}@{twin_id}", s.login), "echo twin");
+    assert_eq!(text(&out.stdout), "twin\n", "{}", text(&out.stderr));
+
+    // The local listener: plain ssh, no proxy; the host certificate names the node.
+    let (_, port) = local.rsplit_once(':').unwrap();
+    let out = run_bounded(Command::new("ssh").arg("-F").arg(&cfg).args([
+        "-p",
+        port,
+        "-o",
+        "HostKeyAlias=node1",
+        &format!("{}@127.0.0.1", s.login),
+        "echo local",
+    ]));
+    assert_eq!(text(&out.stdout), "local\n", "{}", text(&out.stderr));
+}
