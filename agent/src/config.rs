@@ -176,7 +176,7 @@ impl AgentConfig {
                 .filter(|h| !h.is_empty())
                 .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
         };
-        validate_nodename(&nodename)?;
+        tunnel_proto::api::validate_node_name(&nodename).map_err(err)?;
         let (labels, commands) = match args.labels {
             Some(spec) => labels::parse(&spec).map_err(|e| err(format!("--labels: {e}")))?,
             None => {
@@ -217,22 +217,6 @@ impl AgentConfig {
             insecure: args.insecure || file.insecure,
             debug: args.debug || file.debug,
         })
-    }
-}
-
-fn validate_nodename(name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with(['-', '.'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(err(format!(
-            "node name {name:?} is invalid: use letters, digits, '-', '.' or '_'"
-        )))
     }
 }
 

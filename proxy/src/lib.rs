@@ -75,12 +75,6 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         .await
         .with_context(|| format!("cannot listen on {}", config.web_listen))?;
     let bound = listener.local_addr()?;
-    tracing::info!("web API listening on https://{bound}");
-    write_private_atomic(
-        &config.data_dir.join(WEB_ADDR_FILE),
-        format!("{}\n", local_dial_addr(bound)).as_bytes(),
-    )
-    .context("cannot write the web address file")?;
 
     let health = Arc::new(Health::default());
     let info = tunnel_proto::api::ProxyInfo {
@@ -176,6 +170,14 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tunnel_addrs,
         limiter: web::join_limiter(),
     });
+    // Everything is in place: say where, for people, tests and burrowctl on this host (the file
+    // first, so that whoever reads the log line finds it).
+    write_private_atomic(
+        &config.data_dir.join(WEB_ADDR_FILE),
+        format!("{}\n", local_dial_addr(bound)).as_bytes(),
+    )
+    .context("cannot write the web address file")?;
+    tracing::info!("web API listening on https://{bound}");
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
     tunnels.drain(std::time::Duration::from_secs(5)).await;
     let _ = quic_task.await;

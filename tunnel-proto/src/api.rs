@@ -113,6 +113,27 @@ pub fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(labels)
 }
 
+/// Longest node name (a DNS name's limit).
+pub const MAX_NODE_NAME: usize = 253;
+
+/// Node names are what users type after `ssh login@`: letters, digits, `-`, `.` and `_`, not
+/// starting with `-` or `.`.
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name {name:?} is invalid: use 1 to {MAX_NODE_NAME} letters, digits, '-', '.' or '_'"
+        ))
+    }
+}
+
 /// Where agents open tunnels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelAddr {

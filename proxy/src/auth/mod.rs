@@ -15,7 +15,6 @@ use crate::backend::{Backend, BackendError};
 
 const AUTHORITIES_KEY: &str = "/cluster/authorities";
 const NODES_PREFIX: &str = "/nodes/";
-const MAX_NODE_NAME: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -164,21 +163,9 @@ fn parse_stored(raw: &[u8]) -> Result<StoredAuthorities, AuthError> {
         .map_err(|e| ca::CaError::Corrupt(format!("cluster authorities: {e}")).into())
 }
 
-/// Node names are what users type after `ssh login@`: DNS-label characters only.
+/// Node names are what users type after `ssh login@`.
 pub fn validate_node_name(name: &str) -> Result<(), AuthError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NODE_NAME
-        && !name.starts_with(['-', '.'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AuthError::BadRequest(format!(
-            "node name {name:?} is invalid: use 1 to {MAX_NODE_NAME} letters, digits, '-', '.' or '_'"
-        )))
-    }
+    tunnel_proto::api::validate_node_name(name).map_err(AuthError::BadRequest)
 }
 
 fn default_cluster_name() -> String {
