@@ -12,6 +12,8 @@ have etcd || need_apt+=(etcd-server)             # the HA backend in tests
 have haproxy || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # the round-robin balancer in tests
 have ssh || need_apt+=(openssh-client)           # the real SSH client in tests
 [ -x /usr/lib/openssh/sftp-server ] || need_apt+=(openssh-sftp-server)  # scp/sftp on nodes
+have qemu-aarch64-static || need_apt+=(qemu-user-static)  # the ARM agents in tests
+have systemd-analyze || need_apt+=(systemd)          # verifying the units in tests
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -24,6 +26,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
+
+# Cross builds: zig as the C compiler and linker for every target (PyPI).
+have cargo-zigbuild || python3 -m pip install --quiet cargo-zigbuild
 
 # Rust components for the lint steps.
 if have rustup; then

@@ -12,5 +12,7 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
+echo "==> cross-building the ARM agents for the qemu tests"
+./cross/build.sh --agent-only aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads "${BURROW_TEST_THREADS:-4}"

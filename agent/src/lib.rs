@@ -100,6 +100,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         );
         tokio::spawn(ssh::serve_listener(listener, ssh.clone(), shutdown.clone()));
     }
+    tunnel_proto::notify::ready_and_watchdog(shutdown.clone());
     pool::run(
         pool::PoolConfig {
             addr,

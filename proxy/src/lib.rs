@@ -178,6 +178,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .context("cannot write the web address file")?;
     tracing::info!("web API listening on https://{bound}");
+    tunnel_proto::notify::ready_and_watchdog(shutdown.clone());
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
     tunnels.drain(std::time::Duration::from_secs(5)).await;
     let _ = quic_task.await;

@@ -9,6 +9,7 @@
 //!   host CA for proxies.
 //! - [`web`]: a small HTTPS/1.1 client over tokio-rustls for the web API.
 //! - [`fsutil`]: atomic writes of private files (0600) into private dirs (0700).
+//! - [`notify`]: systemd's notify protocol (readiness, watchdog).
 //! - [`secret`]: a string type whose `Debug` never shows the secret.
 //!
 //! - [`wire`]: tunnel messages and their length-capped codec (no I/O, no clock).
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod fsutil;
+pub mod notify;
 pub mod pin;
 pub mod secret;
 pub mod tls;
