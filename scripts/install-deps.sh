@@ -14,6 +14,8 @@ have ssh || need_apt+=(openssh-client)           # the real SSH client in tests
 [ -x /usr/lib/openssh/sftp-server ] || need_apt+=(openssh-sftp-server)  # scp/sftp on nodes
 have qemu-aarch64-static || need_apt+=(qemu-user-static)  # the ARM agents in tests
 have systemd-analyze || need_apt+=(systemd)          # verifying the units in tests
+have rpm || need_apt+=(rpm)                          # inspecting the .rpm packages
+have adduser || need_apt+=(adduser)                  # the proxy package's system user
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

@@ -16,3 +16,5 @@ echo "==> cross-building the ARM agents for the qemu tests"
 ./cross/build.sh --agent-only aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads "${BURROW_TEST_THREADS:-4}"
+echo "==> packages: build, inspect, install, upgrade, remove, purge"
+./scripts/test-packages.sh

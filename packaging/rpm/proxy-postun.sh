@@ -1,0 +1,2 @@
+if [ -d /run/systemd/system ]; then systemctl daemon-reload >/dev/null 2>&1 || true; fi
+if [ "$1" -ge 1 ]; then systemctl try-restart burrow-proxy.service >/dev/null 2>&1 || true; fi
