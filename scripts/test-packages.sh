@@ -20,7 +20,8 @@ echo "==> static x86_64 binaries"
 
 echo "==> building packages"
 deb_dir=target/$x86/debian
-rm -rf "$deb_dir" "target/$x86/generate-rpm"
+# Only this run's packages: earlier ones may have other names.
+rm -rf target/*/debian target/*/generate-rpm
 cargo deb --no-build --no-strip -p burrow-agent --target "$x86" >/dev/null
 cargo deb --no-build --no-strip -p burrow-proxy --target "$x86" >/dev/null
 cargo generate-rpm -p agent --target "$x86"
@@ -56,8 +57,8 @@ for t in aarch64-unknown-linux-musl:arm64 armv7-unknown-linux-musleabihf:armhf; 
     deb=$(ls target/$triple/debian/burrow-agent_*_"$arch".deb)
     dpkg-deb -I "$deb" | grep -q "Architecture: $arch" || fail "$deb architecture"
     if command -v rpm >/dev/null 2>&1; then
-      rpm_file=$(ls target/$triple/generate-rpm/burrow-agent-*.rpm)
       want=$([ "$arch" = armhf ] && echo armv7hl || echo aarch64)
+      rpm_file=$(ls target/$triple/generate-rpm/burrow-agent-*."$want".rpm)
       rpm -qp --queryformat '%{ARCH}\n' "$rpm_file" | grep -qx "$want" || fail "$rpm_file arch"
     fi
   fi
