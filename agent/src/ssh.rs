@@ -16,10 +16,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session};
-use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Sig};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Sig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tunnel_proto::api::Labels;
@@ -53,20 +52,7 @@ impl SshContext {
             .iter()
             .map(|k| PublicKey::from_openssh(k.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut methods = MethodSet::empty();
-        methods.push(MethodKind::PublicKey);
-        let config = russh::server::Config {
-            keys: vec![key],
-            certificates: vec![cert],
-            methods,
-            auth_rejection_time: Duration::from_millis(300),
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            nodelay: true,
-            ..Default::default()
-        };
+        let config = tunnel_proto::sshcert::server_config(key, cert);
         Ok(Self {
             config: Arc::new(config),
             user_cas,
@@ -185,18 +171,7 @@ pub fn check_certificate(
     client_ip: Option<IpAddr>,
     now: u64,
 ) -> Result<Grant, String> {
-    if cert.cert_type() != CertType::User {
-        return Err("not a user certificate".into());
-    }
-    if !user_cas
-        .iter()
-        .any(|ca| ca.key_data() == cert.signature_key())
-    {
-        return Err("not signed by this cluster's user CA".into());
-    }
-    if now < cert.valid_after() || now >= cert.valid_before() {
-        return Err("the certificate has expired or is not yet valid".into());
-    }
+    tunnel_proto::sshcert::check_user_certificate(cert, user_cas, now)?;
     if !cert.valid_principals().iter().any(|p| p == login) {
         return Err(format!(
             "login {login:?} is not among the certificate's principals"

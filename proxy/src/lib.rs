@@ -153,7 +153,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!("SSH jump host listening on {}", listener.local_addr()?);
         tokio::spawn(sshproxy::serve(
             listener,
-            Arc::new(sshproxy::server_config(key, cert)),
+            Arc::new(tunnel_proto::sshcert::server_config(key, cert)),
             auth.clone(),
             tunnels.clone(),
             shutdown.clone(),

@@ -7,16 +7,16 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
-use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::fsutil::write_private_atomic;
+use tunnel_proto::sshcert;
 
 use crate::auth::Auth as ClusterAuth;
 use crate::tunnel::TunnelServer;
@@ -44,23 +44,6 @@ pub fn host_identity(
         .authorities
         .sign_proxy_ssh(key.public_key(), proxy_id, names)?;
     Ok((key, cert))
-}
-
-pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Config {
-    let mut methods = MethodSet::empty();
-    methods.push(MethodKind::PublicKey);
-    russh::server::Config {
-        keys: vec![key],
-        certificates: vec![cert],
-        methods,
-        auth_rejection_time: Duration::from_millis(300),
-        auth_rejection_time_initial: Some(Duration::ZERO),
-        inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(15)),
-        keepalive_max: 4,
-        nodelay: true,
-        ..Default::default()
-    }
 }
 
 /// Accepts SSH connections until shutdown.
@@ -115,27 +98,6 @@ struct JumpHandler {
     sessions: HashMap<ChannelId, Channel<Msg>>,
 }
 
-/// Checks a user certificate: issued by the cluster's user CA, of type user, valid now.
-pub fn check_user_certificate(
-    cert: &Certificate,
-    user_ca: &russh::keys::ssh_key::PublicKey,
-) -> Result<(), String> {
-    if cert.cert_type() != CertType::User {
-        return Err("not a user certificate".into());
-    }
-    if cert.signature_key() != user_ca.key_data() {
-        return Err("not signed by this cluster's user CA".into());
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if now < cert.valid_after() || now >= cert.valid_before() {
-        return Err("the certificate is not valid now".into());
-    }
-    Ok(())
-}
-
 /// `NODE:PORT` from a jump target; the port defaults to the node's SSH port.
 fn parse_target(spec: &str) -> Option<(&str, u16)> {
     match spec.rsplit_once(':') {
@@ -188,7 +150,8 @@ impl russh::server::Handler for JumpHandler {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        match check_user_certificate(cert, self.auth.authorities.user_ssh_ca()) {
+        let user_ca = std::slice::from_ref(self.auth.authorities.user_ssh_ca());
+        match sshcert::check_user_certificate(cert, user_ca, sshcert::unix_now()) {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
                 self.user = Some(cert.key_id().to_string());

@@ -10,6 +10,7 @@
 //! - [`web`]: a small HTTPS/1.1 client over tokio-rustls for the web API.
 //! - [`fsutil`]: atomic writes of private files (0600) into private dirs (0700).
 //! - [`notify`]: systemd's notify protocol (readiness, watchdog).
+//! - [`sshcert`]: the SSH servers' shared configuration and user-certificate checks.
 //! - [`secret`]: a string type whose `Debug` never shows the secret.
 //!
 //! - [`wire`]: tunnel messages and their length-capped codec (no I/O, no clock).
@@ -23,6 +24,7 @@ pub mod fsutil;
 pub mod notify;
 pub mod pin;
 pub mod secret;
+pub mod sshcert;
 pub mod tls;
 pub mod transport;
 pub mod web;
