@@ -221,13 +221,7 @@ impl AgentConfig {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
-    if text.trim().is_empty() {
-        return Ok(FileConfig::default());
-    }
-    serde_norway::from_str(&text)
-        .map_err(|e| err(format!("config file {} is invalid: {e}", path.display())))
+    tunnel_proto::daemon::read_yaml_config(path).map_err(ConfigError)
 }
 
 pub const SAMPLE_CONFIG: &str = r#"# burrow-agent configuration (YAML). Flags given to `burrow-agent start` override these values;

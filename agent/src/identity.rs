@@ -13,7 +13,6 @@ use tunnel_proto::secret::Secret;
 use tunnel_proto::tls;
 
 pub const IDENTITY_FILE: &str = "identity.json";
-const FORMAT_VERSION: u32 = 1;
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,7 +65,8 @@ pub enum IdentityError {
 }
 
 impl Identity {
-    pub const FORMAT: u32 = FORMAT_VERSION;
+    /// The identity file format this agent writes and reads.
+    pub const FORMAT: u32 = 1;
 
     pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join(IDENTITY_FILE)
@@ -86,7 +86,7 @@ impl Identity {
         };
         let identity: Identity =
             serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-        if identity.format != FORMAT_VERSION {
+        if identity.format != Self::FORMAT {
             return Err(corrupt(format!("unknown format {}", identity.format)));
         }
         identity.check().map_err(corrupt)?;

@@ -5,8 +5,6 @@
 //! 2. `POST /v1/webapi/host/join` over TLS verified against the pinned CA only, so the token
 //!    goes to the cluster the user pinned and nobody else.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey};
 use tunnel_proto::api::{self, FindResponse, JoinRequest, JoinResponse, Role};
@@ -124,10 +122,7 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
         host_ca_ssh: answer.host_ca_ssh,
         user_ca_ssh: answer.user_ca_ssh,
         labels: answer.labels,
-        joined: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        joined: tunnel_proto::unix_now(),
     };
     identity.check().map_err(bad)?;
     Ok(identity)

@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use burrow_agent::config::{AgentConfig, Cli, Command, SAMPLE_CONFIG};
@@ -25,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.debug);
+    tunnel_proto::daemon::init_logging(config.debug);
     // One thread is plenty for an agent, and keeps its footprint small.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -38,7 +37,7 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(wait_for_signal(shutdown.clone()));
+    runtime.spawn(tunnel_proto::daemon::cancel_on_signal(shutdown.clone()));
     match runtime.block_on(burrow_agent::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -46,32 +45,4 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
-}
-
-fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

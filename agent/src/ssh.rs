@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session};
@@ -148,13 +148,6 @@ struct NodeHandler {
     channels: HashMap<ChannelId, ChanState>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// What a valid certificate grants.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -248,7 +241,7 @@ impl NodeHandler {
         }
         let _ = self.audit.try_send(AuditEvent {
             event: event.into(),
-            time: now_ms(),
+            time: tunnel_proto::unix_now_ms(),
             fields,
         });
     }
@@ -370,14 +363,14 @@ impl NodeHandler {
                 f.insert("exit_code".into(), exit.clone());
                 let _ = audit.try_send(AuditEvent {
                     event: "exec".into(),
-                    time: now_ms(),
+                    time: tunnel_proto::unix_now_ms(),
                     fields: f,
                 });
             }
             fields.insert("exit_code".into(), exit);
             let _ = audit.try_send(AuditEvent {
                 event: "session.end".into(),
-                time: now_ms(),
+                time: tunnel_proto::unix_now_ms(),
                 fields,
             });
         });
@@ -682,23 +675,12 @@ async fn pump_pipes(
 impl russh::server::Handler for NodeHandler {
     type Error = russh::Error;
 
-    async fn auth_publickey(
-        &mut self,
-        _user: &str,
-        _key: russh::server::VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
-        Ok(Auth::reject())
-    }
-
     async fn auth_openssh_certificate(
         &mut self,
         login: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = tunnel_proto::unix_now();
         let checked = check_certificate(cert, login, &self.ctx.user_cas, self.client_ip, now)
             .and_then(|g| match nix::unistd::User::from_name(login) {
                 Ok(Some(_)) => Ok(g),

@@ -307,13 +307,7 @@ impl ProxyConfig {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
-    if text.trim().is_empty() {
-        return Ok(FileConfig::default());
-    }
-    serde_norway::from_str(&text)
-        .map_err(|e| err(format!("config file {} is invalid: {e}", path.display())))
+    tunnel_proto::daemon::read_yaml_config(path).map_err(ConfigError)
 }
 
 /// Parses `ROLES:VALUE` where VALUE may be an absolute path to a file of tokens, one per line.

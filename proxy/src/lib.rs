@@ -33,7 +33,7 @@ use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
 use tunnel_proto::tls::{self, ALPN_HTTP1};
 use tunnel_proto::wire::ALPN_TUNNEL;
 
-use crate::auth::ca::{Authorities, new_host_id, unix_now};
+use crate::auth::ca::{Authorities, new_host_id};
 use crate::auth::{Auth, AuthError};
 use crate::backend::{Backend, EtcdBackend, RedbBackend};
 use crate::config::{ProxyConfig, Storage};
@@ -83,7 +83,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         version: tunnel_proto::VERSION.to_string(),
         web_addr: bound.to_string(),
         public_addr: config.public_addr.clone(),
-        started: unix_now(),
+        started: tunnel_proto::unix_now(),
     };
     let registration = tokio::spawn(registry::register(
         backend.clone(),
@@ -101,7 +101,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     .await
     .context("cannot load the proxy list and revocations")?;
     let quic =
-        tunnel_proto::transport::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)?))
+        tunnel_proto::transport::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)))
             .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     tracing::info!("QUIC tunnels listening on udp {bound}");
     let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
@@ -367,10 +367,10 @@ fn tunnel_tls_config(
 }
 
 /// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required.
-fn quic_tls_config(web: &ServerConfig) -> anyhow::Result<ServerConfig> {
+fn quic_tls_config(web: &ServerConfig) -> ServerConfig {
     let mut config = web.clone();
     config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-    Ok(config)
+    config
 }
 
 /// The address a local client dials to reach a listener bound to `bound`.

@@ -137,21 +137,13 @@ async fn pipe(
 impl russh::server::Handler for JumpHandler {
     type Error = russh::Error;
 
-    async fn auth_publickey(
-        &mut self,
-        _user: &str,
-        _key: russh::server::VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
-        Ok(Auth::reject())
-    }
-
     async fn auth_openssh_certificate(
         &mut self,
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
         let user_ca = std::slice::from_ref(self.auth.authorities.user_ssh_ca());
-        match sshcert::check_user_certificate(cert, user_ca, sshcert::unix_now()) {
+        match sshcert::check_user_certificate(cert, user_ca, tunnel_proto::unix_now()) {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
                 self.user = Some(cert.key_id().to_string());

@@ -18,7 +18,9 @@ use tunnel_proto::api::{Labels, NodeInfo, Presence};
 use tunnel_proto::transport::{Framed, Session, TunnelStream};
 use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
 
-use crate::auth::ca::{CertRole, unix_now};
+use tunnel_proto::unix_now;
+
+use crate::auth::ca::CertRole;
 use crate::backend::{Backend, BackendError, Event};
 use crate::registry::PROXIES_PREFIX;
 
@@ -32,6 +34,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel whose control stream is silent this long (agents ping every few seconds) is dead.
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 const WATCH_RETRY: Duration = Duration::from_secs(1);
+
+/// The live keys under a watched prefix.
+type Items = BTreeMap<String, Vec<u8>>;
+/// What a change under a watched prefix updates.
+type Apply = fn(&TunnelServer, &Items);
 
 struct Entry {
     host_id: String,
@@ -73,19 +80,22 @@ impl TunnelServer {
             shutdown,
             audit: crate::audit::AuditLog::new(audit_dir),
         });
-        let (proxy_items, proxy_events) = server.backend.watch(PROXIES_PREFIX).await?;
-        let (revoked_items, revoked_events) = server.backend.watch(REVOKED_PREFIX).await?;
-        server.set_proxies(&proxy_items);
-        server.set_revoked(&revoked_items);
-        tokio::spawn(server.clone().follow(PROXIES_PREFIX, proxy_events));
-        tokio::spawn(server.clone().follow(REVOKED_PREFIX, revoked_events));
+        for (prefix, apply) in [
+            (PROXIES_PREFIX, Self::set_proxies as Apply),
+            (REVOKED_PREFIX, Self::set_revoked as Apply),
+        ] {
+            let (snapshot, events) = server.backend.watch(prefix).await?;
+            let items: Items = snapshot.into_iter().collect();
+            apply(&server, &items);
+            tokio::spawn(server.clone().follow(prefix, items, events, apply));
+        }
         Ok(server)
     }
 
-    fn set_proxies(&self, items: &[(String, Vec<u8>)]) {
+    fn set_proxies(&self, items: &Items) {
         let mut ids: Vec<ProxyEntry> = items
-            .iter()
-            .filter_map(|(k, _)| k.strip_prefix(PROXIES_PREFIX))
+            .keys()
+            .filter_map(|k| k.strip_prefix(PROXIES_PREFIX))
             .map(|id| ProxyEntry { id: id.to_string() })
             .collect();
         // This proxy is live by definition, even while its registration is being renewed.
@@ -102,28 +112,32 @@ impl TunnelServer {
         });
     }
 
-    fn set_revoked(&self, items: &[(String, Vec<u8>)]) {
+    fn set_revoked(&self, items: &Items) {
         let ids: HashSet<String> = items
-            .iter()
-            .filter_map(|(k, _)| k.strip_prefix(REVOKED_PREFIX))
+            .keys()
+            .filter_map(|k| k.strip_prefix(REVOKED_PREFIX))
             .map(str::to_string)
             .collect();
-        for id in &ids {
+        let newly: Vec<String> = {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            let newly = ids.difference(&revoked).cloned().collect();
+            *revoked = ids;
+            newly
+        };
+        for id in &newly {
             self.disconnect(id, "the node was removed from the cluster");
         }
-        *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }
 
-    /// Applies the changes under `prefix` until shutdown, listing again after a reset.
+    /// Applies the changes under `prefix` to `items` until shutdown, listing again after a
+    /// reset and watching again if the watch ends.
     async fn follow(
         self: Arc<Self>,
         prefix: &'static str,
+        mut items: Items,
         mut events: tokio::sync::mpsc::Receiver<Event>,
+        apply: Apply,
     ) {
-        let mut items: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        if let Ok(current) = self.backend.list(prefix).await {
-            items.extend(current);
-        }
         loop {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -152,13 +166,7 @@ impl TunnelServer {
                     }
                 }
             }
-            let list: Vec<(String, Vec<u8>)> =
-                items.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            if prefix == PROXIES_PREFIX {
-                self.set_proxies(&list);
-            } else {
-                self.set_revoked(&list);
-            }
+            apply(&self, &items);
         }
     }
 
@@ -248,15 +256,6 @@ impl TunnelServer {
                 "{target} did not answer the dial"
             ))),
         }
-    }
-
-    /// How many tunnels this proxy holds.
-    pub fn len(&self) -> usize {
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
@@ -353,16 +352,11 @@ impl TunnelServer {
         let result = self
             .serve_control(&session, &mut control, &mut proxies, &mut presence)
             .await;
-        self.tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        let still_here = self
-            .tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .any(|e| e.host_id == host_id);
+        let still_here = {
+            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            tunnels.remove(&id);
+            tunnels.values().any(|e| e.host_id == host_id)
+        };
         if !still_here {
             let _ = self
                 .backend
@@ -534,11 +528,10 @@ pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendEr
 
 /// Revokes a node: it is disconnected everywhere and refused from now on.
 pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, BackendError> {
-    let known = backend.get(&format!("/nodes/{host_id}")).await?.is_some()
-        || !backend
-            .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
-            .await?
-            .is_empty();
+    let presence = backend
+        .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
+        .await?;
+    let known = !presence.is_empty() || backend.get(&format!("/nodes/{host_id}")).await?.is_some();
     if !known {
         return Ok(false);
     }
@@ -550,10 +543,7 @@ pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, Backen
         )
         .await?;
     backend.delete(&format!("/nodes/{host_id}")).await?;
-    for (key, _) in backend
-        .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
-        .await?
-    {
+    for (key, _) in presence {
         backend.delete(&key).await?;
     }
     Ok(true)

@@ -113,10 +113,9 @@ impl From<AuthError> for ApiFailure {
 
 impl From<TokenError> for ApiFailure {
     fn from(e: TokenError) -> Self {
-        if let TokenError::Backend(b) = e {
-            return backend_failure(b);
-        }
-        let (status, code) = match &e {
+        let message = e.to_string();
+        let (status, code) = match e {
+            TokenError::Backend(b) => return backend_failure(b),
             TokenError::NotFound => (StatusCode::FORBIDDEN, "token_not_found"),
             TokenError::Expired(_) => (StatusCode::FORBIDDEN, "token_expired"),
             TokenError::Revoked => (StatusCode::FORBIDDEN, "token_revoked"),
@@ -125,9 +124,8 @@ impl From<TokenError> for ApiFailure {
             TokenError::Exists => (StatusCode::CONFLICT, "token_exists"),
             TokenError::Static(_) => (StatusCode::BAD_REQUEST, "token_static"),
             TokenError::Ambiguous(_) => (StatusCode::BAD_REQUEST, "token_ambiguous"),
-            TokenError::Backend(_) => unreachable!("handled above"),
         };
-        ApiFailure::new(status, code, e.to_string())
+        ApiFailure::new(status, code, message)
     }
 }
 

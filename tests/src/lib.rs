@@ -131,10 +131,6 @@ impl Daemon {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -409,13 +405,24 @@ impl Etcd {
 
 /// A node joined to `proxy` and holding its tunnels, started with `extra` arguments.
 pub fn start_agent(proxy: &Proxy, data: &Path, name: &str, extra: &[&str]) -> Daemon {
+    start_agent_via(proxy, &proxy.web_addr, data, name, extra)
+}
+
+/// [`start_agent`] with a token from `proxy`, given `addr` (a balancer, say) as its proxy.
+pub fn start_agent_via(
+    proxy: &Proxy,
+    addr: &str,
+    data: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Daemon {
     let token = proxy.node_token(&[]);
     let pin = proxy.pin();
     let mut cmd = bin("burrow-agent");
     cmd.args([
         "start",
         "--proxy",
-        &proxy.web_addr,
+        addr,
         "--ca-pin",
         &pin,
         "--nodename",

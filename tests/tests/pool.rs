@@ -116,27 +116,7 @@ impl Cluster {
 }
 
 fn agent_behind_lb(cluster: &Cluster, data: &Path, extra: &[&str]) -> Daemon {
-    let proxy = cluster.any();
-    let token = proxy.node_token(&[]);
-    let pin = proxy.pin();
-    let mut cmd = bin("burrow-agent");
-    cmd.args([
-        "start",
-        "--proxy",
-        &cluster.lb.addr,
-        "--ca-pin",
-        &pin,
-        "--nodename",
-        "behind-nat",
-        "--token",
-        &token,
-    ])
-    .arg("--data-dir")
-    .arg(data)
-    .args(extra);
-    let mut agent = Daemon::spawn(cmd, "burrow-agent");
-    agent.wait_for("tunnel up");
-    agent
+    start_agent_via(cluster.any(), &cluster.lb.addr, data, "behind-nat", extra)
 }
 
 fn one_tunnel_per_proxy(n: usize) {

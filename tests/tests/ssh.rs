@@ -118,6 +118,14 @@ impl Setup {
         )
     }
 
+    /// Runs `true` on `target` through the ProxyCommand form; it must fail (OpenSSH's 255)
+    /// with `why` on stderr.
+    fn refused(&self, config: &Path, target: &str, why: &str) {
+        let out = self.ssh_proxycommand(config, target, "true");
+        assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(why), "{}", text(&out.stderr));
+    }
+
     fn audit(&self) -> String {
         let dir = self.proxy.data_dir.join("audit");
         let mut all = String::new();
@@ -359,25 +367,13 @@ fn refusals_are_clear_and_audited() {
     // Login not among the certificate's principals.
     s.sign("mallory", "nobody-here", "1h", "wrong-login");
     let cfg = s.config("wrong-login", "known_hosts");
-    let out = s.ssh_proxycommand(&cfg, &target, "true");
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        text(&out.stderr).contains("Permission denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    s.refused(&cfg, &target, "Permission denied");
 
     // An expired certificate.
     s.sign("alice", &s.login, "1s", "short");
     std::thread::sleep(Duration::from_millis(2500));
     let cfg = s.config("short", "known_hosts");
-    let out = s.ssh_proxycommand(&cfg, &target, "true");
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        text(&out.stderr).contains("Permission denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    s.refused(&cfg, &target, "Permission denied");
 
     // A certificate from another cluster's user CA.
     let other = Proxy::start(&s.dir.join("other"), &[]);
@@ -393,13 +389,7 @@ fn refusals_are_clear_and_audited() {
     ]);
     assert!(out.status.success());
     let cfg = s.config("foreign", "known_hosts");
-    let out = s.ssh_proxycommand(&cfg, &target, "true");
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        text(&out.stderr).contains("Permission denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    s.refused(&cfg, &target, "Permission denied");
 
     // The client refuses a node whose host certificate is from another CA.
     std::fs::write(
@@ -408,22 +398,14 @@ fn refusals_are_clear_and_audited() {
     )
     .unwrap();
     let cfg = s.config("alice", "other_known_hosts");
-    let out = s.ssh_proxycommand(&cfg, &target, "true");
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        text(&out.stderr).contains("Host key verification failed"),
-        "{}",
-        text(&out.stderr)
-    );
+    s.refused(&cfg, &target, "Host key verification failed");
 
     // An unknown node name: the user is told so.
     let cfg = s.config("alice", "known_hosts");
-    let out = s.ssh_proxycommand(&cfg, &format!("{}@no-such-node", s.login), "true");
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        text(&out.stderr).contains("burrow: no node is called \"no-such-node\""),
-        "{}",
-        text(&out.stderr)
+    s.refused(
+        &cfg,
+        &format!("{}@no-such-node", s.login),
+        "burrow: no node is called \"no-such-node\"",
     );
 
     let audit = eventually(WAIT, || {

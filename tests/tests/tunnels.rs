@@ -220,7 +220,6 @@ fn garbage_and_oversized_frames_close_only_that_tunnel() {
     // A second, legitimate node identity that will misbehave on the wire.
     let bad = dir.path().join("bad");
     drop(start_agent(&proxy, &bad, "bad", &["--transport", "tcp"]));
-    let bad_id = host_id(&bad);
     let config = std::sync::Arc::new(
         tls::unverified_client_config_with(Some(identity_of(&bad)), &[ALPN_TUNNEL]).unwrap(),
     );
@@ -262,7 +261,6 @@ fn garbage_and_oversized_frames_close_only_that_tunnel() {
     let listed = nodes(&proxy);
     assert!(listed.contains_key(&good_id), "{listed:?}");
     assert!(proxy.ctl(&["status"]).status.success());
-    let _ = bad_id;
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! What lives here:
 //! - [`api`]: the JSON messages of the proxy's web API (find, join, admin), shared by the proxy, the
 //!   agent and `burrowctl`, and the error envelope every endpoint answers with.
+//! - [`daemon`]: the daemons' edges: YAML config files, logging, signals.
 //! - [`pin`]: the CA pin (`sha256:<hex>` of a CA certificate's DER SubjectPublicKeyInfo), parsed into
 //!   a validated type and compared in constant time.
 //! - [`tls`]: rustls configurations (ring provider only) and the verifier that trusts the cluster's
@@ -20,6 +21,7 @@
 //! `api`, `pin`, `secret` and `wire` do no I/O.
 
 pub mod api;
+pub mod daemon;
 pub mod fsutil;
 pub mod notify;
 pub mod pin;
@@ -32,3 +34,20 @@ pub mod wire;
 
 /// The version every Burrow binary reports; agents and proxies exchange it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Wall-clock time since the Unix epoch (0 if the clock is before it).
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Unix seconds, as certificates, tokens and records count them.
+pub fn unix_now() -> u64 {
+    since_epoch().as_secs()
+}
+
+/// Unix milliseconds.
+pub fn unix_now_ms() -> u64 {
+    u64::try_from(since_epoch().as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,7 +1,7 @@
 //! What the proxy's and the node's SSH servers share: their russh configuration, and the checks
 //! every user certificate must pass before either looks at logins.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
@@ -23,13 +23,6 @@ pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Confi
         nodelay: true,
         ..Default::default()
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A user certificate: of type user, signed by one of `user_cas`, valid at `now`.

@@ -38,17 +38,6 @@ pub enum WebError {
     BadAddress(String),
 }
 
-impl WebError {
-    /// Whether retrying the same request later can help.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            WebError::Unreachable { .. } => true,
-            WebError::Api { status, .. } => *status == 429 || *status >= 500,
-            _ => false,
-        }
-    }
-}
-
 /// HTTPS client for one proxy address.
 #[derive(Clone)]
 pub struct WebClient {

@@ -7,7 +7,7 @@
 //! Certificates carry their holder's role in the subject's organization ([`CertRole`]); the web API
 //! and the tunnel listeners read it after rustls has checked the chain to the host CA.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::RngExt;
 use rcgen::{
@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
 use tunnel_proto::tls::CLUSTER_SERVER_NAME;
+use tunnel_proto::unix_now;
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Node certificates live as long as the CA: a device in the field has no way to renew yet, and
@@ -353,13 +354,6 @@ fn random_serial() -> SerialNumber {
     // A positive DER integer without a leading zero byte.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A random host id in the UUID v4 text format.

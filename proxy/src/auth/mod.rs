@@ -9,7 +9,9 @@ use russh::keys::ssh_key::{Algorithm, PublicKey};
 use serde::{Deserialize, Serialize};
 use tunnel_proto::api::{JoinRequest, JoinResponse, Labels, Role};
 
-use self::ca::{Authorities, StoredAuthorities, new_host_id, unix_now};
+use tunnel_proto::unix_now;
+
+use self::ca::{Authorities, StoredAuthorities, new_host_id};
 use self::tokens::{StaticToken, TokenError, TokenStore};
 use crate::backend::{Backend, BackendError};
 

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tunnel_proto::api::{Labels, Role, TokenAdded, TokenInfo, TokenKind};
 use tunnel_proto::secret::Secret;
+use tunnel_proto::unix_now;
 
-use super::ca::unix_now;
 use crate::backend::{Backend, BackendError};
 
 const PREFIX: &str = "/tokens/";

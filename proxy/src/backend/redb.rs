@@ -7,11 +7,12 @@
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use tokio::sync::{broadcast, mpsc};
+use tunnel_proto::unix_now_ms;
 
 use super::{Backend, BackendError, Event, LeaseId, Snapshot};
 
@@ -72,13 +73,6 @@ impl RedbBackend {
 
 fn storage(e: impl std::fmt::Display) -> BackendError {
     BackendError::Storage(e.to_string())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> u64 {
@@ -168,7 +162,7 @@ impl Inner {
         let Some(raw) = kv.get(key).map_err(storage)? else {
             return Ok(None);
         };
-        Ok(decode(raw.value(), now_ms(), &leases)?.map(<[u8]>::to_vec))
+        Ok(decode(raw.value(), unix_now_ms(), &leases)?.map(<[u8]>::to_vec))
     }
 
     /// One write transaction; `f` returns its result and the events to publish after commit.
@@ -195,7 +189,7 @@ impl Inner {
 
     /// Deletes expired keys and leases, telling watchers.
     fn sweep(&self) -> Result<(), BackendError> {
-        let now = now_ms();
+        let now = unix_now_ms();
         self.write(|kv, leases| {
             let mut expired = Vec::new();
             for entry in kv.iter().map_err(storage)? {
@@ -249,7 +243,7 @@ impl Backend for RedbBackend {
     ) -> Result<(), BackendError> {
         let key = key.to_string();
         self.blocking(move |inner| {
-            let record = encode_ttl(&value, ttl, now_ms());
+            let record = encode_ttl(&value, ttl, unix_now_ms());
             inner.write(|kv, _| {
                 kv.insert(key.as_str(), record.as_slice())
                     .map_err(storage)?;
@@ -269,7 +263,7 @@ impl Backend for RedbBackend {
         let key = key.to_string();
         let expected = expected.map(<[u8]>::to_vec);
         self.blocking(move |inner| {
-            let now = now_ms();
+            let now = unix_now_ms();
             // redb has one writer at a time: read-compare-write in one write transaction is atomic.
             inner.write(|kv, leases| {
                 let current = match kv.get(key.as_str()).map_err(storage)? {
@@ -290,7 +284,7 @@ impl Backend for RedbBackend {
     async fn delete(&self, key: &str) -> Result<bool, BackendError> {
         let key = key.to_string();
         self.blocking(move |inner| {
-            let now = now_ms();
+            let now = unix_now_ms();
             inner.write(|kv, leases| {
                 let existed = match kv.remove(key.as_str()).map_err(storage)? {
                     Some(raw) => decode(raw.value(), now, &*leases)?.is_some(),
@@ -310,7 +304,7 @@ impl Backend for RedbBackend {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
         let prefix = prefix.to_string();
         self.blocking(move |inner| {
-            let now = now_ms();
+            let now = unix_now_ms();
             let txn = inner.db.begin_read().map_err(storage)?;
             let kv = txn.open_table(KV).map_err(storage)?;
             let leases = txn.open_table(LEASES).map_err(storage)?;
@@ -334,7 +328,7 @@ impl Backend for RedbBackend {
         self.blocking(move |inner| {
             // Positive i64 ids, like etcd's.
             let id = (rand::random::<u64>() >> 1).max(1);
-            let record = lease_record(ms(ttl), now_ms().saturating_add(ms(ttl)));
+            let record = lease_record(ms(ttl), unix_now_ms().saturating_add(ms(ttl)));
             inner.write(|_, leases| {
                 leases.insert(id, record.as_slice()).map_err(storage)?;
                 Ok(((), vec![]))
@@ -347,7 +341,7 @@ impl Backend for RedbBackend {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), BackendError> {
         let id = lease.0 as u64;
         self.blocking(move |inner| {
-            let now = now_ms();
+            let now = unix_now_ms();
             inner.write(|_, leases| {
                 let ttl_ms = match leases.get(id).map_err(storage)? {
                     Some(raw) if lease_expiry(raw.value()).is_some_and(|e| e > now) => {
@@ -376,7 +370,7 @@ impl Backend for RedbBackend {
         let key = key.to_string();
         let id = lease.0 as u64;
         self.blocking(move |inner| {
-            let now = now_ms();
+            let now = unix_now_ms();
             inner.write(|kv, leases| {
                 if leases.lease_expires(id)?.is_none_or(|e| e <= now) {
                     return Err(BackendError::LeaseExpired);

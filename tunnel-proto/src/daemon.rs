@@ -1,0 +1,49 @@
+//! What both daemons do at their edges: read their YAML config file, log to stderr, and turn
+//! SIGTERM/SIGINT into a cancelled shutdown token.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+/// Reads a YAML config file; an empty file is the default config. Errors name the file.
+pub fn read_yaml_config<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_norway::from_str(&text)
+        .map_err(|e| format!("config file {} is invalid: {e}", path.display()))
+}
+
+/// Logs to stderr at info (or debug), unless `RUST_LOG` says otherwise; colours only on a tty.
+pub fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
