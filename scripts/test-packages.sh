@@ -11,6 +11,8 @@ command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
 command -v cargo-generate-rpm >/dev/null 2>&1 || cargo install cargo-generate-rpm --locked
 
 fail() { echo "test-packages: FAIL: $*" >&2; exit 1; }
+# Checks read a command's whole output first: with pipefail, `cmd | grep -q` fails whenever grep
+# exits before cmd has written everything (cmd dies of SIGPIPE).
 check() { "$@" || fail "$*"; }
 mode() { stat -c %a "$1"; }
 
@@ -49,25 +51,25 @@ done
 info=$(dpkg-deb -I "$agent_deb")
 grep -q "Package: burrow-agent" <<<"$info" || fail "package name"
 grep -q "Architecture: amd64" <<<"$info" || fail "architecture"
-dpkg-deb -I "$agent_deb" conffiles | grep -qx "/etc/burrow/agent.yaml" || fail "agent.yaml is not a conffile"
-dpkg-deb -c "$proxy_deb" | grep -q " ./usr/bin/burrowctl$" || fail "the proxy package lacks burrowctl"
+grep -qx "/etc/burrow/agent.yaml" <<<"$(dpkg-deb -I "$agent_deb" conffiles)" || fail "agent.yaml is not a conffile"
+grep -q " ./usr/bin/burrowctl$" <<<"$(dpkg-deb -c "$proxy_deb")" || fail "the proxy package lacks burrowctl"
 for t in aarch64-unknown-linux-musl:arm64 armv7-unknown-linux-musleabihf:armhf; do
   triple=${t%%:*}; arch=${t##*:}
   if [ -f "target/$triple/release/burrow-agent" ]; then
     deb=$(ls target/$triple/debian/burrow-agent_*_"$arch".deb)
-    dpkg-deb -I "$deb" | grep -q "Architecture: $arch" || fail "$deb architecture"
+    grep -q "Architecture: $arch" <<<"$(dpkg-deb -I "$deb")" || fail "$deb architecture"
     if command -v rpm >/dev/null 2>&1; then
       want=$([ "$arch" = armhf ] && echo armv7hl || echo aarch64)
       rpm_file=$(ls target/$triple/generate-rpm/burrow-agent-*."$want".rpm)
-      rpm -qp --queryformat '%{ARCH}\n' "$rpm_file" | grep -qx "$want" || fail "$rpm_file arch"
+      grep -qx "$want" <<<"$(rpm -qp --queryformat '%{ARCH}\n' "$rpm_file")" || fail "$rpm_file arch"
     fi
   fi
 done
 if command -v rpm >/dev/null 2>&1; then
-  rpm -qlp "$agent_rpm" | grep -qx /usr/bin/burrow-agent || fail "rpm file list"
-  rpm -qlp "$proxy_rpm" | grep -qx /usr/bin/burrowctl || fail "proxy rpm file list"
-  rpm -qp --scripts "$agent_rpm" | grep -q "postinstall scriptlet" || fail "rpm scripts"
-  rpm -qp --queryformat '%{ARCH}\n' "$agent_rpm" | grep -qx x86_64 || fail "rpm arch"
+  grep -qx /usr/bin/burrow-agent <<<"$(rpm -qlp "$agent_rpm")" || fail "rpm file list"
+  grep -qx /usr/bin/burrowctl <<<"$(rpm -qlp "$proxy_rpm")" || fail "proxy rpm file list"
+  grep -q "postinstall scriptlet" <<<"$(rpm -qp --scripts "$agent_rpm")" || fail "rpm scripts"
+  grep -qx x86_64 <<<"$(rpm -qp --queryformat '%{ARCH}\n' "$agent_rpm")" || fail "rpm arch"
 fi
 
 echo "==> installing the agent package"
@@ -80,7 +82,7 @@ check test "$(mode /var/lib/burrow)" = 700
 check test -f /lib/systemd/system/burrow-agent.service
 check test -L /etc/systemd/system/multi-user.target.wants/burrow-agent.service
 systemd-analyze verify /lib/systemd/system/burrow-agent.service || fail "systemd-analyze verify"
-/usr/bin/burrow-agent version | grep -q "burrow-agent " || fail "the installed agent runs"
+grep -q "burrow-agent " <<<"$(/usr/bin/burrow-agent version)" || fail "the installed agent runs"
 # Not configured yet: the agent refuses with a configuration error (exit 2), so the unit
 # (RestartPreventExitStatus=2) would not loop.
 set +e
@@ -112,7 +114,7 @@ $SUDO dpkg -i "$proxy_deb" >/dev/null
 check getent passwd burrow >/dev/null
 check test "$(stat -c %U:%a /var/lib/burrow-proxy)" = burrow:700
 check test "$(stat -c %U:%G:%a /etc/burrow/proxy.yaml)" = root:burrow:640
-/usr/bin/burrowctl version | grep -q "burrowctl " || fail "burrowctl runs"
+grep -q "burrowctl " <<<"$(/usr/bin/burrowctl version)" || fail "burrowctl runs"
 systemd-analyze verify /lib/systemd/system/burrow-proxy.service || fail "systemd-analyze verify proxy"
 $SUDO dpkg -P burrow-proxy >/dev/null
 check test ! -e /var/lib/burrow-proxy
