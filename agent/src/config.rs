@@ -95,6 +95,9 @@ pub struct FileConfig {
     pub commands: Vec<CommandLabel>,
     pub transport: Option<TransportMode>,
     pub ssh_listen: Option<String>,
+    /// Where `ssh -L` may connect from this node (sshd's PermitOpen).
+    #[serde(default)]
+    pub permit_open: Vec<String>,
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
@@ -123,6 +126,8 @@ pub struct AgentConfig {
     pub transport: TransportMode,
     /// A local SSH listener besides the tunnels; `None`: off.
     pub ssh_listen: Option<std::net::SocketAddr>,
+    /// Where `direct-tcpip` may connect.
+    pub permit_open: crate::ssh::PermitOpen,
     pub insecure: bool,
     pub debug: bool,
 }
@@ -204,6 +209,7 @@ impl AgentConfig {
                 ))
             })?),
         };
+        let permit_open = crate::ssh::PermitOpen::parse(&file.permit_open).map_err(err)?;
         Ok(Self {
             data_dir,
             token,
@@ -214,6 +220,7 @@ impl AgentConfig {
             commands,
             transport: args.transport.or(file.transport).unwrap_or_default(),
             ssh_listen,
+            permit_open,
             insecure: args.insecure || file.insecure,
             debug: args.debug || file.debug,
         })
@@ -261,6 +268,13 @@ transport: auto
 
 # Also serve SSH on a local address, besides the tunnels ("off" by default).
 #ssh_listen: 0.0.0.0:3022
+
+# Where `ssh -L` through this node may connect, as sshd's PermitOpen: any (the default), none,
+# or a list of HOST:PORT entries where either side may be "*". Certificates issued with
+# `burrowctl auth sign --no-port-forwarding` cannot forward at all.
+#permit_open:
+#  - 127.0.0.1:8080
+#  - "db.lan:*"
 
 # Do not verify the proxy's web certificate when joining. Development only.
 insecure: false

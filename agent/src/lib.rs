@@ -89,7 +89,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .await
         .unwrap_or_else(|| config.proxy.clone());
     tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
-    let ssh = std::sync::Arc::new(ssh::SshContext::new(&identity)?);
+    let ssh = std::sync::Arc::new(ssh::SshContext::new(&identity, config.permit_open.clone())?);
     if let Some(addr) = config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             AgentError::Runtime(anyhow::anyhow!("cannot listen for SSH on {addr}: {e}"))

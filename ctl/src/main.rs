@@ -84,6 +84,15 @@ enum AuthCommand {
         /// Where to write the private key; the certificate goes to PATH-cert.pub.
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
+        /// Leave out permit-port-forwarding: nodes refuse `ssh -L` with this certificate.
+        #[arg(long)]
+        no_port_forwarding: bool,
+        /// Leave out permit-pty: nodes refuse a terminal to this certificate.
+        #[arg(long)]
+        no_pty: bool,
+        /// Run this command instead of whatever the user asks for (shell, command, sftp).
+        #[arg(long, value_name = "COMMAND")]
+        force_command: Option<String>,
     },
     /// Print a CA for OpenSSH: host → a known_hosts @cert-authority line, user → a
     /// TrustedUserCAKeys line for sshd.
@@ -269,7 +278,18 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             logins,
             ttl,
             out,
-        }) => auth_sign(&admin, cli.format, user, logins, parse_ttl(ttl)?, out).await,
+            no_port_forwarding,
+            no_pty,
+            force_command,
+        }) => {
+            let permissions = api::Permissions {
+                pty: !no_pty,
+                port_forwarding: !no_port_forwarding,
+                force_command: force_command.clone(),
+            };
+            let ttl = parse_ttl(ttl)?;
+            auth_sign(&admin, cli.format, user, logins, ttl, permissions, out).await
+        }
         Command::Auth(AuthCommand::Export { kind }) => {
             let export: api::ExportResponse = admin
                 .client
@@ -507,6 +527,7 @@ async fn auth_sign(
     user: &str,
     logins: &str,
     ttl: Duration,
+    permissions: api::Permissions,
     out: &Path,
 ) -> Result<(), Failure> {
     use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey};
@@ -539,6 +560,7 @@ async fn auth_sign(
                 logins: logins.clone(),
                 ttl_seconds: ttl.as_secs(),
                 public_key: public.clone(),
+                permissions: permissions.clone(),
             },
         )
         .await?;
@@ -564,6 +586,7 @@ async fn auth_sign(
             "key": out.display().to_string(),
             "certificate": cert_path.display().to_string(),
             "ttl_seconds": ttl.as_secs(),
+            "permissions": permissions,
         })),
         Format::Text => {
             println!(

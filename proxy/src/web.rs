@@ -403,15 +403,22 @@ async fn auth_sign(
     if ttl.is_zero() || ttl > MAX_USER_CERT_TTL {
         return Err(bad("the TTL must be between 1s and 30 days".into()));
     }
+    if let Some(command) = &req.permissions.force_command
+        && (command.trim().is_empty() || command.len() > 4096 || command.contains('\0'))
+    {
+        return Err(bad(
+            "force_command must be a non-empty command of at most 4096 bytes".into(),
+        ));
+    }
     let key = russh::keys::ssh_key::PublicKey::from_openssh(req.public_key.trim())
         .map_err(|_| bad("public_key is not an OpenSSH public key".into()))?;
     let cert = state
         .auth
         .authorities
-        .sign_user_ssh(&key, &req.user, &req.logins, ttl)
+        .sign_user_ssh(&key, &req.user, &req.logins, ttl, &req.permissions)
         .and_then(|c| Ok(c.to_openssh()?))
         .map_err(internal)?;
-    tracing::info!(user = %req.user, logins = %req.logins.join(","), ttl = ?ttl, "user certificate issued");
+    tracing::info!(user = %req.user, logins = %req.logins.join(","), ttl = ?ttl, permissions = ?req.permissions, "user certificate issued");
     Ok(Json(api::SignResponse { certificate: cert }))
 }
 

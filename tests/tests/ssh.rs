@@ -453,3 +453,284 @@ fn ambiguous_names_list_host_ids_and_the_local_listener_serves_ssh() {
     ]));
     assert_eq!(text(&out.stdout), "local\n", "{}", text(&out.stderr));
 }
+
+/// Starts an echo service on 127.0.0.1 that serves `n` connections; returns its port.
+fn echo_server(n: usize) -> u16 {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming().take(n) {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+impl Setup {
+    /// `ssh -W 127.0.0.1:PORT` (stdio forwarding, a direct-tcpip channel) to `node`, sending
+    /// "ping" and closing.
+    fn forward(&self, config: &Path, node: &str, port: u16) -> Output {
+        run_bounded(Command::new("sh").arg("-c").arg(format!(
+            "printf ping | ssh -F {} -J {} -p 3022 -W 127.0.0.1:{port} {}@{node}",
+            config.display(),
+            self.jump(),
+            self.login
+        )))
+    }
+}
+
+#[test]
+fn one_sessions_terminal_never_leaks_into_another_session() {
+    let s = Setup::new();
+    let cfg = s.config("alice", "known_hosts");
+    // A session holding a PTY, as a root shell would.
+    let mut holder = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-tt", "-J", &s.jump(), "-p", "3022"])
+        .arg(format!("{}@node1", s.login))
+        .arg("echo holding; sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = holder.stdout.take().unwrap();
+    let mut first = [0u8; 7];
+    out.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"holding");
+
+    // Another session sees nothing but its own descriptors (0-2, and ls's directory)...
+    let listed = s.ssh(&cfg, &format!("{}@node1", s.login), "ls /proc/self/fd");
+    // ...and one with a terminal of its own holds no PTY master (the holder's is /dev/ptmx).
+    let with_tty = run_bounded(Command::new("ssh").arg("-F").arg(&cfg).args([
+        "-tt",
+        "-J",
+        &s.jump(),
+        "-p",
+        "3022",
+        &format!("{}@node1", s.login),
+        "ls -l /proc/self/fd/ | grep -c ptmx",
+    ]));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        text(&listed.stdout),
+        "0\n1\n2\n3\n",
+        "{}",
+        text(&listed.stderr)
+    );
+    assert_eq!(
+        text(&with_tty.stdout).trim(),
+        "0",
+        "{}",
+        text(&with_tty.stderr)
+    );
+}
+
+/// A throwaway OS login with a supplementary group, removed with its home on drop.
+struct TestLogin {
+    name: String,
+    group: String,
+}
+
+impl TestLogin {
+    /// `None` (with a note) where the tests cannot create users.
+    fn create() -> Option<TestLogin> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating a login needs root");
+            return None;
+        }
+        let name = format!("bt{}", std::process::id());
+        let group = format!("{name}g");
+        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        if !ok(Command::new("groupadd").arg(&group)) {
+            eprintln!("skipped: groupadd is not available");
+            return None;
+        }
+        let login = TestLogin { name, group };
+        assert!(ok(Command::new("useradd").args([
+            "-m",
+            "-s",
+            "/bin/sh",
+            "-G",
+            &login.group,
+            &login.name
+        ])));
+        Some(login)
+    }
+}
+
+impl Drop for TestLogin {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["-r", &self.name]).status();
+        let _ = Command::new("groupdel").arg(&self.group).status();
+    }
+}
+
+#[test]
+fn sessions_run_as_the_login_with_its_groups_home_and_terminal() {
+    let Some(user) = TestLogin::create() else {
+        return;
+    };
+    let s = Setup::new();
+    s.sign("alice", &user.name, "1h", "as-user");
+    let cfg = s.config("as-user", "known_hosts");
+    let out = run_bounded(Command::new("ssh").arg("-F").arg(&cfg).args([
+        "-tt",
+        "-J",
+        &s.jump(),
+        "-p",
+        "3022",
+        &format!("{}@node1", user.name),
+        "id -un; id -Gn; pwd; stat -c '%U %G %a' $(tty); grep ^CapEff /proc/self/status",
+    ]));
+    let got = text(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 5, "{got} {}", text(&out.stderr));
+    assert_eq!(lines[0], user.name);
+    assert!(
+        lines[1].split(' ').any(|g| g == user.group),
+        "supplementary group missing: {got}"
+    );
+    assert_eq!(lines[2], format!("/home/{}", user.name));
+    assert_eq!(lines[3], format!("{} tty 620", user.name));
+    assert_eq!(lines[4].split_whitespace().nth(1), Some("0000000000000000"));
+}
+
+#[test]
+fn certificate_rights_pty_forwarding_and_forced_commands_hold() {
+    let s = Setup::new();
+    let target = format!("{}@node1", s.login);
+    let echo = echo_server(8);
+
+    // A full certificate forwards.
+    let cfg = s.config("alice", "known_hosts");
+    let out = s.forward(&cfg, "node1", echo);
+    assert_eq!(text(&out.stdout), "ping", "{}", text(&out.stderr));
+
+    // Without permit-port-forwarding the node refuses -W/-L, and says why in the audit log.
+    let out = s.proxy.ctl(&[
+        "auth",
+        "sign",
+        "--user",
+        "bob",
+        "--logins",
+        &s.login,
+        "--no-port-forwarding",
+        "--no-pty",
+        "--out",
+        s.dir.join("limited").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let limited = s.config("limited", "known_hosts");
+    let out = s.forward(&limited, "node1", echo);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("stdio forwarding failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let audit = eventually(WAIT, || {
+        Some(s.audit()).filter(|a| a.contains("port_forward.refused"))
+    })
+    .expect("refused forwards are audited");
+    assert!(
+        audit.contains("the certificate does not permit port forwarding"),
+        "{audit}"
+    );
+    // Without permit-pty the node refuses a terminal (and ssh -tt gives up).
+    let out = run_bounded(Command::new("ssh").arg("-F").arg(&limited).args([
+        "-tt",
+        "-J",
+        &s.jump(),
+        "-p",
+        "3022",
+        &target,
+        "true",
+    ]));
+    assert!(
+        text(&out.stderr).contains("PTY allocation request failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A forced command runs instead of the sftp subsystem: nothing is uploaded.
+    let marker = s.dir.join("forced-ran");
+    let out = s.proxy.ctl(&[
+        "auth",
+        "sign",
+        "--user",
+        "carol",
+        "--logins",
+        &s.login,
+        "--force-command",
+        &format!("echo \"$SSH_ORIGINAL_COMMAND\" > {}", marker.display()),
+        "--out",
+        s.dir.join("forced").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let forced = s.config("forced", "known_hosts");
+    std::fs::write(s.dir.join("upload"), b"data").unwrap();
+    let out = run_bounded(Command::new("sh").arg("-c").arg(format!(
+        "echo 'put {} {}' | sftp -F {} -J {} -P 3022 -b - {target}",
+        s.dir.join("upload").display(),
+        s.dir.join("uploaded").display(),
+        forced.display(),
+        s.jump(),
+    )));
+    assert_ne!(out.status.code(), Some(0), "sftp must not get a session");
+    let ran = eventually(WAIT, || std::fs::read_to_string(&marker).ok());
+    assert_eq!(ran.as_deref(), Some("sftp\n"));
+    assert!(
+        !s.dir.join("uploaded").exists(),
+        "the forced command was bypassed"
+    );
+    // Nor a forward.
+    let out = s.forward(&forced, "node1", echo);
+    assert!(text(&out.stderr).contains("stdio forwarding failed"));
+}
+
+#[test]
+fn permit_open_limits_where_the_node_forwards() {
+    let s = Setup::new();
+    let allowed = echo_server(4);
+    let other = echo_server(4);
+    let config = s.dir.join("agent2.yaml");
+    std::fs::write(
+        &config,
+        format!("permit_open:\n  - 127.0.0.1:{allowed}\n  - \"localhost:*\"\n"),
+    )
+    .unwrap();
+    let _node2 = start_agent(
+        &s.proxy,
+        &s.dir.join("agent2"),
+        "node2",
+        &["--config", config.to_str().unwrap()],
+    );
+    let cfg = s.config("alice", "known_hosts");
+    let out = s.forward(&cfg, "node2", allowed);
+    assert_eq!(text(&out.stdout), "ping", "{}", text(&out.stderr));
+    let out = s.forward(&cfg, "node2", other);
+    assert!(
+        text(&out.stderr).contains("stdio forwarding failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    // node1 keeps OpenSSH's default: anywhere.
+    let out = s.forward(&cfg, "node1", other);
+    assert_eq!(text(&out.stdout), "ping", "{}", text(&out.stderr));
+    let audit = eventually(WAIT, || {
+        Some(s.audit()).filter(|a| a.contains("port_forward.refused"))
+    })
+    .expect("refused forwards are audited");
+    assert!(audit.contains("permit_open"), "{audit}");
+}

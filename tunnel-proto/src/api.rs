@@ -268,6 +268,29 @@ pub struct SignRequest {
     pub ttl_seconds: u64,
     /// The user's public key, OpenSSH format; the private key never leaves burrowctl.
     pub public_key: String,
+    /// What the certificate permits beyond a session; absent: what OpenSSH's ssh-keygen grants.
+    #[serde(default)]
+    pub permissions: Permissions,
+}
+
+/// The `permit-*` extensions and the `force-command` option of a user certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permissions {
+    pub pty: bool,
+    pub port_forwarding: bool,
+    /// Runs instead of whatever the user asks for (shell, command or subsystem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_command: Option<String>,
+}
+
+impl Default for Permissions {
+    fn default() -> Self {
+        Self {
+            pty: true,
+            port_forwarding: true,
+            force_command: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

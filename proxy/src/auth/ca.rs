@@ -19,6 +19,7 @@ use russh::keys::ssh_key::certificate::{Builder as SshCertBuilder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tunnel_proto::api::Permissions;
 use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
 use tunnel_proto::tls::CLUSTER_SERVER_NAME;
@@ -260,6 +261,7 @@ impl Authorities {
         user: &str,
         logins: &[String],
         ttl: Duration,
+        permissions: &Permissions,
     ) -> Result<Certificate, CaError> {
         let mut rng = rand::rng();
         let now = unix_now();
@@ -276,13 +278,19 @@ impl Authorities {
         for login in logins {
             builder.valid_principal(login.as_str())?;
         }
-        for ext in [
-            "permit-pty",
-            "permit-port-forwarding",
-            "permit-agent-forwarding",
-            "permit-X11-forwarding",
-            "permit-user-rc",
-        ] {
+        if let Some(command) = &permissions.force_command {
+            builder.critical_option("force-command", command.as_str())?;
+        }
+        // Extensions are sorted by name in the encoding, as OpenSSH requires.
+        let mut extensions = vec!["permit-X11-forwarding", "permit-agent-forwarding"];
+        if permissions.port_forwarding {
+            extensions.push("permit-port-forwarding");
+        }
+        if permissions.pty {
+            extensions.push("permit-pty");
+        }
+        extensions.push("permit-user-rc");
+        for ext in extensions {
             builder.extension(ext, "")?;
         }
         Ok(builder.sign(&self.user_ssh)?)

@@ -7,12 +7,18 @@
 //! env, window changes, signals, the SFTP subsystem (the system's sftp-server), and
 //! `direct-tcpip` forwarding. Every session start and end, exec and failed login becomes an
 //! audit event.
+//!
+//! - [`policy`]: the certificate checks and where forwarding may connect.
+//! - [`process`]: starting programs as the login (privilege drop, PTYs, no leaked descriptors)
+//!   and signalling them safely.
+
+mod policy;
+mod process;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Stdio;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,15 +31,9 @@ use tunnel_proto::api::Labels;
 use tunnel_proto::transport::TunnelStream;
 use tunnel_proto::wire::AuditEvent;
 
+pub use self::policy::{Grant, PermitOpen, check_certificate};
+use self::process::{Io, Login, ProcessGroup, Program, PtySpec};
 use crate::identity::Identity;
-
-/// Where Debian, Fedora and Arch keep OpenSSH's SFTP server.
-const SFTP_SERVERS: &[&str] = &[
-    "/usr/lib/openssh/sftp-server",
-    "/usr/libexec/openssh/sftp-server",
-    "/usr/lib/ssh/sftp-server",
-    "/usr/libexec/sftp-server",
-];
 
 /// What every SSH connection on this node shares.
 pub struct SshContext {
@@ -41,10 +41,12 @@ pub struct SshContext {
     pub user_cas: Vec<PublicKey>,
     pub node_name: String,
     pub host_id: String,
+    /// Where `direct-tcpip` may connect.
+    pub permit_open: PermitOpen,
 }
 
 impl SshContext {
-    pub fn new(identity: &Identity) -> anyhow::Result<Self> {
+    pub fn new(identity: &Identity, permit_open: PermitOpen) -> anyhow::Result<Self> {
         let key = PrivateKey::from_openssh(identity.ssh_key.expose())?;
         let cert = Certificate::from_openssh(&identity.ssh_cert)?;
         let user_cas = identity
@@ -58,6 +60,7 @@ impl SshContext {
             user_cas,
             node_name: identity.node_name.clone(),
             host_id: identity.host_id.clone(),
+            permit_open,
         })
     }
 }
@@ -128,11 +131,11 @@ pub async fn serve_listener(
 
 #[derive(Default)]
 struct ChanState {
-    pty: Option<(String, u16, u16)>,
+    pty: Option<PtySpec>,
     env: Vec<(String, String)>,
     stdin: Option<mpsc::Sender<Vec<u8>>>,
     master: Option<Arc<OwnedFd>>,
-    child: Option<nix::unistd::Pid>,
+    group: Option<Arc<ProcessGroup>>,
 }
 
 struct NodeHandler {
@@ -140,88 +143,12 @@ struct NodeHandler {
     client: String,
     client_ip: Option<IpAddr>,
     audit: mpsc::Sender<AuditEvent>,
-    login: Option<String>,
+    login: Option<Login>,
     user: Option<String>,
     force_command: Option<String>,
     permit_pty: bool,
     permit_port_forwarding: bool,
     channels: HashMap<ChannelId, ChanState>,
-}
-
-/// What a valid certificate grants.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Grant {
-    pub force_command: Option<String>,
-    pub permit_pty: bool,
-    pub permit_port_forwarding: bool,
-}
-
-/// The checks OpenSSH's sshd makes of a user certificate, against this cluster's user CAs.
-pub fn check_certificate(
-    cert: &Certificate,
-    login: &str,
-    user_cas: &[PublicKey],
-    client_ip: Option<IpAddr>,
-    now: u64,
-) -> Result<Grant, String> {
-    tunnel_proto::sshcert::check_user_certificate(cert, user_cas, now)?;
-    if !cert.valid_principals().iter().any(|p| p == login) {
-        return Err(format!(
-            "login {login:?} is not among the certificate's principals"
-        ));
-    }
-    let mut force_command = None;
-    for (name, value) in cert.critical_options().iter() {
-        match name.as_str() {
-            "force-command" => force_command = Some(value.clone()),
-            "source-address" => {
-                let ip = client_ip.ok_or("the client address is unknown")?;
-                if !value.split(',').any(|cidr| cidr_contains(cidr.trim(), ip)) {
-                    return Err(format!(
-                        "source address {ip} is not allowed by the certificate"
-                    ));
-                }
-            }
-            other => return Err(format!("unsupported critical option {other:?}")),
-        }
-    }
-    Ok(Grant {
-        force_command,
-        permit_pty: cert.extensions().contains_key("permit-pty"),
-        permit_port_forwarding: cert.extensions().contains_key("permit-port-forwarding"),
-    })
-}
-
-fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
-    let (net, bits) = match cidr.split_once('/') {
-        Some((n, b)) => (n, b.parse::<u32>().ok()),
-        None => (cidr, None),
-    };
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    match (net.parse::<IpAddr>(), ip) {
-        (Ok(IpAddr::V4(n)), IpAddr::V4(a)) => {
-            let bits = bits.unwrap_or(32).min(32);
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (Ok(IpAddr::V6(n)), IpAddr::V6(a)) => {
-            let bits = bits.unwrap_or(128).min(128);
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - bits)
-            };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
 }
 
 impl NodeHandler {
@@ -234,7 +161,7 @@ impl NodeHandler {
             fields.insert("user".into(), u.clone());
         }
         if let Some(l) = &self.login {
-            fields.insert("login".into(), l.clone());
+            fields.insert("login".into(), l.name.clone());
         }
         for (k, v) in extra {
             fields.insert((*k).to_string(), v.clone());
@@ -257,28 +184,34 @@ impl NodeHandler {
             return Ok(());
         };
         let state = self.channels.entry(id).or_default();
-        let command = match (&what, &self.force_command) {
-            (Start::Sftp, _) => None,
-            (_, Some(forced)) => Some(forced.clone()),
-            (Start::Exec(c), None) => Some(c.clone()),
-            (Start::Shell, None) => None,
+        // A forced command replaces whatever was asked for, subsystems included (as sshd's
+        // ForceCommand does); the program sees the request in SSH_ORIGINAL_COMMAND.
+        let requested = match &what {
+            Start::Shell => None,
+            Start::Exec(c) => Some(c.clone()),
+            Start::Sftp => Some("sftp".to_string()),
         };
-        let pty = if matches!(what, Start::Sftp) {
-            None
-        } else {
-            state.pty.clone()
+        let mut env = state.env.clone();
+        let (program, command) = match (&what, &self.force_command) {
+            (_, Some(forced)) => {
+                if let Some(original) = &requested {
+                    env.push(("SSH_ORIGINAL_COMMAND".into(), original.clone()));
+                }
+                (Program::Command(forced), Some(forced.clone()))
+            }
+            (Start::Sftp, None) => (Program::Sftp, None),
+            (Start::Exec(c), None) => (Program::Command(c), Some(c.clone())),
+            (Start::Shell, None) => (Program::Shell, None),
         };
-        let spawned = spawn(
-            &login,
-            matches!(what, Start::Sftp),
-            command.as_deref(),
-            pty.as_ref(),
-            &state.env,
-        );
-        let (mut child, io) = match spawned {
+        let pty = match program {
+            Program::Sftp => None,
+            _ => state.pty.as_ref(),
+        };
+        let spawned = process::spawn(&login, program, pty, &env);
+        let mut spawned = match spawned {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%login, error = %e, "cannot start the session");
+                tracing::warn!(login = %login.name, error = %e, "cannot start the session");
                 session.channel_failure(id)?;
                 return Ok(());
             }
@@ -290,20 +223,20 @@ impl NodeHandler {
             Start::Exec(_) => "exec",
             Start::Sftp => "sftp",
         };
-        state.child = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        state.group = Some(spawned.group.clone());
         let handle = session.handle();
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
         state.stdin = Some(tx);
-        let output = match io {
+        let output = match spawned.io {
             Io::Pty(master) => {
                 let master = Arc::new(master);
                 state.master = Some(master.clone());
                 tokio::spawn(pump_pty(master, rx, handle.clone(), id))
             }
             Io::Pipes => {
-                let stdin = child.stdin.take();
-                let stdout = child.stdout.take();
-                let stderr = child.stderr.take();
+                let child = &mut spawned.child;
+                let (stdin, stdout, stderr) =
+                    (child.stdin.take(), child.stdout.take(), child.stderr.take());
                 tokio::spawn(pump_pipes(stdin, stdout, stderr, rx, handle.clone(), id))
             }
         };
@@ -314,12 +247,11 @@ impl NodeHandler {
             ("host_id", self.ctx.host_id.clone()),
             ("client", self.client.clone()),
             ("user", self.user.clone().unwrap_or_default()),
-            ("login", login.clone()),
+            ("login", login.name.clone()),
             ("session_id", session_id),
         ] {
             fields.insert(k.into(), v);
         }
-        let command_text = command.clone();
         self.event(
             "session.start",
             &[
@@ -327,8 +259,9 @@ impl NodeHandler {
                 ("kind", kind.into()),
             ],
         );
+        let (mut child, group) = (spawned.child, spawned.group);
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = process::wait(&mut child, &group).await;
             let _ = output.await;
             let (code, signal) = match &status {
                 Ok(s) => (s.code(), s.signal()),
@@ -357,7 +290,7 @@ impl NodeHandler {
                 || format!("signal {}", signal.unwrap_or(0)),
                 |c| c.to_string(),
             );
-            if let Some(cmd) = command_text {
+            if let Some(cmd) = command {
                 let mut f = fields.clone();
                 f.insert("command".into(), cmd);
                 f.insert("exit_code".into(), exit.clone());
@@ -382,11 +315,6 @@ enum Start {
     Shell,
     Exec(String),
     Sftp,
-}
-
-enum Io {
-    Pty(OwnedFd),
-    Pipes,
 }
 
 fn signal_name(sig: i32) -> Sig {
@@ -426,122 +354,6 @@ fn to_signal(sig: &Sig) -> Option<nix::sys::signal::Signal> {
         Sig::USR1 => Signal::SIGUSR1,
         Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
     })
-}
-
-/// Starts the user's program as `login`, as login(1) would: its uid, gid and groups, its home,
-/// its shell, a clean environment.
-fn spawn(
-    login: &str,
-    sftp: bool,
-    command: Option<&str>,
-    pty: Option<&(String, u16, u16)>,
-    env: &[(String, String)],
-) -> anyhow::Result<(tokio::process::Child, Io)> {
-    let user = nix::unistd::User::from_name(login)?
-        .ok_or_else(|| anyhow::anyhow!("login {login:?} does not exist on this node"))?;
-    let me = nix::unistd::geteuid();
-    if !me.is_root() && me != user.uid {
-        anyhow::bail!("the agent runs as uid {me} and cannot start sessions as {login}");
-    }
-    let shell = user.shell.to_string_lossy().into_owned();
-    let shell = if shell.is_empty() {
-        "/bin/sh".to_string()
-    } else {
-        shell
-    };
-    let mut cmd = if sftp {
-        let server = SFTP_SERVERS
-            .iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .ok_or_else(|| {
-                anyhow::anyhow!("no sftp-server on this node (install openssh-sftp-server)")
-            })?;
-        std::process::Command::new(server)
-    } else if let Some(c) = command {
-        let mut cmd = std::process::Command::new(&shell);
-        cmd.arg("-c").arg(c);
-        cmd
-    } else {
-        let mut cmd = std::process::Command::new(&shell);
-        let base = shell.rsplit('/').next().unwrap_or("sh");
-        cmd.arg0(format!("-{base}"));
-        cmd
-    };
-    let home = user.dir.clone();
-    let path = if user.uid.is_root() {
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    } else {
-        "/usr/local/bin:/usr/bin:/bin"
-    };
-    cmd.env_clear()
-        .env("HOME", &home)
-        .env("USER", login)
-        .env("LOGNAME", login)
-        .env("SHELL", &shell)
-        .env("PATH", path)
-        .current_dir(if home.is_dir() {
-            home.as_path()
-        } else {
-            std::path::Path::new("/")
-        });
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let (uid, gid, name) = (user.uid, user.gid, std::ffi::CString::new(login)?);
-    let switch_user = me.is_root();
-    let io = match pty {
-        Some((term, cols, rows)) => {
-            let size = nix::pty::Winsize {
-                ws_row: *rows,
-                ws_col: *cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pair = nix::pty::openpty(Some(&size), None)?;
-            cmd.env("TERM", term);
-            let slave = pair.slave;
-            cmd.stdin(Stdio::from(slave.try_clone()?))
-                .stdout(Stdio::from(slave.try_clone()?))
-                .stderr(Stdio::from(slave));
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::unistd::setsid()?;
-                    if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            Io::Pty(pair.master)
-        }
-        None => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::unistd::setsid()?;
-                    Ok(())
-                });
-            }
-            Io::Pipes
-        }
-    };
-    if switch_user {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::initgroups(&name, gid)?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
-                Ok(())
-            });
-        }
-    }
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.kill_on_drop(false);
-    Ok((cmd.spawn()?, io))
 }
 
 /// Output on its way to the client: (extended stream, bytes).
@@ -682,13 +494,13 @@ impl russh::server::Handler for NodeHandler {
     ) -> Result<Auth, Self::Error> {
         let now = tunnel_proto::unix_now();
         let checked = check_certificate(cert, login, &self.ctx.user_cas, self.client_ip, now)
-            .and_then(|g| match nix::unistd::User::from_name(login) {
-                Ok(Some(_)) => Ok(g),
+            .and_then(|g| match Login::resolve(login) {
+                Ok(Some(l)) => Ok((g, l)),
                 _ => Err(format!("login {login:?} does not exist on this node")),
             });
         match checked {
-            Ok(grant) => {
-                self.login = Some(login.to_string());
+            Ok((grant, resolved)) => {
+                self.login = Some(resolved);
                 self.user = Some(cert.key_id().to_string());
                 self.force_command = grant.force_command;
                 self.permit_pty = grant.permit_pty;
@@ -739,9 +551,11 @@ impl russh::server::Handler for NodeHandler {
             session.channel_failure(id)?;
             return Ok(());
         }
-        let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
-        self.channels.entry(id).or_default().pty =
-            Some((term.to_string(), clamp(cols), clamp(rows)));
+        self.channels.entry(id).or_default().pty = Some(PtySpec {
+            term: term.to_string(),
+            cols: clamp(cols),
+            rows: clamp(rows),
+        });
         session.channel_success(id)?;
         Ok(())
     }
@@ -830,9 +644,9 @@ impl russh::server::Handler for NodeHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(state) = self.channels.remove(&id)
-            && let Some(pid) = state.child
+            && let Some(group) = state.group
         {
-            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGHUP);
+            group.signal(nix::sys::signal::Signal::SIGHUP);
         }
         Ok(())
     }
@@ -847,16 +661,7 @@ impl russh::server::Handler for NodeHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(master) = self.channels.get(&id).and_then(|c| c.master.clone()) {
-            let size = libc::winsize {
-                ws_row: u16::try_from(rows).unwrap_or(u16::MAX),
-                ws_col: u16::try_from(cols).unwrap_or(u16::MAX),
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-            unsafe {
-                libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size);
-            }
+            process::set_window_size(&master, clamp(cols), clamp(rows));
         }
         Ok(())
     }
@@ -867,11 +672,11 @@ impl russh::server::Handler for NodeHandler {
         sig: Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let (Some(pid), Some(signal)) = (
-            self.channels.get(&id).and_then(|c| c.child),
+        if let (Some(group), Some(signal)) = (
+            self.channels.get(&id).and_then(|c| c.group.clone()),
             to_signal(&sig),
         ) {
-            let _ = nix::sys::signal::killpg(pid, signal);
+            group.signal(signal);
         }
         Ok(())
     }
@@ -886,16 +691,29 @@ impl russh::server::Handler for NodeHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if !self.permit_port_forwarding || self.force_command.is_some() {
+        let host = host.trim_matches(['[', ']']);
+        let port = u16::try_from(port).unwrap_or(0);
+        let target = format!("{host}:{port}");
+        let refusal = if !self.permit_port_forwarding || self.force_command.is_some() {
+            Some("the certificate does not permit port forwarding")
+        } else if !self.ctx.permit_open.allows(host, port) {
+            Some("this node's permit_open does not allow the target")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.event(
+                "port_forward.refused",
+                &[("target", target), ("reason", reason.into())],
+            );
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         }
-        let target = format!("{}:{port}", host.trim_matches(['[', ']']));
         match tokio::time::timeout(
             Duration::from_secs(10),
-            tokio::net::TcpStream::connect(&target),
+            tokio::net::TcpStream::connect((host, port)),
         )
         .await
         {
@@ -913,23 +731,7 @@ impl russh::server::Handler for NodeHandler {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidrs_match() {
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
-        assert!(cidr_contains("10.0.0.0/8", ip));
-        assert!(cidr_contains("10.1.2.3", ip));
-        assert!(!cidr_contains("10.1.2.4", ip));
-        assert!(!cidr_contains("192.168.0.0/16", ip));
-        assert!(cidr_contains("0.0.0.0/0", ip));
-        assert!(cidr_contains("::1/128", "::1".parse().unwrap()));
-        assert!(cidr_contains(
-            "127.0.0.0/8",
-            "::ffff:127.0.0.1".parse().unwrap()
-        ));
-        assert!(!cidr_contains("garbage", ip));
-    }
+/// A window dimension from the client, clamped to what a terminal can hold.
+fn clamp(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
 }
