@@ -74,6 +74,10 @@ pub struct StartArgs {
     /// stolen by whoever answers at the proxy's address).
     #[arg(long)]
     pub insecure: bool,
+    /// Also accept a proxy whose web certificate is from public PKI (the system's roots) under
+    /// the name dialed. Off by default: the cluster's (pinned) host CA is the only trust root.
+    #[arg(long)]
+    pub trust_public_web_cert: bool,
     /// Log at debug level.
     #[arg(long)]
     pub debug: bool,
@@ -100,6 +104,8 @@ pub struct FileConfig {
     pub permit_open: Vec<String>,
     #[serde(default)]
     pub insecure: bool,
+    #[serde(default)]
+    pub trust_public_web_cert: bool,
     #[serde(default)]
     pub debug: bool,
 }
@@ -129,6 +135,8 @@ pub struct AgentConfig {
     /// Where `direct-tcpip` may connect.
     pub permit_open: crate::ssh::PermitOpen,
     pub insecure: bool,
+    /// Accept a publicly trusted web certificate besides the cluster's CA.
+    pub trust_public_web_cert: bool,
     pub debug: bool,
 }
 
@@ -175,10 +183,12 @@ impl AgentConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let nodename = match args.nodename.or(file.nodename) {
             Some(n) => n,
+            // Hostnames are case-insensitive; node names are lowercase.
             None => nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .filter(|h| !h.is_empty())
+                .map(|h| h.to_ascii_lowercase())
                 .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
         };
         tunnel_proto::api::validate_node_name(&nodename).map_err(err)?;
@@ -222,6 +232,7 @@ impl AgentConfig {
             ssh_listen,
             permit_open,
             insecure: args.insecure || file.insecure,
+            trust_public_web_cert: args.trust_public_web_cert || file.trust_public_web_cert,
             debug: args.debug || file.debug,
         })
     }
@@ -278,6 +289,10 @@ transport: auto
 
 # Do not verify the proxy's web certificate when joining. Development only.
 insecure: false
+
+# Also accept a proxy whose web certificate comes from public PKI (the system's roots), for a
+# proxy configured with https_cert_file. Off: the cluster's pinned host CA is the only root.
+trust_public_web_cert: false
 
 # Log at debug level.
 debug: false

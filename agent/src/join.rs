@@ -41,6 +41,8 @@ pub struct JoinParams<'a> {
     pub node_name: &'a str,
     pub ca_pins: &'a [CaPin],
     pub insecure: bool,
+    /// Accept a web certificate from public PKI besides the cluster's CA (asked for explicitly).
+    pub public_roots: bool,
 }
 
 pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
@@ -84,7 +86,7 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
     let config = if p.insecure {
         tls::unverified_client_config(&[ALPN_HTTP1])
     } else {
-        tls::cluster_client_config(&trusted, None, true, &[ALPN_HTTP1])
+        tls::cluster_client_config(&trusted, None, p.public_roots, &[ALPN_HTTP1])
     }
     .map_err(|e| bad(e.to_string()))?;
     let joiner = WebClient::new(p.proxy, config)?;
@@ -181,8 +183,9 @@ fn trusted_cas(
 pub async fn find_tunnel_addr(
     proxy: &str,
     cas: &[rustls::pki_types::CertificateDer<'static>],
+    public_roots: bool,
 ) -> Option<String> {
-    let config = tls::cluster_client_config(cas, None, true, &[ALPN_HTTP1]).ok()?;
+    let config = tls::cluster_client_config(cas, None, public_roots, &[ALPN_HTTP1]).ok()?;
     let client = WebClient::new(proxy, config).ok()?;
     match client.get::<FindResponse>(api::FIND_PATH).await {
         Ok(found) => found

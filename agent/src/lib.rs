@@ -69,6 +69,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 node_name: &config.nodename,
                 ca_pins: &config.ca_pins,
                 insecure: config.insecure,
+                public_roots: config.trust_public_web_cert,
             })
             .await?;
             identity.save(&config.data_dir)?;
@@ -84,8 +85,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let base = labels::merge(&[&identity.labels, &config.labels]);
     let labels = labels::spawn(base, config.commands.clone(), shutdown.clone());
     let cas = host_cas(&identity)?;
-    let tls = tunnel_tls(&identity, &cas)?;
-    let addr = join::find_tunnel_addr(&config.proxy, &cas)
+    let tls = tunnel_tls(&identity, &cas, config.trust_public_web_cert)?;
+    let addr = join::find_tunnel_addr(&config.proxy, &cas, config.trust_public_web_cert)
         .await
         .unwrap_or_else(|| config.proxy.clone());
     tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
@@ -131,13 +132,14 @@ fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, AgentEr
 fn tunnel_tls(
     identity: &Identity,
     cas: &[CertificateDer<'static>],
+    public_roots: bool,
 ) -> Result<rustls::ClientConfig, AgentError> {
     let chain = tls::parse_certs(&identity.tls_cert, "node certificate").map_err(unusable)?;
     let key = tls::parse_key(identity.tls_key.expose(), "node key").map_err(unusable)?;
     tls::cluster_client_config(
         cas,
         Some(tls::ClientIdentity { chain, key }),
-        true,
+        public_roots,
         &[tunnel_proto::wire::ALPN_TUNNEL],
     )
     .map_err(unusable)

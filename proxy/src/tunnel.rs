@@ -21,6 +21,7 @@ use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Wel
 use tunnel_proto::unix_now;
 
 use crate::auth::ca::CertRole;
+use crate::auth::{NODES_PREFIX, NodeRecord};
 use crate::backend::{Backend, BackendError, Event};
 use crate::registry::PROXIES_PREFIX;
 
@@ -218,13 +219,19 @@ impl TunnelServer {
             }
         };
         let Some(session) = session else {
-            let known = self
+            let by_id = self
                 .backend
-                .get(&format!("/nodes/{target}"))
+                .get(&format!("{NODES_PREFIX}{target}"))
                 .await
                 .ok()
                 .flatten()
                 .is_some();
+            let known = by_id
+                || crate::auth::name_holder(self.backend.as_ref(), target)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
             return Err(if known {
                 DialError::Offline(target.to_string())
             } else {
@@ -271,7 +278,9 @@ impl TunnelServer {
     }
 
     async fn run_tunnel(self: Arc<Self>, session: Session) -> Result<(), String> {
-        let host_id = node_identity(&session)?;
+        // Who the node is comes from the certificate the cluster signed at join, never from what
+        // it says in its hello or heartbeats.
+        let NodeIdentity { host_id, node_name } = node_identity(&session)?;
         if self.is_revoked(&host_id) {
             return Err(format!("node {host_id} was removed from the cluster"));
         }
@@ -308,6 +317,9 @@ impl TunnelServer {
                 .await;
             return Err(reason);
         }
+        if hello.node_name != node_name {
+            tracing::debug!(%host_id, %node_name, claimed = %hello.node_name, "the hello names another node name; the certificate's stands");
+        }
         let mut proxies = self.proxies.subscribe();
         let list = proxies.borrow_and_update().clone();
         control
@@ -328,7 +340,7 @@ impl TunnelServer {
                 id,
                 Entry {
                     host_id: host_id.clone(),
-                    node_name: hello.node_name.clone(),
+                    node_name: node_name.clone(),
                     session: session.clone(),
                 },
             );
@@ -338,7 +350,7 @@ impl TunnelServer {
         }
         let mut presence = Presence {
             host_id: host_id.clone(),
-            node_name: hello.node_name.clone(),
+            node_name: node_name.clone(),
             version: hello.version.clone(),
             labels: hello.labels.clone(),
             proxy_id: self.proxy_id.clone(),
@@ -347,7 +359,7 @@ impl TunnelServer {
             connected: unix_now(),
             last_seen: unix_now(),
         };
-        tracing::info!(%host_id, node = %hello.node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
+        tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
         self.write_presence(&presence).await;
         let result = self
             .serve_control(&session, &mut control, &mut proxies, &mut presence)
@@ -363,7 +375,7 @@ impl TunnelServer {
                 .delete(&presence_key(&host_id, &self.proxy_id))
                 .await;
         }
-        tracing::info!(%host_id, node = %hello.node_name, "tunnel down");
+        tracing::info!(%host_id, node = %node_name, "tunnel down");
         result
     }
 
@@ -408,9 +420,9 @@ impl TunnelServer {
                             control.write(&Message::Pong { seq }).await.map_err(|e| e.to_string())?;
                         }
                         Message::Heartbeat(hb) => {
-                            let changed = hb.labels != presence.labels || hb.node_name != presence.node_name || hb.version != presence.version;
+                            // The name is the certificate's; a heartbeat cannot rename the node.
+                            let changed = hb.labels != presence.labels || hb.version != presence.version;
                             presence.labels = hb.labels;
-                            presence.node_name = hb.node_name;
                             presence.version = hb.version;
                             if changed || last_written.elapsed() >= PRESENCE_REFRESH {
                                 presence.last_seen = unix_now();
@@ -470,8 +482,15 @@ fn presence_key(host_id: &str, proxy_id: &str) -> String {
     format!("{PRESENCE_PREFIX}{host_id}/{proxy_id}")
 }
 
-/// The host id a tunnel's client certificate names; only node certificates open tunnels.
-fn node_identity(session: &Session) -> Result<String, String> {
+/// Who a tunnel's client certificate says the node is.
+struct NodeIdentity {
+    host_id: String,
+    node_name: String,
+}
+
+/// The host id (CN) and node name (the SAN beside the host id) a node certificate names; only
+/// node certificates open tunnels.
+fn node_identity(session: &Session) -> Result<NodeIdentity, String> {
     let leaf = session
         .peer_certificates()
         .first()
@@ -480,12 +499,27 @@ fn node_identity(session: &Session) -> Result<String, String> {
         return Err("the client certificate is not a node's".into());
     }
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    cert.subject()
+    let host_id = cert
+        .subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
-        .ok_or_else(|| "the client certificate names no host".to_string())
+        .ok_or_else(|| "the client certificate names no host".to_string())?;
+    let node_name = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) if *d != host_id => {
+                    Some(d.to_string())
+                }
+                _ => None,
+            })
+        })
+        .unwrap_or_else(|| host_id.clone());
+    Ok(NodeIdentity { host_id, node_name })
 }
 
 /// Every node seen within the presence TTL, with the live proxies it holds tunnels to. A proxy
@@ -531,8 +565,8 @@ pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, Backen
     let presence = backend
         .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
         .await?;
-    let known = !presence.is_empty() || backend.get(&format!("/nodes/{host_id}")).await?.is_some();
-    if !known {
+    let record = backend.get(&format!("{NODES_PREFIX}{host_id}")).await?;
+    if presence.is_empty() && record.is_none() {
         return Ok(false);
     }
     backend
@@ -542,7 +576,10 @@ pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, Backen
             None,
         )
         .await?;
-    backend.delete(&format!("/nodes/{host_id}")).await?;
+    backend.delete(&format!("{NODES_PREFIX}{host_id}")).await?;
+    if let Some(record) = record.and_then(|r| serde_json::from_slice::<NodeRecord>(&r).ok()) {
+        crate::auth::release_name(backend, &record.node_name, host_id).await?;
+    }
     for (key, _) in presence {
         backend.delete(&key).await?;
     }

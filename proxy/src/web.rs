@@ -105,6 +105,9 @@ impl From<AuthError> for ApiFailure {
         match e {
             AuthError::Token(t) => t.into(),
             AuthError::BadRequest(m) => ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            e @ AuthError::NameTaken { .. } => {
+                ApiFailure::new(StatusCode::CONFLICT, "name_taken", e.to_string())
+            }
             AuthError::Backend(b) => backend_failure(b),
             other => internal(other),
         }
@@ -212,7 +215,17 @@ async fn serve_connection(
 ) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
     tunnel_proto::transport::set_tcp_keepalive(&tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await??;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "TLS handshake timed out");
+            return Ok(());
+        }
+    };
     let connection = tls.get_ref().1;
     if tunnel::is_tunnel_alpn(connection.alpn_protocol()) {
         let certs = connection

@@ -439,3 +439,125 @@ fn a_burst_of_bad_joins_from_one_address_is_rate_limited() {
             .contains("join refused: too many failed attempts")
     );
 }
+
+#[test]
+fn node_names_are_hostnames_unique_and_never_the_clusters_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &["--cluster-name", "edge"]);
+    let _first = start_agent(&proxy, &dir.path().join("first"), "node1", &[]);
+    let first_id = host_id(&dir.path().join("first"));
+    let pin = proxy.pin();
+    let token = proxy.node_token(&[]);
+    let hostname = text(
+        &std::process::Command::new("hostname")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_ascii_lowercase();
+    let join_as = |name: &str| {
+        let data = dir.path().join("tries");
+        let out = agent_run(&[
+            "--proxy",
+            &proxy.web_addr,
+            "--ca-pin",
+            &pin,
+            "--token",
+            &token,
+            &format!("--nodename={name}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        assert!(
+            !data.join("identity.json").exists(),
+            "{name}: a refused join wrote an identity"
+        );
+        (out.status.code(), text(&out.stderr))
+    };
+    // Not hostname-shaped: refused before anything is sent (a usage error).
+    for bad in [
+        "a_b",
+        "Edge",
+        "-x",
+        "10.1.2.3",
+        "0b5e0c2a-7d4e-4f3b-9a61-2c8f4e1d9b07",
+    ] {
+        let (code, err) = join_as(bad);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains("is invalid"), "{bad}: {err}");
+    }
+    // The cluster's own names: what clients verify proxies by, the proxies' names, the cluster's.
+    for reserved in [
+        "burrow.cluster.local",
+        "localhost",
+        "edge",
+        hostname.as_str(),
+    ] {
+        let (code, err) = join_as(reserved);
+        assert_eq!(code, Some(1), "{reserved}: {err}");
+        assert!(
+            err.contains("belongs to the cluster itself"),
+            "{reserved}: {err}"
+        );
+    }
+    // Another node's name.
+    let (code, err) = join_as("node1");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("node name \"node1\" is taken by node {first_id}")),
+        "{err}"
+    );
+    // Removing the node frees its name.
+    let out = proxy.ctl(&["nodes", "rm", &first_id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _second = start_agent(&proxy, &dir.path().join("second"), "node1", &[]);
+}
+
+#[test]
+fn a_node_certificate_cannot_pass_for_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let agent_dir = dir.path().join("agent");
+    let _agent = start_agent(&proxy, &agent_dir, "mallory", &[]);
+    // The node turns its own identity into a web server at an address it controls, answering
+    // burrowctl's status request with a cluster of its choosing.
+    let identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent_dir.join("identity.json")).unwrap()).unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(www.join("v1/admin")).unwrap();
+    std::fs::write(www.join("cert.pem"), identity["tls_cert"].as_str().unwrap()).unwrap();
+    std::fs::write(www.join("key.pem"), identity["tls_key"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        www.join("v1/admin/status"),
+        r#"{"cluster_name":"forged","version":"0","ca_pins":["sha256:00"],"public_addr":null}"#,
+    )
+    .unwrap();
+    let port = closed_port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-cert", "cert.pem", "-key", "key.pem"])
+        .current_dir(&www)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // (s_server serves one connection at a time: the probe is closed at once.)
+    let listening = eventually(WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(drop)
+    });
+    assert!(listening.is_some(), "openssl s_server did not start");
+    let out = proxy.ctl(&["--proxy", &format!("127.0.0.1:{port}"), "status"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("forged"));
+    assert!(
+        text(&out.stderr).contains("certificate"),
+        "{}",
+        text(&out.stderr)
+    );
+}

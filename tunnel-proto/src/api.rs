@@ -115,23 +115,53 @@ pub fn parse_labels(s: &str) -> Result<Labels, String> {
 
 /// Longest node name (a DNS name's limit).
 pub const MAX_NODE_NAME: usize = 253;
+/// Longest label of a node name (RFC 1123).
+const MAX_LABEL: usize = 63;
 
-/// Node names are what users type after `ssh login@`: letters, digits, `-`, `.` and `_`, not
-/// starting with `-` or `.`.
+/// Node names are what users type after `ssh login@`, and they end up in certificates: hostnames
+/// in the RFC 1123 sense (dot-separated labels of lowercase letters, digits and `-`, no label
+/// starting or ending with `-`, at most 63 bytes each and 253 in all). Names that could be taken
+/// for something else are refused too: an IP address, or a host id (UUID-shaped).
 pub fn validate_node_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NODE_NAME
-        && !name.starts_with(['-', '.'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "node name {name:?} is invalid: use 1 to {MAX_NODE_NAME} letters, digits, '-', '.' or '_'"
-        ))
+    let invalid = |why: &str| Err(format!("node name {name:?} is invalid: {why}"));
+    if name.is_empty() || name.len() > MAX_NODE_NAME {
+        return invalid(&format!("use 1 to {MAX_NODE_NAME} characters"));
     }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return invalid("use lowercase letters");
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= MAX_LABEL
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return invalid(
+                "it must be a hostname: labels of letters, digits and '-' (not first or last), \
+                 1 to 63 characters each, separated by dots",
+            );
+        }
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return invalid("it is an IP address");
+    }
+    if looks_like_host_id(name) {
+        return invalid("it has the shape of a host id");
+    }
+    Ok(())
+}
+
+/// Whether `s` has the shape of a host id (a UUID: 8-4-4-4-12 hex digits).
+pub fn looks_like_host_id(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Where agents open tunnels.

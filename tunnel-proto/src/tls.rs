@@ -5,7 +5,9 @@
 //!
 //! Proxies are verified against the cluster's host CA under one fixed internal name,
 //! [`CLUSTER_SERVER_NAME`], whatever address (a load balancer, an IP) the client dialed; a proxy
-//! whose web certificate comes from public PKI is accepted under its real name as a fallback.
+//! whose web certificate comes from public PKI is accepted under its real name only where the
+//! user asked for it. A certificate from the host CA passes for a proxy only if it is one
+//! ([`CertRole::Proxy`] with the serverAuth usage): nodes hold certificates from the same CA.
 
 use std::sync::Arc;
 
@@ -21,6 +23,53 @@ pub const CLUSTER_SERVER_NAME: &str = "burrow.cluster.local";
 
 /// ALPN for the web API.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Who holds a certificate from the host CA, as written in its subject's organization. Only a
+/// `Proxy` certificate (which also carries the serverAuth usage) is ever accepted as a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertRole {
+    Admin,
+    Node,
+    Proxy,
+}
+
+impl CertRole {
+    pub fn organization(self) -> &'static str {
+        match self {
+            CertRole::Admin => "burrow-admin",
+            CertRole::Node => "burrow-node",
+            CertRole::Proxy => "burrow-proxy",
+        }
+    }
+
+    /// Reads the role of a DER certificate (whose chain the caller has already verified).
+    pub fn of_certificate(der: &[u8]) -> Option<CertRole> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut orgs = cert.subject().iter_organization();
+        let org = orgs.next()?.as_str().ok()?;
+        if orgs.next().is_some() {
+            return None;
+        }
+        [CertRole::Admin, CertRole::Node, CertRole::Proxy]
+            .into_iter()
+            .find(|r| r.organization() == org)
+    }
+}
+
+/// Whether a certificate (chain already verified) is a proxy's: role proxy and the serverAuth
+/// usage, so that no node or admin certificate from the same CA can pass for the proxy.
+fn is_proxy_certificate(der: &[u8]) -> bool {
+    let server_auth = x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, c)| {
+            c.extended_key_usage()
+                .ok()
+                .flatten()
+                .map(|e| e.value.server_auth)
+        })
+        .unwrap_or(false);
+    server_auth && CertRole::of_certificate(der) == Some(CertRole::Proxy)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -158,13 +207,18 @@ impl ServerCertVerifier for ClusterVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let internal = ServerName::try_from(CLUSTER_SERVER_NAME).expect("valid DNS name");
-        let cluster_result = self.cluster.verify_server_cert(
-            end_entity,
-            intermediates,
-            &internal,
-            ocsp_response,
-            now,
-        );
+        let cluster_result = self
+            .cluster
+            .verify_server_cert(end_entity, intermediates, &internal, ocsp_response, now)
+            .and_then(|verified| {
+                if is_proxy_certificate(end_entity) {
+                    Ok(verified)
+                } else {
+                    Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::ApplicationVerificationFailure,
+                    ))
+                }
+            });
         match (&cluster_result, &self.public) {
             (Ok(_), _) | (Err(_), None) => cluster_result,
             (Err(_), Some(public)) => public
@@ -233,5 +287,69 @@ impl ServerCertVerifier for AnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+
+    use super::*;
+
+    fn leaf(
+        issuer: &Issuer<'_, KeyPair>,
+        org: &str,
+        usages: &[ExtendedKeyUsagePurpose],
+    ) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "x");
+        p.distinguished_name.push(DnType::OrganizationName, org);
+        p.extended_key_usages = usages.to_vec();
+        p.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    #[test]
+    fn only_a_proxy_certificate_passes_for_the_proxy() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(vec![]).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let ca_der = ca_cert.der().clone();
+        let issuer = Issuer::new(ca, ca_key);
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_der).unwrap();
+        let verifier = ClusterVerifier {
+            cluster: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap(),
+            public: None,
+        };
+        let check = |cert: &CertificateDer<'_>| {
+            verifier
+                .verify_server_cert(
+                    cert,
+                    &[],
+                    &ServerName::try_from("lb.example").unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .is_ok()
+        };
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        assert!(check(&leaf(&issuer, "burrow-proxy", &[ServerAuth])));
+        // A node certificate as the cluster used to issue them: both usages, role node.
+        assert!(!check(&leaf(
+            &issuer,
+            "burrow-node",
+            &[ClientAuth, ServerAuth]
+        )));
+        assert!(!check(&leaf(&issuer, "burrow-node", &[ClientAuth])));
+        assert!(!check(&leaf(&issuer, "burrow-admin", &[ServerAuth])));
+        // The proxy role without the server usage, or with no usage extension at all.
+        assert!(!check(&leaf(&issuer, "burrow-proxy", &[ClientAuth])));
+        assert!(!check(&leaf(&issuer, "burrow-proxy", &[])));
     }
 }

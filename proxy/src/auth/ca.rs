@@ -34,32 +34,7 @@ const WEB_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Clock skew tolerated between the CA and the peers that check its certificates.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
-/// Who holds a certificate, as written in its subject's organization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CertRole {
-    Admin,
-    Node,
-    Proxy,
-}
-
-impl CertRole {
-    pub fn organization(self) -> &'static str {
-        match self {
-            CertRole::Admin => "burrow-admin",
-            CertRole::Node => "burrow-node",
-            CertRole::Proxy => "burrow-proxy",
-        }
-    }
-
-    /// Reads the role of a DER certificate (whose chain the caller has already verified).
-    pub fn of_certificate(der: &[u8]) -> Option<CertRole> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        let org = cert.subject().iter_organization().next()?.as_str().ok()?;
-        [CertRole::Admin, CertRole::Node, CertRole::Proxy]
-            .into_iter()
-            .find(|r| r.organization() == org)
-    }
-}
+pub use tunnel_proto::tls::CertRole;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -218,10 +193,8 @@ impl Authorities {
             CertRole::Node,
             host_id,
             vec![host_id.to_string(), node_name.to_string()],
-            &[
-                ExtendedKeyUsagePurpose::ClientAuth,
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ],
+            // Client only: no verifier may take a node for a server (a proxy above all).
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             NODE_VALIDITY,
         )?;
         Ok(params

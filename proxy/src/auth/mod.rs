@@ -16,7 +16,10 @@ use self::tokens::{StaticToken, TokenError, TokenStore};
 use crate::backend::{Backend, BackendError};
 
 const AUTHORITIES_KEY: &str = "/cluster/authorities";
-const NODES_PREFIX: &str = "/nodes/";
+pub const NODES_PREFIX: &str = "/nodes/";
+/// `/node-names/<name>` → the host id that holds the name; claimed with compare-and-swap at
+/// join, so two joins racing for one name cannot both win.
+pub const NODE_NAMES_PREFIX: &str = "/node-names/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -26,6 +29,10 @@ pub enum AuthError {
     ClusterNameMismatch { stored: String, requested: String },
     #[error("{0}")]
     BadRequest(String),
+    #[error(
+        "node name {name:?} is taken by node {holder}: choose another --nodename, or remove that node first (burrowctl nodes rm {holder})"
+    )]
+    NameTaken { name: String, holder: String },
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -100,6 +107,7 @@ impl Auth {
     /// Handles `POST /v1/webapi/host/join`.
     pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse, AuthError> {
         validate_node_name(&req.node_name)?;
+        self.refuse_cluster_names(&req.node_name).await?;
         let ssh_key = PublicKey::from_openssh(req.ssh_public_key.trim()).map_err(|_| {
             AuthError::BadRequest("ssh_public_key is not an OpenSSH public key".into())
         })?;
@@ -121,6 +129,23 @@ impl Auth {
         }
         let grant = self.tokens.check(&req.token, req.role).await?;
         let host_id = new_host_id();
+        self.claim_name(&req.node_name, &host_id).await?;
+        let issued = self.issue(&req, &ssh_key, &host_id, grant).await;
+        if issued.is_err() {
+            let _ = self.release_name(&req.node_name, &host_id).await;
+        }
+        issued
+    }
+
+    /// Signs the node's certificates and records it, once its name is claimed.
+    async fn issue(
+        &self,
+        req: &JoinRequest,
+        ssh_key: &PublicKey,
+        host_id: &str,
+        grant: tokens::Grant,
+    ) -> Result<JoinResponse, AuthError> {
+        let host_id = host_id.to_string();
         let tls_cert = self
             .authorities
             .sign_node_csr(&req.tls_csr, &host_id, &req.node_name)
@@ -129,7 +154,7 @@ impl Auth {
             })?;
         let ssh_cert = self
             .authorities
-            .sign_host_ssh(&ssh_key, &host_id, &req.node_name)?
+            .sign_host_ssh(ssh_key, &host_id, &req.node_name)?
             .to_openssh()
             .map_err(ca::CaError::from)?;
         let record = NodeRecord {
@@ -158,6 +183,87 @@ impl Auth {
             labels: grant.labels,
         })
     }
+}
+
+impl Auth {
+    /// Refuses names that belong to the cluster itself: the name clients verify proxies by, the
+    /// cluster's name, and every live proxy's id, host name and addresses. A node with one of
+    /// them would hold certificates (SSH host, TLS) for a name users take for the proxy.
+    async fn refuse_cluster_names(&self, name: &str) -> Result<(), AuthError> {
+        let mut reserved = vec![
+            tunnel_proto::tls::CLUSTER_SERVER_NAME.to_string(),
+            "localhost".to_string(),
+            self.authorities.cluster_name.clone(),
+        ];
+        for proxy in crate::registry::list(self.backend.as_ref()).await? {
+            reserved.push(proxy.id);
+            reserved.push(proxy.hostname);
+            for addr in std::iter::once(proxy.web_addr).chain(proxy.public_addr) {
+                if let Some(host) = tunnel_proto::web::split_host(&addr) {
+                    reserved.push(host.to_string());
+                }
+            }
+        }
+        let taken =
+            name.ends_with(".localhost") || reserved.iter().any(|r| r.eq_ignore_ascii_case(name));
+        if taken {
+            return Err(AuthError::BadRequest(format!(
+                "node name {name:?} belongs to the cluster itself (a proxy's name or address, or the cluster's): choose another --nodename"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn claim_name(&self, name: &str, host_id: &str) -> Result<(), AuthError> {
+        let key = format!("{NODE_NAMES_PREFIX}{name}");
+        if self
+            .backend
+            .compare_and_swap(&key, None, host_id.as_bytes().to_vec(), None)
+            .await?
+        {
+            return Ok(());
+        }
+        let holder = self
+            .backend
+            .get(&key)
+            .await?
+            .map(|h| String::from_utf8_lossy(&h).into_owned())
+            .unwrap_or_else(|| "(just removed: try again)".into());
+        Err(AuthError::NameTaken {
+            name: name.to_string(),
+            holder,
+        })
+    }
+
+    async fn release_name(&self, name: &str, host_id: &str) -> Result<(), AuthError> {
+        release_name(self.backend.as_ref(), name, host_id).await?;
+        Ok(())
+    }
+}
+
+/// Frees `name` if `host_id` holds it. (Nobody else can claim it meanwhile: a claim needs the key
+/// to be absent.)
+pub async fn release_name(
+    backend: &dyn Backend,
+    name: &str,
+    host_id: &str,
+) -> Result<(), BackendError> {
+    let key = format!("{NODE_NAMES_PREFIX}{name}");
+    if backend.get(&key).await?.as_deref() == Some(host_id.as_bytes()) {
+        backend.delete(&key).await?;
+    }
+    Ok(())
+}
+
+/// The host id that holds `name`, if any.
+pub async fn name_holder(
+    backend: &dyn Backend,
+    name: &str,
+) -> Result<Option<String>, BackendError> {
+    Ok(backend
+        .get(&format!("{NODE_NAMES_PREFIX}{name}"))
+        .await?
+        .map(|h| String::from_utf8_lossy(&h).into_owned()))
 }
 
 fn parse_stored(raw: &[u8]) -> Result<StoredAuthorities, AuthError> {
@@ -200,12 +306,90 @@ mod tests {
         assert!(err.to_string().contains("holds cluster \"c1\""), "{err}");
     }
 
+    fn join_request(name: &str) -> JoinRequest {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let ssh =
+            russh::keys::ssh_key::PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        JoinRequest {
+            token: tunnel_proto::secret::Secret::new("static-token-value-0123456789"),
+            node_name: name.into(),
+            role: Role::Node,
+            ssh_public_key: ssh.public_key().to_openssh().unwrap(),
+            tls_csr: csr,
+        }
+    }
+
+    #[tokio::test]
+    async fn joins_racing_for_one_name_cannot_both_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let b: Arc<dyn Backend> = Arc::new(RedbBackend::open(&dir.path().join("s")).unwrap());
+        let token = StaticToken {
+            roles: vec![Role::Node],
+            value: tunnel_proto::secret::Secret::new("static-token-value-0123456789"),
+        };
+        let auth = Arc::new(
+            Auth::bootstrap(b.clone(), Some("c1"), vec![token])
+                .await
+                .unwrap(),
+        );
+        let mut racing = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let auth = auth.clone();
+            racing.spawn(async move { auth.join(join_request("pi")).await });
+        }
+        let results = racing.join_all().await;
+        let won: Vec<&JoinResponse> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "exactly one join gets the name");
+        for r in &results {
+            if let Err(e) = r {
+                assert!(matches!(e, AuthError::NameTaken { .. }), "{e}");
+            }
+        }
+        let holder = name_holder(b.as_ref(), "pi").await.unwrap();
+        assert_eq!(holder.as_deref(), Some(won[0].host_id.as_str()));
+        // Released only by its holder.
+        release_name(b.as_ref(), "pi", "someone-else")
+            .await
+            .unwrap();
+        assert!(name_holder(b.as_ref(), "pi").await.unwrap().is_some());
+        release_name(b.as_ref(), "pi", &won[0].host_id)
+            .await
+            .unwrap();
+        assert!(auth.join(join_request("pi")).await.is_ok());
+        // The cluster's own names are refused.
+        for reserved in ["burrow.cluster.local", "localhost", "c1", "x.localhost"] {
+            let err = auth.join(join_request(reserved)).await.err().unwrap();
+            assert!(err.to_string().contains("belongs to the cluster"), "{err}");
+        }
+    }
+
     #[test]
     fn node_names_are_checked() {
-        for ok in ["pi", "edge-01.lab", "a_b"] {
+        for ok in ["pi", "edge-01.lab", "a1", "1a", &"x".repeat(63)] {
             validate_node_name(ok).unwrap();
         }
-        for bad in ["", "-x", "a b", "a/b", &"x".repeat(300), "é"] {
+        let uuid = "0b5e0c2a-7d4e-4f3b-9a61-2c8f4e1d9b07";
+        for bad in [
+            "",
+            "-x",
+            "x-",
+            "a..b",
+            ".a",
+            "a b",
+            "a/b",
+            "a_b",
+            "Pi",
+            &"x".repeat(64),
+            &"x".repeat(300),
+            "é",
+            "10.0.0.1",
+            uuid,
+        ] {
             assert!(validate_node_name(bad).is_err(), "{bad:?}");
         }
     }
