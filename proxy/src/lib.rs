@@ -6,6 +6,9 @@
 //! - [`auth`]: the certificate authorities, join tokens and node joins.
 //! - [`registry`]: the proxy's registration under a lease, and its readiness.
 //! - [`tunnel`]: the tunnel server: authentication, the tunnel table, inventory, revocation.
+//! - [`nodelimits`]: what a joined node may make the proxy do (rates, sizes, counts).
+//! - [`audit`]: the audit log, written by a thread of its own.
+//! - [`sshproxy`]: the SSH jump host (port 3023).
 //! - [`web`]: the HTTPS web port (find, join, admin API, and TCP tunnels by ALPN).
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
@@ -14,6 +17,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod nodelimits;
 mod ratelimit;
 pub mod registry;
 pub mod sshproxy;

@@ -23,6 +23,7 @@ use tunnel_proto::unix_now;
 use crate::auth::ca::CertRole;
 use crate::auth::{NODES_PREFIX, NodeRecord};
 use crate::backend::{Backend, BackendError, Event};
+use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL};
 use crate::registry::PROXIES_PREFIX;
 
 pub const PRESENCE_PREFIX: &str = "/presence/";
@@ -254,9 +255,12 @@ impl TunnelServer {
         };
         match tokio::time::timeout(HELLO_TIMEOUT, exchange).await {
             Ok(Ok(Some(Message::DialResult { error: None }))) => Ok(framed.into_parts()),
-            Ok(Ok(Some(Message::DialResult { error: Some(e) }))) => Err(DialError::Refused(e)),
+            Ok(Ok(Some(Message::DialResult { error: Some(e) }))) => {
+                Err(DialError::Refused(short(&e)))
+            }
             Ok(Ok(other)) => Err(DialError::Failed(format!(
-                "unexpected answer to dial: {other:?}"
+                "unexpected answer to dial: {}",
+                other.map_or("end of stream", |m| m.kind())
             ))),
             Ok(Err(e)) => Err(DialError::Failed(e.to_string())),
             Err(_) => Err(DialError::Failed(format!(
@@ -291,7 +295,12 @@ impl TunnelServer {
         let mut control = Framed::new(control);
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, control.read()).await {
             Ok(Ok(Some(Message::Hello(h)))) => h,
-            Ok(Ok(other)) => return Err(format!("expected hello, got {other:?}")),
+            Ok(Ok(other)) => {
+                return Err(format!(
+                    "expected hello, got {}",
+                    other.map_or("end of stream", |m| m.kind())
+                ));
+            }
             Ok(Err(e)) => return Err(format!("bad hello: {e}")),
             Err(_) => return Err("no hello".into()),
         };
@@ -317,33 +326,61 @@ impl TunnelServer {
                 .await;
             return Err(reason);
         }
+        let labels = match crate::nodelimits::check_labels(&hello.labels) {
+            Ok(()) => hello.labels.clone(),
+            Err(why) => {
+                tracing::warn!(%host_id, %why, "the node's labels are ignored");
+                Labels::new()
+            }
+        };
         if hello.node_name != node_name {
             tracing::debug!(%host_id, %node_name, claimed = %hello.node_name, "the hello names another node name; the certificate's stands");
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let refused = {
+            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            let held = tunnels.values().filter(|e| e.host_id == host_id).count();
+            if held >= crate::nodelimits::MAX_TUNNELS_PER_NODE {
+                Some(held)
+            } else {
+                tunnels.insert(
+                    id,
+                    Entry {
+                        host_id: host_id.clone(),
+                        node_name: node_name.clone(),
+                        session: session.clone(),
+                    },
+                );
+                None
+            }
+        };
+        if let Some(held) = refused {
+            let reason = format!("node {host_id} already holds {held} tunnels to this proxy");
+            let _ = control
+                .write(&Message::Goodbye {
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(reason);
+        }
         let mut proxies = self.proxies.subscribe();
         let list = proxies.borrow_and_update().clone();
-        control
+        let welcomed = control
             .write(&Message::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
                 version: tunnel_proto::VERSION.to_string(),
                 proxy_id: self.proxy_id.clone(),
                 proxies: list,
             }))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+        if let Err(e) = welcomed {
+            self.tunnels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(e.to_string());
+        }
 
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                Entry {
-                    host_id: host_id.clone(),
-                    node_name: node_name.clone(),
-                    session: session.clone(),
-                },
-            );
         // A revocation that landed between the check above and the insert.
         if self.is_revoked(&host_id) {
             session.close("the node was removed from the cluster");
@@ -351,8 +388,8 @@ impl TunnelServer {
         let mut presence = Presence {
             host_id: host_id.clone(),
             node_name: node_name.clone(),
-            version: hello.version.clone(),
-            labels: hello.labels.clone(),
+            version: short(&hello.version),
+            labels,
             proxy_id: self.proxy_id.clone(),
             transport: session.transport().to_string(),
             remote_addr: session.remote_addr().to_string(),
@@ -387,6 +424,8 @@ impl TunnelServer {
         presence: &mut Presence,
     ) -> Result<(), String> {
         let mut last_written = Instant::now();
+        let mut dirty = false;
+        let mut budget = NodeBudget::new(Instant::now());
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -408,6 +447,17 @@ impl TunnelServer {
                     let list = proxies.borrow_and_update().clone();
                     control.write(&Message::Proxies { proxies: list }).await.map_err(|e| e.to_string())?;
                 }
+                // Agents open no stream but their control stream: reset any other at once
+                // instead of buffering it, and close a tunnel that keeps trying.
+                opened = session.accept() => match opened {
+                    Some(stream) => {
+                        drop(stream);
+                        if !budget.unexpected_stream() {
+                            return Err("the node keeps opening streams nobody asked for".into());
+                        }
+                    }
+                    None => return Ok(()),
+                },
                 msg = tokio::time::timeout(SILENCE_LIMIT, control.read()) => {
                     let msg = match msg {
                         Err(_) => return Err("the agent went silent".into()),
@@ -415,27 +465,52 @@ impl TunnelServer {
                         Ok(Ok(None)) => return Ok(()),
                         Ok(Ok(Some(m))) => m,
                     };
+                    let now = Instant::now();
+                    if !budget.message(now) {
+                        return Err("the node floods its control stream".into());
+                    }
                     match msg {
                         Message::Ping { seq } => {
                             control.write(&Message::Pong { seq }).await.map_err(|e| e.to_string())?;
                         }
                         Message::Heartbeat(hb) => {
                             // The name is the certificate's; a heartbeat cannot rename the node.
-                            let changed = hb.labels != presence.labels || hb.version != presence.version;
-                            presence.labels = hb.labels;
-                            presence.version = hb.version;
-                            if changed || last_written.elapsed() >= PRESENCE_REFRESH {
+                            match crate::nodelimits::check_labels(&hb.labels) {
+                                Ok(()) if hb.labels != presence.labels => {
+                                    presence.labels = hb.labels;
+                                    dirty = true;
+                                }
+                                Ok(()) => {}
+                                Err(why) => tracing::debug!(host_id = %presence.host_id, %why, "heartbeat labels ignored"),
+                            }
+                            let version = short(&hb.version);
+                            if version != presence.version {
+                                presence.version = version;
+                                dirty = true;
+                            }
+                            // Backend writes a node causes are bounded, whatever it sends.
+                            let since = last_written.elapsed();
+                            if (dirty && since >= PRESENCE_MIN_INTERVAL) || since >= PRESENCE_REFRESH {
                                 presence.last_seen = unix_now();
                                 self.write_presence(presence).await;
                                 last_written = Instant::now();
+                                dirty = false;
                             }
                         }
                         Message::Goodbye { reason } => {
-                            tracing::debug!(%reason, "agent said goodbye");
+                            tracing::debug!(reason = %short(&reason), "agent said goodbye");
                             return Ok(());
                         }
-                        Message::Audit(event) => self.audit.append(&event, &presence.host_id),
-                        other => return Err(format!("unexpected message on the control stream: {other:?}")),
+                        Message::Audit(event) => {
+                            if !budget.audit(now) {
+                                if budget.audit_dropped.is_power_of_two() {
+                                    tracing::warn!(host_id = %presence.host_id, dropped = budget.audit_dropped, "audit events over the node's rate dropped");
+                                }
+                            } else if let Some(event) = crate::nodelimits::sanitize_audit(event) {
+                                self.audit.append(&event, &presence.host_id);
+                            }
+                        }
+                        other => return Err(format!("unexpected {} message on the control stream", other.kind())),
                     }
                 }
             }
@@ -476,6 +551,11 @@ pub enum DialError {
     Refused(String),
     #[error("{0}")]
     Failed(String),
+}
+
+/// A short, printable copy of text a node sent (a version, a reason), for records and logs.
+fn short(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 fn presence_key(host_id: &str, proxy_id: &str) -> String {

@@ -327,3 +327,145 @@ fn find_sends_agents_to_the_dedicated_tunnel_listener() {
         assert_eq!(peer_lines, i + 1);
     }
 }
+
+/// Opens a tunnel with `identity`, says hello and waits for the welcome.
+async fn hello_tunnel(
+    proxy: &Proxy,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    host_id: &str,
+    quic: bool,
+) -> (
+    transport::Session,
+    transport::Framed<transport::TunnelStream>,
+) {
+    let session = if quic {
+        let endpoint = transport::quic_client_endpoint(false).unwrap();
+        transport::connect_quic(&endpoint, &proxy.web_addr, config.clone())
+            .await
+            .unwrap()
+    } else {
+        transport::connect_tcp(&proxy.web_addr, config.clone())
+            .await
+            .unwrap()
+    };
+    let mut control = transport::Framed::new(session.open().await.unwrap());
+    control.write(&hello(host_id)).await.unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(10), control.read()).await;
+    assert!(
+        matches!(
+            welcome,
+            Ok(Ok(Some(tunnel_proto::wire::Message::Welcome(_))))
+        ),
+        "{welcome:?}"
+    );
+    (session, control)
+}
+
+#[test]
+fn a_hostile_node_cannot_take_the_proxy_down() {
+    use tokio::io::AsyncWriteExt;
+    use tunnel_proto::wire::{AuditEvent, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let bad = dir.path().join("bad");
+    drop(start_agent(&proxy, &bad, "bad", &["--transport", "tcp"]));
+    let bad_id = host_id(&bad);
+    let config = std::sync::Arc::new(
+        tls::unverified_client_config_with(Some(identity_of(&bad)), &[ALPN_TUNNEL]).unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Streams nobody asked for: over TCP each is reset, and a node that keeps at it loses
+        // its tunnel; over QUIC a second stream is not even granted.
+        let (session, _control) = hello_tunnel(&proxy, &config, &bad_id, false).await;
+        for _ in 0..20 {
+            let Ok(mut s) = session.open().await else {
+                break;
+            };
+            if s.write_all(&[0u8; 1024]).await.is_err() {
+                break;
+            }
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(20), session.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the tunnel of a node opening streams stays open: {}",
+            proxy.daemon.log()
+        );
+        let (session, quic_control) = hello_tunnel(&proxy, &config, &bad_id, true).await;
+        let second = tokio::time::timeout(Duration::from_secs(2), session.open()).await;
+        assert!(second.is_err(), "QUIC granted a second stream to the node");
+
+        // More tunnels than a node needs: the fifth gets no welcome.
+        let mut held = vec![(session, quic_control)];
+        for _ in 0..3 {
+            held.push(hello_tunnel(&proxy, &config, &bad_id, false).await);
+        }
+        let fifth = transport::connect_tcp(&proxy.web_addr, config.clone())
+            .await
+            .unwrap();
+        let mut control = transport::Framed::new(fifth.open().await.unwrap());
+        control.write(&hello(&bad_id)).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), control.read())
+            .await
+            .expect("the proxy answers or closes");
+        assert!(
+            !matches!(answer, Ok(Some(Message::Welcome(_)))),
+            "a fifth tunnel was welcomed: {}",
+            proxy.daemon.log()
+        );
+        drop(held);
+
+        // An audit event whose time is out of any calendar, then a flood of pings.
+        let (session, mut control) = hello_tunnel(&proxy, &config, &bad_id, false).await;
+        let mut fields = tunnel_proto::api::Labels::new();
+        fields.insert("host_id".into(), "someone-else".into());
+        control
+            .write(&Message::Audit(AuditEvent {
+                event: "exec".into(),
+                time: u64::MAX,
+                fields,
+            }))
+            .await
+            .unwrap();
+        for seq in 0..1000 {
+            if control.write(&Message::Ping { seq }).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(10), session.closed())
+            .await
+            .expect("a flooding node's tunnel is closed");
+    });
+    proxy.daemon.wait_for("the node floods its control stream");
+    proxy
+        .daemon
+        .wait_for("already holds 4 tunnels to this proxy");
+    proxy
+        .daemon
+        .wait_for("the node keeps opening streams nobody asked for");
+    // The proxy serves on, and logged the event with its own time and the tunnel's host id.
+    assert!(proxy.ctl(&["status"]).status.success());
+    let audit = eventually(WAIT, || {
+        let dir = proxy.data_dir.join("audit");
+        let mut all = String::new();
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            all.push_str(&std::fs::read_to_string(e.path()).ok()?);
+        }
+        Some(all).filter(|a| a.contains("node_time"))
+    })
+    .expect("the event is logged");
+    assert!(
+        audit.contains(&format!("\"node_time\":{}", u64::MAX)),
+        "{audit}"
+    );
+    assert!(
+        audit.contains(&format!("\"host_id\":\"{bad_id}\"")),
+        "{audit}"
+    );
+    assert!(!audit.contains("someone-else"), "{audit}");
+}

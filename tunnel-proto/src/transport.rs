@@ -326,7 +326,7 @@ pub async fn connect_quic(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(MAX_STREAMS)));
     let host = crate::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
         .connect_with(config, target, host)
@@ -341,15 +341,16 @@ pub async fn connect_quic(
     Ok(Session::from_quic(conn))
 }
 
-/// QUIC settings shared by both ends.
-pub fn transport_config() -> quinn::TransportConfig {
+/// QUIC settings shared by both ends; `peer_streams`: how many bidirectional streams the peer
+/// may have open at once.
+pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a small duration")))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(u64::from(CONNECTION_WINDOW))
-        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into());
     t
 }
@@ -373,7 +374,9 @@ pub fn quic_server_endpoint(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    // An agent opens one stream, its control stream: a second one is refused by QUIC flow
+    // control itself, before a byte of it is buffered.
+    config.transport_config(Arc::new(transport_config(1)));
     quinn::Endpoint::server(config, addr)
 }
 

@@ -59,6 +59,25 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's type, as on the wire: safe to log (no peer-chosen text).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Proxies { .. } => "proxies",
+            Message::Heartbeat(_) => "heartbeat",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Dial(_) => "dial",
+            Message::DialResult { .. } => "dial_result",
+            Message::Reconnect { .. } => "reconnect",
+            Message::Audit(_) => "audit",
+            Message::Goodbye { .. } => "goodbye",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol: u16,
