@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -105,6 +106,8 @@ pub struct FileConfig {
     pub static_tokens: Vec<String>,
     pub storage: Option<StorageConfig>,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub debug: bool,
 }
 
@@ -119,6 +122,100 @@ pub struct StorageConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// etcd user authentication: the user, and a file holding the password.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Allow plain http:// to an etcd that is not on loopback (the cluster's CA keys would
+    /// cross the network unencrypted).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+/// What anonymous clients can make the proxy hold, as written in the YAML `limits:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default, with = "humantime_serde_opt")]
+    pub ssh_login_grace_time: Option<Duration>,
+    pub ssh_max_startups: Option<usize>,
+    pub ssh_max_startups_per_source: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub web_request_timeout: Option<Duration>,
+    pub web_max_connections: Option<usize>,
+    pub web_max_connections_per_source: Option<usize>,
+}
+
+/// The validated limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// An SSH connection that has not authenticated within this time is closed (sshd's
+    /// LoginGraceTime).
+    pub ssh_login_grace_time: Duration,
+    /// Unauthenticated SSH connections at once, in all and per source (sshd's MaxStartups).
+    pub ssh_max_startups: usize,
+    pub ssh_max_startups_per_source: usize,
+    /// A whole request (headers and body) must arrive and be answered within this time.
+    pub web_request_timeout: Duration,
+    /// Web-port connections that are not (yet) tunnels, in all and per source.
+    pub web_max_connections: usize,
+    pub web_max_connections_per_source: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            ssh_login_grace_time: Duration::from_secs(60),
+            ssh_max_startups: 100,
+            ssh_max_startups_per_source: 10,
+            web_request_timeout: Duration::from_secs(30),
+            web_max_connections: 4096,
+            web_max_connections_per_source: 256,
+        }
+    }
+}
+
+impl Limits {
+    fn merge(file: LimitsConfig) -> Result<Self, ConfigError> {
+        let d = Limits::default();
+        let limits = Limits {
+            ssh_login_grace_time: file.ssh_login_grace_time.unwrap_or(d.ssh_login_grace_time),
+            ssh_max_startups: file.ssh_max_startups.unwrap_or(d.ssh_max_startups),
+            ssh_max_startups_per_source: file
+                .ssh_max_startups_per_source
+                .unwrap_or(d.ssh_max_startups_per_source),
+            web_request_timeout: file.web_request_timeout.unwrap_or(d.web_request_timeout),
+            web_max_connections: file.web_max_connections.unwrap_or(d.web_max_connections),
+            web_max_connections_per_source: file
+                .web_max_connections_per_source
+                .unwrap_or(d.web_max_connections_per_source),
+        };
+        let positive = [
+            limits.ssh_max_startups,
+            limits.ssh_max_startups_per_source,
+            limits.web_max_connections,
+            limits.web_max_connections_per_source,
+        ];
+        if positive.contains(&0)
+            || limits.ssh_login_grace_time.is_zero()
+            || limits.web_request_timeout.is_zero()
+        {
+            return Err(err("limits: every limit must be positive"));
+        }
+        Ok(limits)
+    }
+}
+
+/// `Option<Duration>` as a humantime string ("60s", "2m") in YAML.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// Where the cluster's state lives.
@@ -143,6 +240,7 @@ pub struct ProxyConfig {
     pub https_files: Option<(PathBuf, PathBuf)>,
     pub static_tokens: Vec<StaticToken>,
     pub storage: Storage,
+    pub limits: Limits,
     pub debug: bool,
 }
 
@@ -257,6 +355,13 @@ impl ProxyConfig {
                             "etcd endpoint {e:?} must be a URL, e.g. http://127.0.0.1:2379"
                         )));
                     }
+                    if !file_storage.allow_plaintext && plaintext_off_host(e) {
+                        return Err(err(format!(
+                            "etcd endpoint {e:?} is plain http to a host that is not loopback: the \
+                             cluster's CA keys would cross the network unencrypted; use https:// with \
+                             tls_ca_file, or set storage.allow_plaintext: true"
+                        )));
+                    }
                 }
                 let prefix = file_storage
                     .prefix
@@ -284,10 +389,35 @@ impl ProxyConfig {
                         ));
                     }
                 };
+                let user = match (file_storage.username, file_storage.password_file) {
+                    (None, None) => None,
+                    (Some(user), Some(path)) => {
+                        let password = std::fs::read_to_string(&path).map_err(|e| {
+                            err(format!(
+                                "cannot read the etcd password file {}: {e}",
+                                path.display()
+                            ))
+                        })?;
+                        let password = password.trim_end_matches(['\r', '\n']).to_string();
+                        if password.is_empty() {
+                            return Err(err(format!(
+                                "the etcd password file {} is empty",
+                                path.display()
+                            )));
+                        }
+                        Some((user, Secret::new(password)))
+                    }
+                    _ => {
+                        return Err(err(
+                            "etcd authentication needs storage.username and storage.password_file together",
+                        ));
+                    }
+                };
                 Storage::Etcd(EtcdConfig {
                     endpoints,
                     prefix,
                     tls,
+                    user,
                 })
             }
         };
@@ -301,9 +431,24 @@ impl ProxyConfig {
             https_files,
             static_tokens,
             storage,
+            limits: Limits::merge(file.limits)?,
             debug: args.debug || file.debug,
         })
     }
+}
+
+/// Whether an etcd URL is plain http to a host other than loopback.
+fn plaintext_off_host(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = tunnel_proto::web::split_host(authority).unwrap_or(authority);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -387,6 +532,18 @@ storage:
 #  tls_ca_file: /etc/burrow/etcd-ca.pem  # for etcd over TLS
 #  tls_cert_file: /etc/burrow/etcd-client.pem
 #  tls_key_file: /etc/burrow/etcd-client-key.pem
+#  username: burrow                      # etcd user authentication
+#  password_file: /etc/burrow/etcd-password
+#  allow_plaintext: false                # plain http:// is refused unless etcd is on loopback
+
+# What anonymous clients can make the proxy hold (defaults shown).
+#limits:
+#  ssh_login_grace_time: 60s             # unauthenticated SSH connections are closed after this
+#  ssh_max_startups: 100                 # unauthenticated SSH connections at once, in all...
+#  ssh_max_startups_per_source: 10       # ...and per source address (IPv6: per /64)
+#  web_request_timeout: 30s              # a whole HTTP request, body included
+#  web_max_connections: 4096             # web-port connections that are not tunnels, in all...
+#  web_max_connections_per_source: 256   # ...and per source address
 
 # Log at debug level.
 debug: false
@@ -434,10 +591,11 @@ mod tests {
 
     #[test]
     fn etcd_storage_from_flags_or_file() {
-        let file = parse(
-            "storage:\n  type: etcd\n  endpoints: [\"http://10.0.0.1:2379\"]\n  prefix: /c1\n",
-        )
-        .unwrap();
+        let yaml =
+            "storage:\n  type: etcd\n  endpoints: [\"http://10.0.0.1:2379\"]\n  prefix: /c1\n";
+        let e = ProxyConfig::merge(StartArgs::default(), parse(yaml).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("not loopback"), "{e}");
+        let file = parse(&format!("{yaml}  allow_plaintext: true\n")).unwrap();
         let cfg = ProxyConfig::merge(StartArgs::default(), file).unwrap();
         let Storage::Etcd(etcd) = cfg.storage else {
             panic!("etcd expected")

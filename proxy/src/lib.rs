@@ -18,7 +18,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod nodelimits;
-mod ratelimit;
+pub mod ratelimit;
 pub mod registry;
 pub mod sshproxy;
 pub mod tunnel;
@@ -158,6 +158,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tokio::spawn(sshproxy::serve(
             listener,
             Arc::new(tunnel_proto::sshcert::server_config(key, cert)),
+            sshproxy::Gate::new(&config.limits),
             auth.clone(),
             tunnels.clone(),
             shutdown.clone(),
@@ -173,6 +174,11 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         public_addr: config.public_addr.clone(),
         tunnel_addrs,
         limiter: web::join_limiter(),
+        request_timeout: config.limits.web_request_timeout,
+        connections: ratelimit::ConnectionGate::new(
+            config.limits.web_max_connections,
+            config.limits.web_max_connections_per_source,
+        ),
     });
     // Everything is in place: say where, for people, tests and burrowctl on this host (the file
     // first, so that whoever reads the log line finds it).

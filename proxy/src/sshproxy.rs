@@ -14,11 +14,14 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::fsutil::write_private_atomic;
 use tunnel_proto::sshcert;
 
 use crate::auth::Auth as ClusterAuth;
+use crate::config::Limits;
+use crate::ratelimit::{ConnectionGate, GatePermit};
 use crate::tunnel::TunnelServer;
 
 const HOST_KEY_FILE: &str = "ssh-host-key";
@@ -46,10 +49,30 @@ pub fn host_identity(
     Ok((key, cert))
 }
 
+/// What an unauthenticated client may hold: a place among the unauthenticated connections
+/// (sshd's MaxStartups), for at most the login grace time (sshd's LoginGraceTime).
+pub struct Gate {
+    startups: Arc<ConnectionGate>,
+    grace: Duration,
+}
+
+impl Gate {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            startups: ConnectionGate::new(
+                limits.ssh_max_startups,
+                limits.ssh_max_startups_per_source,
+            ),
+            grace: limits.ssh_login_grace_time,
+        }
+    }
+}
+
 /// Accepts SSH connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<russh::server::Config>,
+    gate: Gate,
     auth: Arc<ClusterAuth>,
     tunnels: Arc<TunnelServer>,
     shutdown: CancellationToken,
@@ -66,24 +89,45 @@ pub async fn serve(
                 }
             },
         };
+        let Some(startup) = gate.startups.enter(peer.ip()) else {
+            tracing::debug!(%peer, "SSH connection dropped: too many unauthenticated connections");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
+        let (authenticated, grace_over) = oneshot::channel();
         let handler = JumpHandler {
             auth: auth.clone(),
             tunnels: tunnels.clone(),
             peer,
             user: None,
             sessions: HashMap::new(),
+            unauthenticated: Some((startup, authenticated)),
         };
         let config = config.clone();
+        let grace = gate.grace;
         tokio::spawn(async move {
-            match russh::server::run_stream(config, tcp, handler).await {
-                Ok(running) => {
-                    if let Err(e) = running.await {
-                        tracing::debug!(%peer, error = %e, "SSH connection ended");
+            let connection = async {
+                match russh::server::run_stream(config, tcp, handler).await {
+                    Ok(running) => {
+                        if let Err(e) = running.await {
+                            tracing::debug!(%peer, error = %e, "SSH connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+                }
+            };
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => return,
+                login = tokio::time::timeout(grace, grace_over) => {
+                    if login.is_err() {
+                        // Dropping the connection closes it.
+                        tracing::info!(%peer, "SSH connection closed: no login within the grace time");
+                        return;
                     }
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
             }
+            connection.await;
         });
     }
 }
@@ -96,6 +140,9 @@ struct JumpHandler {
     user: Option<String>,
     /// Session channels waiting for a `proxy:` subsystem request.
     sessions: HashMap<ChannelId, Channel<Msg>>,
+    /// Until the user authenticates: the connection's place among the unauthenticated ones, and
+    /// the signal that stops the login grace timer.
+    unauthenticated: Option<(GatePermit, oneshot::Sender<()>)>,
 }
 
 /// `NODE:PORT` from a jump target; the port defaults to the node's SSH port.
@@ -147,6 +194,10 @@ impl russh::server::Handler for JumpHandler {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
                 self.user = Some(cert.key_id().to_string());
+                if let Some((place, authenticated)) = self.unauthenticated.take() {
+                    drop(place);
+                    let _ = authenticated.send(());
+                }
                 Ok(Auth::Accept)
             }
             Err(why) => {

@@ -5,7 +5,7 @@
 //! presented, rustls has checked it against the host CA, and the admin API then requires its role
 //! to be admin.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use crate::auth::ca::CertRole;
 use crate::auth::tokens::TokenError;
 use crate::auth::{Auth, AuthError};
 use crate::backend::Backend;
-use crate::ratelimit::FailureLimiter;
+use crate::ratelimit::{ConnectionGate, FailureLimiter, GatePermit};
 use crate::registry::{self, Health};
 use crate::tunnel::{self, TunnelServer};
 
@@ -56,6 +56,10 @@ pub struct WebState {
     /// the web API.
     pub tunnel_addrs: Vec<api::TunnelAddr>,
     pub limiter: FailureLimiter,
+    /// A whole request (headers, body, answer) must be done within this time.
+    pub request_timeout: Duration,
+    /// Connections that are not (yet) tunnels, in all and per source.
+    pub connections: Arc<ConnectionGate>,
 }
 
 /// The limiter for failed joins.
@@ -170,6 +174,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let tunnels = state.tunnels.clone();
+    let gate = state.connections.clone();
+    let request_timeout = state.request_timeout;
     let router = router(state);
     let tracker = TaskTracker::new();
     loop {
@@ -185,12 +191,22 @@ pub async fn serve(
                 }
             },
         };
-        let acceptor = acceptor.clone();
-        let router = router.clone();
+        let Some(place) = gate.enter(addr.ip()) else {
+            tracing::debug!(peer = %addr, "web connection dropped: too many from this source");
+            continue;
+        };
+        let connection = Connection {
+            tcp,
+            addr,
+            place,
+            acceptor: acceptor.clone(),
+            router: router.clone(),
+            tunnels: tunnels.clone(),
+            request_timeout,
+        };
         let shutdown = shutdown.clone();
-        let tunnels = tunnels.clone();
         tracker.spawn(async move {
-            if let Err(e) = serve_connection(tcp, addr, acceptor, router, tunnels, shutdown).await {
+            if let Err(e) = serve_connection(connection, shutdown).await {
                 tracing::debug!(peer = %addr, error = %e, "web connection ended with an error");
             }
         });
@@ -205,14 +221,28 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_connection(
+/// One accepted connection on the web port and what serving it needs.
+struct Connection {
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
+    /// Its place among the source's connections, given back when it becomes a tunnel or ends.
+    place: GatePermit,
     acceptor: TlsAcceptor,
     router: Router,
     tunnels: Arc<TunnelServer>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+    request_timeout: Duration,
+}
+
+async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Connection {
+        tcp,
+        addr,
+        place,
+        acceptor,
+        router,
+        tunnels,
+        request_timeout,
+    } = c;
     let _ = tcp.set_nodelay(true);
     tunnel_proto::transport::set_tcp_keepalive(&tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -232,6 +262,8 @@ async fn serve_connection(
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
+        // A tunnel is authenticated: it no longer counts against its source.
+        drop(place);
         tunnels.accept(tunnel_proto::transport::Session::from_tls(
             tls, addr, certs, true,
         ));
@@ -246,7 +278,23 @@ async fn serve_connection(
     let peer = Peer { addr, role };
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        router.clone().oneshot(req)
+        let answer = router.clone().oneshot(req);
+        // The whole request, body included: a client trickling its body cannot hold the
+        // connection (hyper's header timeout only covers the headers).
+        async move {
+            match tokio::time::timeout(request_timeout, answer).await {
+                Ok(response) => response,
+                Err(_) => Ok(ApiFailure::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request did not arrive within {}s",
+                        request_timeout.as_secs()
+                    ),
+                )
+                .into_response()),
+            }
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -254,6 +302,7 @@ async fn serve_connection(
         .header_read_timeout(HEADER_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
+    let _place = place;
     tokio::select! {
         r = conn.as_mut() => r?,
         _ = shutdown.cancelled() => {
@@ -279,7 +328,7 @@ async fn join(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::JoinResponse>, ApiFailure> {
-    let ip = canonical_ip(peer.addr.ip());
+    let ip = peer.addr.ip();
     if !state.limiter.allowed(ip, Instant::now()) {
         tracing::warn!(peer = %peer.addr, "join refused: too many failed attempts from this address");
         return Err(ApiFailure::new(
@@ -309,13 +358,6 @@ async fn join(
             }
             Err(failure)
         }
-    }
-}
-
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
@@ -370,11 +412,15 @@ async fn ready(State(state): State<Arc<WebState>>) -> Result<Json<api::Readiness
             status: "ready".into(),
             proxy_id: state.proxy_id.clone(),
         })),
-        Err(why) => Err(ApiFailure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("not ready: {why}"),
-        )),
+        // Anyone may ask: the reason (a backend's address, its error) stays in the log.
+        Err(why) => {
+            tracing::debug!(%why, "readiness probe: not ready");
+            Err(ApiFailure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "not ready: the state backend is unreachable",
+            ))
+        }
     }
 }
 
@@ -510,7 +556,12 @@ async fn nodes_remove(
 
 fn backend_failure(e: crate::backend::BackendError) -> ApiFailure {
     if e.is_unavailable() {
-        ApiFailure::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+        tracing::warn!(error = %e, "request failed: the state backend is unavailable");
+        ApiFailure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the state backend is unreachable; try again shortly",
+        )
     } else {
         internal(e)
     }

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::Receiver;
 
 async fn etcd_backend(etcd: &Etcd, prefix: &str) -> EtcdBackend {
     EtcdBackend::connect(&EtcdConfig {
+        user: None,
         endpoints: vec![etcd.url.clone()],
         prefix: prefix.to_string(),
         tls: None,

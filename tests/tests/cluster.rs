@@ -428,3 +428,157 @@ fn burrowctl_without_identity_or_proxy_says_what_to_do() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Reads from `stream` until it is closed (or 20 s pass); returns what came and whether it closed.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut buf = [0u8; 1024];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(_) => {}
+        }
+    }
+    (got, false)
+}
+
+#[test]
+fn anonymous_clients_get_bounded_time_and_places_on_the_ssh_and_web_ports() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        "limits:\n  ssh_login_grace_time: 2s\n  ssh_max_startups_per_source: 3\n  \
+         web_request_timeout: 2s\n  web_max_connections_per_source: 3\n",
+    )
+    .unwrap();
+    let mut proxy = Proxy::start(
+        &dir.path().join("proxy"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let ssh_addr = proxy
+        .daemon
+        .wait_for("SSH jump host listening on ")
+        .trim()
+        .to_string();
+
+    // SSH: three unauthenticated connections get a banner; a fourth from the same source is
+    // dropped at once; the grace time then closes the three.
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = TcpStream::connect(&ssh_addr).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut banner = [0u8; 7];
+            c.read_exact(&mut banner).unwrap();
+            assert_eq!(&banner, b"SSH-2.0");
+            c
+        })
+        .collect();
+    let mut fourth = TcpStream::connect(&ssh_addr).unwrap();
+    let (got, closed) = read_until_closed(&mut fourth);
+    assert!(
+        closed && got.is_empty(),
+        "a fourth startup was served: {got:?}"
+    );
+    for c in &mut held {
+        let (_, closed) = read_until_closed(c);
+        assert!(
+            closed,
+            "an idle unauthenticated connection outlived the grace time"
+        );
+    }
+    proxy.daemon.wait_for("no login within the grace time");
+    let mut again = TcpStream::connect(&ssh_addr).unwrap();
+    again
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut banner = [0u8; 7];
+    again.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0", "places are given back");
+    drop(again);
+
+    // Web: three idle connections from one source are all it may hold.
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&proxy.web_addr).unwrap())
+        .collect();
+    let refused = eventually(WAIT, || {
+        let mut c = TcpStream::connect(&proxy.web_addr).ok()?;
+        let (_, closed) = read_until_closed(&mut c);
+        closed.then_some(())
+    });
+    assert!(refused.is_some(), "a fourth web connection was kept");
+    drop(idle);
+    assert!(
+        eventually(WAIT, || proxy
+            .ctl(&["status"])
+            .status
+            .success()
+            .then_some(()))
+        .is_some(),
+        "the proxy serves again once the idle connections are gone"
+    );
+
+    // A body that never arrives in full gets 408 after the request timeout, not a held slot.
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--max-time", "20", "-H", "Content-Length: 1000"])
+        .args(["-H", "Content-Type: application/json", "--data", "{"])
+        .arg(format!("https://{}/v1/webapi/host/join", proxy.web_addr))
+        .output()
+        .unwrap();
+    let body = text(&out.stdout);
+    assert!(
+        body.contains("request_timeout"),
+        "{body} {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn admin_input_and_storage_settings_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&dir.path().join("proxy"), &[]);
+    let out = proxy.ctl(&["tokens", "add", "--type", "node", "--ttl", "400d"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("at most 365 days"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = proxy.ctl(&["tokens", "add", "--type", "node", "--ttl", "500000y"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(proxy.ctl(&["tokens", "ls"]).status.success());
+
+    // etcd over plain http to another host is refused before anything is contacted, as is
+    // half an etcd login.
+    for (yaml, why) in [
+        (
+            "storage:\n  type: etcd\n  endpoints: [\"http://etcd.example:2379\"]\n",
+            "plain http to a host that is not loopback",
+        ),
+        (
+            "storage:\n  type: etcd\n  endpoints: [\"http://127.0.0.1:1\"]\n  username: u\n",
+            "username and storage.password_file together",
+        ),
+    ] {
+        let config = dir.path().join("bad.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let out = bin("burrow-proxy")
+            .args(["start", "--config", config.to_str().unwrap()])
+            .arg("--data-dir")
+            .arg(dir.path().join("never"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(why), "{}", text(&out.stderr));
+    }
+}

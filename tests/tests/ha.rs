@@ -168,3 +168,69 @@ fn a_proxy_that_loses_etcd_reports_not_ready_keeps_serving_and_catches_up() {
     join(&proxy, &token, &pin, &dir.path().join("a1"), "n1")
         .expect("the token written before the outage still works");
 }
+
+#[test]
+fn a_proxy_logs_in_to_an_etcd_with_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    // Turn on etcd's authentication through its JSON gateway: a root user, then auth.
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            r#"{"name":"root","password":"s3cret pw"}"#,
+        ),
+        ("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#),
+        ("/v3/auth/enable", "{}"),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", "--max-time", "10", "-d", body])
+            .arg(format!("{}{path}", etcd.url))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path}: {}", text(&out.stdout));
+    }
+    std::fs::write(dir.path().join("password"), "s3cret pw\n").unwrap();
+    let config = |name: &str, login: bool| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let mut yaml = format!("storage:\n  type: etcd\n  endpoints: [\"{}\"]\n", etcd.url);
+        if login {
+            yaml.push_str(&format!(
+                "  username: root\n  password_file: {}\n",
+                dir.path().join("password").display()
+            ));
+        }
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let with = config("with", true);
+    let proxy = Proxy::start(
+        &dir.path().join("p1"),
+        &["--config", with.to_str().unwrap()],
+    );
+    eventually(WAIT, || proxy.ready().ok()).expect("ready on an etcd with authentication");
+    assert!(
+        proxy
+            .ctl(&["tokens", "add", "--type", "node"])
+            .status
+            .success()
+    );
+    assert!(
+        !proxy.daemon.log().contains("s3cret"),
+        "the password reached the log"
+    );
+
+    let without = config("without", false);
+    let out = bin("burrow-proxy")
+        .args(["start", "--config", without.to_str().unwrap()])
+        .args(["--web-listen", "127.0.0.1:0", "--ssh-listen", "off"])
+        .arg("--data-dir")
+        .arg(dir.path().join("p2"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("user name is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+}

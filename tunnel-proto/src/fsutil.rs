@@ -17,7 +17,9 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `contents` to `path` with mode 0600: a temporary file in the same directory, synced,
-/// then renamed over `path`, then the directory synced.
+/// then renamed over `path`, then the directory synced. The temporary file has an unpredictable
+/// name and is created exclusively (`O_EXCL`: an existing file or a symlink planted there makes
+/// the write fail instead of being followed).
 pub fn write_private_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
@@ -26,18 +28,17 @@ pub fn write_private_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let mut nonce = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| io::Error::other("no randomness for a temporary file name"))?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!(".{}.tmp-{nonce}", name.to_string_lossy()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -75,6 +76,16 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["id"], "no temporary file is left behind");
+        // A symlink planted where a temporary file of the old, predictable scheme went is never
+        // followed (its target is untouched), and neither is one at any other name.
+        let victim = root.join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let planted = dir.join(format!(".id.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_private_atomic(&file, b"three").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(fs::read(&file).unwrap(), b"three");
+        fs::remove_file(&planted).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&dir).unwrap();
         assert_eq!(

@@ -19,6 +19,8 @@ const PREFIX: &str = "/tokens/";
 /// How long an expired or revoked token is remembered, so that a join with it is told
 /// "expired" or "revoked" rather than "unknown".
 const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest TTL of a dynamic token: longer-lived ones are static tokens, in the config.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Length of a token id: the first hex digits of the token's SHA-256.
 const ID_LEN: usize = 16;
 const MIN_VALUE_LEN: usize = 8;
@@ -137,6 +139,12 @@ impl TokenStore {
         }
         if ttl.is_zero() {
             return Err(TokenError::Invalid("a token's TTL must be positive".into()));
+        }
+        if ttl > MAX_TTL {
+            return Err(TokenError::Invalid(
+                "a token's TTL must be at most 365 days (longer-lived tokens are static tokens)"
+                    .into(),
+            ));
         }
         let value = match value {
             Some(v) => {

@@ -29,6 +29,8 @@ pub struct EtcdConfig {
     /// Every key is stored under this prefix, so one etcd can hold several clusters.
     pub prefix: String,
     pub tls: Option<EtcdTls>,
+    /// User authentication: the user and the password.
+    pub user: Option<(String, tunnel_proto::secret::Secret)>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +86,9 @@ impl EtcdBackend {
                     tls_options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
             }
             options = options.with_tls(tls_options);
+        }
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.as_str(), password.expose());
         }
         let client = Client::connect(&config.endpoints, Some(options))
             .await
