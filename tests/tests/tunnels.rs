@@ -159,13 +159,9 @@ fn a_node_certificate_from_another_cluster_is_refused() {
         // In TLS 1.3 the server checks the client's certificate after the client has finished
         // its side of the handshake: the refusal shows as the tunnel dying before any stream.
         for quic in [false, true] {
-            let session = if quic {
-                let endpoint = transport::quic_client_endpoint(false).unwrap();
-                transport::connect_quic(&endpoint, &ours.web_addr, config.clone()).await
-            } else {
-                transport::connect_tcp(&ours.web_addr, config.clone()).await
+            let Ok(session) = dial(&ours.web_addr, &config, quic).await else {
+                continue;
             };
-            let Ok(session) = session else { continue };
             let used = tokio::time::timeout(Duration::from_secs(10), async {
                 let stream = session.open().await.ok()?;
                 let mut f = transport::Framed::new(stream);
@@ -190,6 +186,20 @@ fn a_node_certificate_from_another_cluster_is_refused() {
     assert!(!log.contains("tunnel refused or ended"), "{log}");
     assert!(!log.contains("tunnel up"), "{log}");
     assert!(nodes(&ours).is_empty());
+}
+
+/// Opens a tunnel to `addr` over QUIC or TLS + yamux, as a (possibly misbehaving) node would.
+async fn dial(
+    addr: &str,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    quic: bool,
+) -> Result<transport::Session, transport::TransportError> {
+    if quic {
+        let endpoint = transport::quic_client_endpoint(false).unwrap();
+        transport::connect_quic(&endpoint, addr, config.clone()).await
+    } else {
+        transport::connect_tcp(addr, config.clone()).await
+    }
 }
 
 fn hello(host_id: &str) -> tunnel_proto::wire::Message {
@@ -228,16 +238,7 @@ fn garbage_and_oversized_frames_close_only_that_tunnel() {
     ] {
         rt.block_on(async {
             for quic in [false, true] {
-                let session = if quic {
-                    let endpoint = transport::quic_client_endpoint(false).unwrap();
-                    transport::connect_quic(&endpoint, &proxy.web_addr, config.clone())
-                        .await
-                        .unwrap()
-                } else {
-                    transport::connect_tcp(&proxy.web_addr, config.clone())
-                        .await
-                        .unwrap()
-                };
+                let session = dial(&proxy.web_addr, &config, quic).await.unwrap();
                 let mut stream = session.open().await.unwrap();
                 stream.write_all(&bytes).await.unwrap();
                 stream.flush().await.unwrap();
@@ -338,16 +339,7 @@ async fn hello_tunnel(
     transport::Session,
     transport::Framed<transport::TunnelStream>,
 ) {
-    let session = if quic {
-        let endpoint = transport::quic_client_endpoint(false).unwrap();
-        transport::connect_quic(&endpoint, &proxy.web_addr, config.clone())
-            .await
-            .unwrap()
-    } else {
-        transport::connect_tcp(&proxy.web_addr, config.clone())
-            .await
-            .unwrap()
-    };
+    let session = dial(&proxy.web_addr, config, quic).await.unwrap();
     let mut control = transport::Framed::new(session.open().await.unwrap());
     control.write(&hello(host_id)).await.unwrap();
     let welcome = tokio::time::timeout(Duration::from_secs(10), control.read()).await;
