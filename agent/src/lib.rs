@@ -61,6 +61,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             identity
         }
         None => {
+            tunnel_proto::api::validate_node_name(&config.nodename).map_err(AgentError::Config)?;
             let token = read_token(&config.token)?;
             tracing::info!(proxy = %config.proxy, node = %config.nodename, "joining the cluster");
             let identity = join::join(JoinParams {

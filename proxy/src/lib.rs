@@ -119,9 +119,15 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         let quic = tunnel_proto::transport::quic_server_endpoint(bound, tls.clone())
             .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
         tracing::info!("tunnels listening on tcp and udp {bound}");
+        // Handshakes in progress on the tunnel port count as the web port's connections do.
+        let handshakes = ratelimit::ConnectionGate::new(
+            config.limits.web_max_connections,
+            config.limits.web_max_connections_per_source,
+        );
         tokio::spawn(tunnel::serve_tcp(
             listener,
             tls,
+            handshakes,
             tunnels.clone(),
             shutdown.clone(),
         ));

@@ -704,6 +704,7 @@ pub async fn serve_quic(
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    handshakes: Arc<crate::ratelimit::ConnectionGate>,
     server: Arc<TunnelServer>,
     shutdown: CancellationToken,
 ) {
@@ -720,12 +721,18 @@ pub async fn serve_tcp(
                 }
             },
         };
+        let Some(place) = handshakes.enter(remote.ip()) else {
+            tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let server = server.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             tunnel_proto::transport::set_tcp_keepalive(&tcp);
-            match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(place);
+            match handshake {
                 Ok(Ok(tls)) => {
                     let certs = tls
                         .get_ref()

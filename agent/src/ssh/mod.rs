@@ -184,6 +184,11 @@ impl NodeHandler {
             return Ok(());
         };
         let state = self.channels.entry(id).or_default();
+        if state.group.is_some() {
+            // One program per channel, as in OpenSSH.
+            session.channel_failure(id)?;
+            return Ok(());
+        }
         // A forced command replaces whatever was asked for, subsystems included (as sshd's
         // ForceCommand does); the program sees the request in SSH_ORIGINAL_COMMAND.
         let requested = match &what {
