@@ -5,7 +5,10 @@
 //! - [`backend`]: the [`backend::Backend`] trait for cluster state; redb and etcd.
 //! - [`auth`]: the certificate authorities, join tokens and node joins.
 //! - [`registry`]: the proxy's registration under a lease, and its readiness.
-//! - [`tunnel`]: the tunnel server: authentication, the tunnel table, inventory, revocation.
+//! - [`state`]: every backend key and the node record, in one place.
+//! - [`tunnel`]: the tunnel server: authentication, the tunnel table, presence, the proxy list
+//!   pushed to agents, revocations followed from the backend.
+//! - [`inventory`]: nodes as the cluster knows them: `nodes ls`, `nodes rm`, node names.
 //! - [`nodelimits`]: what a joined node may make the proxy do (rates, sizes, counts).
 //! - [`audit`]: the audit log, written by a thread of its own.
 //! - [`sshproxy`]: the SSH jump host (port 3023).
@@ -17,10 +20,12 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod inventory;
 pub mod nodelimits;
 pub mod ratelimit;
 pub mod registry;
 pub mod sshproxy;
+pub mod state;
 pub mod tunnel;
 pub mod web;
 

@@ -14,7 +14,6 @@ use tunnel_proto::api::ProxyInfo;
 
 use crate::backend::{Backend, BackendError, LeaseId};
 
-pub const PROXIES_PREFIX: &str = "/proxies/";
 /// A dead proxy leaves the list within this time.
 const LEASE_TTL: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
@@ -52,7 +51,7 @@ impl Health {
 }
 
 fn key(id: &str) -> String {
-    format!("{PROXIES_PREFIX}{id}")
+    crate::state::proxy(id)
 }
 
 /// Keeps `info` registered until `shutdown`, then removes it.
@@ -108,7 +107,7 @@ pub async fn register(
 /// The live proxies.
 pub async fn list(backend: &dyn Backend) -> Result<Vec<ProxyInfo>, BackendError> {
     Ok(backend
-        .list(PROXIES_PREFIX)
+        .list(crate::state::PROXIES)
         .await?
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())

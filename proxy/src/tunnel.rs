@@ -14,20 +14,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::api::{Labels, NodeInfo, Presence};
+use tunnel_proto::api::{Labels, Presence};
 use tunnel_proto::transport::{Framed, Session, TunnelStream};
 use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
 
 use tunnel_proto::unix_now;
 
 use crate::auth::ca::CertRole;
-use crate::auth::{NODES_PREFIX, NodeRecord};
 use crate::backend::{Backend, BackendError, Event};
 use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL};
-use crate::registry::PROXIES_PREFIX;
+use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
 
-pub const PRESENCE_PREFIX: &str = "/presence/";
-pub const REVOKED_PREFIX: &str = "/revoked/";
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
 /// Presence is rewritten at most this often when nothing changed.
@@ -222,13 +219,13 @@ impl TunnelServer {
         let Some(session) = session else {
             let by_id = self
                 .backend
-                .get(&format!("{NODES_PREFIX}{target}"))
+                .get(&state::node(target))
                 .await
                 .ok()
                 .flatten()
                 .is_some();
             let known = by_id
-                || crate::auth::name_holder(self.backend.as_ref(), target)
+                || crate::inventory::name_holder(self.backend.as_ref(), target)
                     .await
                     .ok()
                     .flatten()
@@ -409,7 +406,7 @@ impl TunnelServer {
         if !still_here {
             let _ = self
                 .backend
-                .delete(&presence_key(&host_id, &self.proxy_id))
+                .delete(&state::presence(&host_id, &self.proxy_id))
                 .await;
         }
         tracing::info!(%host_id, node = %node_name, "tunnel down");
@@ -522,7 +519,7 @@ impl TunnelServer {
         if let Err(e) = self
             .backend
             .put(
-                &presence_key(&presence.host_id, &self.proxy_id),
+                &state::presence(&presence.host_id, &self.proxy_id),
                 value,
                 Some(PRESENCE_TTL),
             )
@@ -556,10 +553,6 @@ pub enum DialError {
 /// A short, printable copy of text a node sent (a version, a reason), for records and logs.
 fn short(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(64).collect()
-}
-
-fn presence_key(host_id: &str, proxy_id: &str) -> String {
-    format!("{PRESENCE_PREFIX}{host_id}/{proxy_id}")
 }
 
 /// Who a tunnel's client certificate says the node is.
@@ -600,70 +593,6 @@ fn node_identity(session: &Session) -> Result<NodeIdentity, String> {
         })
         .unwrap_or_else(|| host_id.clone());
     Ok(NodeIdentity { host_id, node_name })
-}
-
-/// Every node seen within the presence TTL, with the live proxies it holds tunnels to. A proxy
-/// that died leaves presence records behind until their TTL; they are not shown.
-pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendError> {
-    let live: HashSet<String> = backend
-        .list(PROXIES_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|(k, _)| k.strip_prefix(PROXIES_PREFIX).map(str::to_string))
-        .collect();
-    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
-    for (_, value) in backend.list(PRESENCE_PREFIX).await? {
-        let Ok(p) = serde_json::from_slice::<Presence>(&value) else {
-            continue;
-        };
-        if !live.contains(&p.proxy_id) {
-            continue;
-        }
-        let node = nodes.entry(p.host_id.clone()).or_insert_with(|| NodeInfo {
-            host_id: p.host_id.clone(),
-            node_name: p.node_name.clone(),
-            version: p.version.clone(),
-            labels: Labels::new(),
-            proxies: vec![],
-            transports: vec![],
-            last_seen: 0,
-        });
-        if p.last_seen >= node.last_seen {
-            node.node_name = p.node_name;
-            node.version = p.version;
-            node.labels = p.labels;
-            node.last_seen = p.last_seen;
-        }
-        node.proxies.push(p.proxy_id);
-        node.transports.push(p.transport);
-    }
-    Ok(nodes.into_values().collect())
-}
-
-/// Revokes a node: it is disconnected everywhere and refused from now on.
-pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, BackendError> {
-    let presence = backend
-        .list(&format!("{PRESENCE_PREFIX}{host_id}/"))
-        .await?;
-    let record = backend.get(&format!("{NODES_PREFIX}{host_id}")).await?;
-    if presence.is_empty() && record.is_none() {
-        return Ok(false);
-    }
-    backend
-        .put(
-            &format!("{REVOKED_PREFIX}{host_id}"),
-            unix_now().to_string().into_bytes(),
-            None,
-        )
-        .await?;
-    backend.delete(&format!("{NODES_PREFIX}{host_id}")).await?;
-    if let Some(record) = record.and_then(|r| serde_json::from_slice::<NodeRecord>(&r).ok()) {
-        crate::auth::release_name(backend, &record.node_name, host_id).await?;
-    }
-    for (key, _) in presence {
-        backend.delete(&key).await?;
-    }
-    Ok(true)
 }
 
 /// Whether a TLS peer on the web port asked for a tunnel.

@@ -518,7 +518,7 @@ async fn nodes_list(
     Extension(peer): Extension<Peer>,
 ) -> Result<Json<api::NodeList>, ApiFailure> {
     require_admin(&peer)?;
-    let nodes = tunnel::inventory(state.backend.as_ref())
+    let nodes = crate::inventory::inventory(state.backend.as_ref())
         .await
         .map_err(backend_failure)?;
     Ok(Json(api::NodeList { nodes }))
@@ -531,7 +531,7 @@ async fn nodes_remove(
 ) -> Result<Json<api::NodeRemoved>, ApiFailure> {
     require_admin(&peer)?;
     let req: api::NodeRemoveRequest = parse_body(body)?;
-    if !tunnel::revoke(state.backend.as_ref(), &req.host_id)
+    if !crate::inventory::revoke(state.backend.as_ref(), &req.host_id)
         .await
         .map_err(backend_failure)?
     {

@@ -6,20 +6,15 @@ pub mod tokens;
 use std::sync::Arc;
 
 use russh::keys::ssh_key::{Algorithm, PublicKey};
-use serde::{Deserialize, Serialize};
-use tunnel_proto::api::{JoinRequest, JoinResponse, Labels, Role};
+use tunnel_proto::api::{JoinRequest, JoinResponse, Role};
 
 use tunnel_proto::unix_now;
 
 use self::ca::{Authorities, StoredAuthorities, new_host_id};
 use self::tokens::{StaticToken, TokenError, TokenStore};
 use crate::backend::{Backend, BackendError};
-
-const AUTHORITIES_KEY: &str = "/cluster/authorities";
-pub const NODES_PREFIX: &str = "/nodes/";
-/// `/node-names/<name>` → the host id that holds the name; claimed with compare-and-swap at
-/// join, so two joins racing for one name cannot both win.
-pub const NODE_NAMES_PREFIX: &str = "/node-names/";
+use crate::inventory;
+use crate::state::{self, NodeRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -41,16 +36,6 @@ pub enum AuthError {
     Ca(#[from] ca::CaError),
 }
 
-/// What the cluster remembers about a joined node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub host_id: String,
-    pub node_name: String,
-    pub labels: Labels,
-    pub token_id: String,
-    pub joined: u64,
-}
-
 pub struct Auth {
     backend: Arc<dyn Backend>,
     pub authorities: Authorities,
@@ -66,20 +51,20 @@ impl Auth {
         requested_name: Option<&str>,
         static_tokens: Vec<StaticToken>,
     ) -> Result<Self, AuthError> {
-        let stored = match backend.get(AUTHORITIES_KEY).await? {
+        let stored = match backend.get(state::AUTHORITIES).await? {
             Some(raw) => parse_stored(&raw)?,
             None => {
                 let name = requested_name.map_or_else(default_cluster_name, str::to_string);
                 let fresh = StoredAuthorities::generate(&name)?;
                 let json = serde_json::to_vec(&fresh).expect("authorities serialize");
                 if backend
-                    .compare_and_swap(AUTHORITIES_KEY, None, json, None)
+                    .compare_and_swap(state::AUTHORITIES, None, json, None)
                     .await?
                 {
                     tracing::info!(cluster = %name, "created a new cluster with fresh host and user CAs");
                     fresh
                 } else {
-                    let raw = backend.get(AUTHORITIES_KEY).await?.ok_or_else(|| {
+                    let raw = backend.get(state::AUTHORITIES).await?.ok_or_else(|| {
                         BackendError::Storage(
                             "cluster authorities vanished during bootstrap".into(),
                         )
@@ -166,7 +151,7 @@ impl Auth {
         };
         self.backend
             .put(
-                &format!("{NODES_PREFIX}{host_id}"),
+                &state::node(&host_id),
                 serde_json::to_vec(&record).expect("node records serialize"),
                 None,
             )
@@ -214,8 +199,10 @@ impl Auth {
         Ok(())
     }
 
+    /// Claims `name` for `host_id` with compare-and-swap, so that of two joins racing for one
+    /// name only one wins.
     async fn claim_name(&self, name: &str, host_id: &str) -> Result<(), AuthError> {
-        let key = format!("{NODE_NAMES_PREFIX}{name}");
+        let key = state::node_name(name);
         if self
             .backend
             .compare_and_swap(&key, None, host_id.as_bytes().to_vec(), None)
@@ -236,34 +223,9 @@ impl Auth {
     }
 
     async fn release_name(&self, name: &str, host_id: &str) -> Result<(), AuthError> {
-        release_name(self.backend.as_ref(), name, host_id).await?;
+        inventory::release_name(self.backend.as_ref(), name, host_id).await?;
         Ok(())
     }
-}
-
-/// Frees `name` if `host_id` holds it. (Nobody else can claim it meanwhile: a claim needs the key
-/// to be absent.)
-pub async fn release_name(
-    backend: &dyn Backend,
-    name: &str,
-    host_id: &str,
-) -> Result<(), BackendError> {
-    let key = format!("{NODE_NAMES_PREFIX}{name}");
-    if backend.get(&key).await?.as_deref() == Some(host_id.as_bytes()) {
-        backend.delete(&key).await?;
-    }
-    Ok(())
-}
-
-/// The host id that holds `name`, if any.
-pub async fn name_holder(
-    backend: &dyn Backend,
-    name: &str,
-) -> Result<Option<String>, BackendError> {
-    Ok(backend
-        .get(&format!("{NODE_NAMES_PREFIX}{name}"))
-        .await?
-        .map(|h| String::from_utf8_lossy(&h).into_owned()))
 }
 
 fn parse_stored(raw: &[u8]) -> Result<StoredAuthorities, AuthError> {
@@ -350,14 +312,15 @@ mod tests {
                 assert!(matches!(e, AuthError::NameTaken { .. }), "{e}");
             }
         }
-        let holder = name_holder(b.as_ref(), "pi").await.unwrap();
+        let holder = inventory::name_holder(b.as_ref(), "pi").await.unwrap();
         assert_eq!(holder.as_deref(), Some(won[0].host_id.as_str()));
         // Released only by its holder.
-        release_name(b.as_ref(), "pi", "someone-else")
+        inventory::release_name(b.as_ref(), "pi", "someone-else")
             .await
             .unwrap();
-        assert!(name_holder(b.as_ref(), "pi").await.unwrap().is_some());
-        release_name(b.as_ref(), "pi", &won[0].host_id)
+        let still = inventory::name_holder(b.as_ref(), "pi").await.unwrap();
+        assert!(still.is_some());
+        inventory::release_name(b.as_ref(), "pi", &won[0].host_id)
             .await
             .unwrap();
         assert!(auth.join(join_request("pi")).await.is_ok());

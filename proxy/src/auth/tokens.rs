@@ -15,7 +15,7 @@ use tunnel_proto::unix_now;
 
 use crate::backend::{Backend, BackendError};
 
-const PREFIX: &str = "/tokens/";
+use crate::state::TOKENS as PREFIX;
 /// How long an expired or revoked token is remembered, so that a join with it is told
 /// "expired" or "revoked" rather than "unknown".
 const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -333,7 +333,7 @@ fn check_role(allowed: &[Role], requested: Role) -> Result<(), TokenError> {
 }
 
 fn key(h: &[u8; 32]) -> String {
-    format!("{PREFIX}{}", hex(h))
+    crate::state::token(&hex(h))
 }
 
 fn encode(record: &TokenRecord) -> Vec<u8> {

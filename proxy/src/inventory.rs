@@ -1,0 +1,98 @@
+//! Nodes as the cluster knows them, read and changed through the backend: the inventory
+//! (`burrowctl nodes ls`), removal and revocation (`nodes rm`), and node names (who holds one,
+//! freeing one). The tunnel server follows revocations through a backend watch.
+
+use std::collections::{BTreeMap, HashSet};
+
+use tunnel_proto::api::{Labels, NodeInfo, Presence};
+use tunnel_proto::unix_now;
+
+use crate::backend::{Backend, BackendError};
+use crate::state::{self, NodeRecord};
+
+/// Every node seen within the presence TTL, with the live proxies it holds tunnels to. A proxy
+/// that died leaves presence records behind until their TTL; they are not shown.
+pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendError> {
+    let live: HashSet<String> = backend
+        .list(state::PROXIES)
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(state::PROXIES).map(str::to_string))
+        .collect();
+    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
+    for (_, value) in backend.list(state::PRESENCE).await? {
+        let Ok(p) = serde_json::from_slice::<Presence>(&value) else {
+            continue;
+        };
+        if !live.contains(&p.proxy_id) {
+            continue;
+        }
+        let node = nodes.entry(p.host_id.clone()).or_insert_with(|| NodeInfo {
+            host_id: p.host_id.clone(),
+            node_name: p.node_name.clone(),
+            version: p.version.clone(),
+            labels: Labels::new(),
+            proxies: vec![],
+            transports: vec![],
+            last_seen: 0,
+        });
+        if p.last_seen >= node.last_seen {
+            node.node_name = p.node_name;
+            node.version = p.version;
+            node.labels = p.labels;
+            node.last_seen = p.last_seen;
+        }
+        node.proxies.push(p.proxy_id);
+        node.transports.push(p.transport);
+    }
+    Ok(nodes.into_values().collect())
+}
+
+/// Revokes a node: it is disconnected everywhere and refused from now on.
+pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, BackendError> {
+    let presence = backend.list(&state::presence_of(host_id)).await?;
+    let record = backend.get(&state::node(host_id)).await?;
+    if presence.is_empty() && record.is_none() {
+        return Ok(false);
+    }
+    backend
+        .put(
+            &state::revoked(host_id),
+            unix_now().to_string().into_bytes(),
+            None,
+        )
+        .await?;
+    backend.delete(&state::node(host_id)).await?;
+    if let Some(record) = record.and_then(|r| serde_json::from_slice::<NodeRecord>(&r).ok()) {
+        release_name(backend, &record.node_name, host_id).await?;
+    }
+    for (key, _) in presence {
+        backend.delete(&key).await?;
+    }
+    Ok(true)
+}
+
+/// The host id that holds `name`, if any.
+pub async fn name_holder(
+    backend: &dyn Backend,
+    name: &str,
+) -> Result<Option<String>, BackendError> {
+    Ok(backend
+        .get(&state::node_name(name))
+        .await?
+        .map(|h| String::from_utf8_lossy(&h).into_owned()))
+}
+
+/// Frees `name` if `host_id` holds it. (Nobody else can claim it meanwhile: a claim needs the key
+/// to be absent.)
+pub async fn release_name(
+    backend: &dyn Backend,
+    name: &str,
+    host_id: &str,
+) -> Result<(), BackendError> {
+    let key = state::node_name(name);
+    if backend.get(&key).await?.as_deref() == Some(host_id.as_bytes()) {
+        backend.delete(&key).await?;
+    }
+    Ok(())
+}
