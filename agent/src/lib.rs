@@ -34,6 +34,9 @@ pub enum AgentError {
     Join(#[from] JoinError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    /// The cluster removed this node: exit code 3, which the systemd unit does not restart.
+    #[error("{0}")]
+    Revoked(String),
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
 }
@@ -42,6 +45,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Config(_) => 2,
+            AgentError::Revoked(_) => 3,
             _ => 1,
         }
     }
@@ -115,7 +119,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         },
         shutdown,
     )
-    .await?;
+    .await
+    .map_err(|e| match e {
+        e @ pool::PoolError::Revoked { .. } => AgentError::Revoked(e.to_string()),
+        pool::PoolError::Io(e) => AgentError::Runtime(e.into()),
+    })?;
     tracing::info!("agent stopped");
     Ok(())
 }

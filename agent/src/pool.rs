@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel_proto::api::Labels;
 use tunnel_proto::transport::{self, Framed, Session, Transport, TunnelStream};
 use tunnel_proto::wire::{
-    DialRequest, Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Welcome,
+    DialRequest, Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome,
 };
 
 const PING_EVERY: Duration = Duration::from_secs(3);
@@ -153,9 +153,44 @@ impl Liveness {
     }
 }
 
+/// Why the pool stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A proxy refused this node for good: retrying cannot help.
+    #[error(
+        "this node was removed from the cluster and its identity is revoked ({reason}); to join again, delete its identity and start with a new token"
+    )]
+    Revoked { reason: String },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a dial did not give a tunnel.
+#[derive(Debug)]
+enum DialFailure {
+    /// The proxy answered the hello with a refusal.
+    Refused {
+        code: Option<Refusal>,
+        reason: String,
+    },
+    /// The connection, the handshake or the protocol failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for DialFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialFailure::Refused { reason, .. } => {
+                write!(f, "the proxy refused the tunnel: {reason}")
+            }
+            DialFailure::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
+
 enum PoolEvent {
     Dialed {
-        result: Result<Dialed, String>,
+        result: Result<Dialed, DialFailure>,
         quic_failed: bool,
         /// A background QUIC retry while on TCP, not a dial for a missing tunnel.
         quic_retry: bool,
@@ -180,8 +215,8 @@ struct Held {
     stop: CancellationToken,
 }
 
-/// Runs the pool until `shutdown`.
-pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the pool until `shutdown`, or until a proxy refuses the node for good.
+pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), PoolError> {
     let config = Arc::new(config);
     let endpoint = match config.mode {
         TransportMode::Tcp => None,
@@ -255,6 +290,15 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Res
                     next_quic_retry = Instant::now() + QUIC_RETRY_EVERY;
                 }
                 match result {
+                    Err(DialFailure::Refused {
+                        code: Some(code),
+                        reason,
+                    }) if code.is_permanent() => {
+                        for (_, h) in held.drain() {
+                            h.stop.cancel();
+                        }
+                        return Err(PoolError::Revoked { reason });
+                    }
                     Err(reason) if quic_retry => {
                         tracing::debug!(%reason, "QUIC still does not get through");
                     }
@@ -282,11 +326,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> anyhow::Res
                         if held.contains_key(&proxy_id) && !replaces_tcp {
                             tracing::debug!(%proxy_id, "the tunnel reached a proxy already held; closing it");
                             let mut control = d.control;
-                            let _ = control
-                                .write(&Message::Goodbye {
-                                    reason: "duplicate tunnel".into(),
-                                })
-                                .await;
+                            let _ = control.write(&Message::goodbye("duplicate tunnel")).await;
                             d.session.close("duplicate tunnel");
                             let (delay, _) = duplicates.next_delay();
                             next_dial = Instant::now() + delay;
@@ -366,7 +406,7 @@ async fn dial(
     events: mpsc::Sender<PoolEvent>,
 ) {
     let mut quic_failed = false;
-    let mut result = Err(String::from("no transport tried"));
+    let mut result = Err(DialFailure::Failed("no transport tried".into()));
     if try_quic && let Some(endpoint) = &endpoint {
         let limit = if fallback_to_tcp || config.mode == TransportMode::Auto {
             QUIC_TRY
@@ -375,11 +415,15 @@ async fn dial(
         };
         result = match tokio::time::timeout(limit, dial_with(&config, Some(endpoint))).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no QUIC answer within {}s", limit.as_secs())),
+            Err(_) => Err(DialFailure::Failed(format!(
+                "no QUIC answer within {}s",
+                limit.as_secs()
+            ))),
         };
-        quic_failed = result.is_err();
+        quic_failed = matches!(result, Err(DialFailure::Failed(_)));
     }
-    if result.is_err() && (!try_quic || fallback_to_tcp) {
+    // A refusal is the proxy's answer whatever the transport: only a failure falls back.
+    if matches!(result, Err(DialFailure::Failed(_))) && (!try_quic || fallback_to_tcp) {
         result = dial_with(&config, None).await;
     }
     let _ = events
@@ -392,13 +436,17 @@ async fn dial(
 }
 
 /// Opens a tunnel (QUIC with an endpoint, else TCP), says hello and waits for the welcome.
-async fn dial_with(config: &PoolConfig, quic: Option<&quinn::Endpoint>) -> Result<Dialed, String> {
+async fn dial_with(
+    config: &PoolConfig,
+    quic: Option<&quinn::Endpoint>,
+) -> Result<Dialed, DialFailure> {
+    let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(e.to_string());
     let session = match quic {
         Some(endpoint) => transport::connect_quic(endpoint, &config.addr, config.tls.clone()).await,
         None => transport::connect_tcp(&config.addr, config.tls.clone()).await,
     }
-    .map_err(|e| e.to_string())?;
-    let stream = session.open().await.map_err(|e| e.to_string())?;
+    .map_err(|e| failed(&e))?;
+    let stream = session.open().await.map_err(|e| failed(&e))?;
     let mut control = Framed::new(stream);
     let labels = config.labels.borrow().clone();
     control
@@ -410,7 +458,7 @@ async fn dial_with(config: &PoolConfig, quic: Option<&quinn::Endpoint>) -> Resul
             labels,
         }))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(&e))?;
     match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
         Ok(Ok(Some(Message::Welcome(welcome)))) if welcome.protocol == PROTOCOL_VERSION => {
             Ok(Dialed {
@@ -419,21 +467,26 @@ async fn dial_with(config: &PoolConfig, quic: Option<&quinn::Endpoint>) -> Resul
                 welcome,
             })
         }
-        Ok(Ok(Some(Message::Goodbye { reason }))) => {
+        Ok(Ok(Some(Message::Goodbye { reason, code }))) => {
             session.close("refused");
-            Err(format!("the proxy refused the tunnel: {reason}"))
+            Err(DialFailure::Refused { code, reason })
         }
         Ok(Ok(other)) => {
             session.close("protocol error");
-            Err(format!("unexpected answer to hello: {other:?}"))
+            Err(DialFailure::Failed(format!(
+                "unexpected answer to hello: {}",
+                other.map_or("end of stream", |m| m.kind())
+            )))
         }
         Ok(Err(e)) => {
             session.close("protocol error");
-            Err(format!("the proxy closed the tunnel: {e}"))
+            Err(DialFailure::Failed(format!(
+                "the proxy closed the tunnel: {e}"
+            )))
         }
         Err(_) => {
             session.close("timeout");
-            Err("no welcome from the proxy".into())
+            Err(DialFailure::Failed("no welcome from the proxy".into()))
         }
     }
 }
@@ -460,7 +513,7 @@ async fn run_tunnel(
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
-                let _ = control.write(&Message::Goodbye { reason: "the agent lets this tunnel go".into() }).await;
+                let _ = control.write(&Message::goodbye("the agent lets this tunnel go")).await;
                 break;
             }
             _ = session.closed() => break,
@@ -511,7 +564,7 @@ async fn run_tunnel(
                 reconnect_after = Some(Duration::from_millis(after_ms.min(60_000)));
                 break;
             }
-            Ok(Some(Message::Goodbye { reason })) => {
+            Ok(Some(Message::Goodbye { reason, .. })) => {
                 tracing::warn!(%proxy_id, %reason, "the proxy closed the tunnel");
                 break;
             }

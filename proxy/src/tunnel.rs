@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::api::{Labels, Presence};
 use tunnel_proto::transport::{Framed, Session, TunnelStream};
-use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
+use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome};
 
 use tunnel_proto::unix_now;
 
@@ -282,9 +282,6 @@ impl TunnelServer {
         // Who the node is comes from the certificate the cluster signed at join, never from what
         // it says in its hello or heartbeats.
         let NodeIdentity { host_id, node_name } = node_identity(&session)?;
-        if self.is_revoked(&host_id) {
-            return Err(format!("node {host_id} was removed from the cluster"));
-        }
         let control = tokio::time::timeout(HELLO_TIMEOUT, session.accept())
             .await
             .map_err(|_| "no control stream".to_string())?
@@ -301,27 +298,23 @@ impl TunnelServer {
             Ok(Err(e)) => return Err(format!("bad hello: {e}")),
             Err(_) => return Err("no hello".into()),
         };
+        // Refusals come after the hello, on the control stream, so the agent learns why in a
+        // form it can act on (a revoked node stops for good).
+        if self.is_revoked(&host_id) {
+            let reason = format!("node {host_id} was removed from the cluster");
+            return Err(refuse(&session, &mut control, Refusal::Revoked, reason).await);
+        }
         if hello.protocol != PROTOCOL_VERSION {
             let reason = format!(
                 "tunnel protocol {} is not supported (this proxy speaks {PROTOCOL_VERSION})",
                 hello.protocol
             );
-            let _ = control
-                .write(&Message::Goodbye {
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(reason);
+            return Err(refuse(&session, &mut control, Refusal::UnsupportedVersion, reason).await);
         }
         // The tunnel is bound to the host id in the certificate, whatever the hello says.
         if hello.host_id != host_id {
             let reason = "the hello names another host than the certificate".to_string();
-            let _ = control
-                .write(&Message::Goodbye {
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(reason);
+            return Err(refuse(&session, &mut control, Refusal::Protocol, reason).await);
         }
         let labels = match crate::nodelimits::check_labels(&hello.labels) {
             Ok(()) => hello.labels.clone(),
@@ -353,12 +346,7 @@ impl TunnelServer {
         };
         if let Some(held) = refused {
             let reason = format!("node {host_id} already holds {held} tunnels to this proxy");
-            let _ = control
-                .write(&Message::Goodbye {
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(reason);
+            return Err(refuse(&session, &mut control, Refusal::Overloaded, reason).await);
         }
         let mut proxies = self.proxies.subscribe();
         let list = proxies.borrow_and_update().clone();
@@ -494,7 +482,7 @@ impl TunnelServer {
                                 dirty = false;
                             }
                         }
-                        Message::Goodbye { reason } => {
+                        Message::Goodbye { reason, .. } => {
                             tracing::debug!(reason = %short(&reason), "agent said goodbye");
                             return Ok(());
                         }
@@ -548,6 +536,24 @@ pub enum DialError {
     Refused(String),
     #[error("{0}")]
     Failed(String),
+}
+
+/// Sends a typed refusal and gives the agent a moment to read it and close the tunnel itself
+/// (closing first could drop the unsent goodbye); returns the reason for the log.
+async fn refuse(
+    session: &Session,
+    control: &mut Framed<TunnelStream>,
+    code: Refusal,
+    reason: String,
+) -> String {
+    if control
+        .write(&Message::refusal(code, reason.clone()))
+        .await
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
+    }
+    reason
 }
 
 /// A short, printable copy of text a node sent (a version, a reason), for records and logs.

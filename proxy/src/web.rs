@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Query, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -380,23 +381,29 @@ fn body_failure(rejection: BytesRejection) -> ApiFailure {
     }
 }
 
-fn require_admin(peer: &Peer) -> Result<(), ApiFailure> {
-    if peer.role == Some(CertRole::Admin) {
-        Ok(())
-    } else {
-        Err(ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this endpoint needs the cluster's admin identity (burrowctl --identity)",
-        ))
+/// Proof that a request came with the cluster's admin identity: an admin route takes it as an
+/// argument, and axum answers 401 before the handler runs when it cannot be had.
+struct Admin;
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<Peer>() {
+            Some(peer) if peer.role == Some(CertRole::Admin) => Ok(Admin),
+            _ => Err(ApiFailure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs the cluster's admin identity (burrowctl --identity)",
+            )),
+        }
     }
 }
 
 async fn status(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
 ) -> Result<Json<StatusResponse>, ApiFailure> {
-    require_admin(&peer)?;
     let a = &state.auth.authorities;
     Ok(Json(StatusResponse {
         cluster_name: a.cluster_name.clone(),
@@ -426,9 +433,8 @@ async fn ready(State(state): State<Arc<WebState>>) -> Result<Json<api::Readiness
 
 async fn proxies_list(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
 ) -> Result<Json<api::ProxyList>, ApiFailure> {
-    require_admin(&peer)?;
     let proxies = registry::list(state.backend.as_ref())
         .await
         .map_err(backend_failure)?;
@@ -440,10 +446,9 @@ const MAX_USER_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 async fn auth_sign(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::SignResponse>, ApiFailure> {
-    require_admin(&peer)?;
     let req: api::SignRequest = parse_body(body)?;
     let bad = |m: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m);
     let valid_name = |n: &str| {
@@ -489,10 +494,9 @@ struct ExportQuery {
 
 async fn auth_export(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     Query(q): Query<ExportQuery>,
 ) -> Result<Json<api::ExportResponse>, ApiFailure> {
-    require_admin(&peer)?;
     let a = &state.auth.authorities;
     let key = match q.kind.as_str() {
         "host" => a.host_ssh_public(),
@@ -515,9 +519,8 @@ async fn auth_export(
 
 async fn nodes_list(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
 ) -> Result<Json<api::NodeList>, ApiFailure> {
-    require_admin(&peer)?;
     let nodes = crate::inventory::inventory(state.backend.as_ref())
         .await
         .map_err(backend_failure)?;
@@ -526,10 +529,9 @@ async fn nodes_list(
 
 async fn nodes_remove(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::NodeRemoved>, ApiFailure> {
-    require_admin(&peer)?;
     let req: api::NodeRemoveRequest = parse_body(body)?;
     if !crate::inventory::revoke(state.backend.as_ref(), &req.host_id)
         .await
@@ -569,10 +571,9 @@ fn backend_failure(e: crate::backend::BackendError) -> ApiFailure {
 
 async fn tokens_add(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::TokenAdded>, ApiFailure> {
-    require_admin(&peer)?;
     let req: TokenAddRequest = parse_body(body)?;
     let added = state
         .auth
@@ -596,20 +597,18 @@ struct ListQuery {
 
 async fn tokens_list(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<TokenList>, ApiFailure> {
-    require_admin(&peer)?;
     let tokens = state.auth.tokens.list(q.with_secrets).await?;
     Ok(Json(TokenList { tokens }))
 }
 
 async fn tokens_remove(
     State(state): State<Arc<WebState>>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenRemoved>, ApiFailure> {
-    require_admin(&peer)?;
     let req: TokenRemoveRequest = parse_body(body)?;
     let id = state.auth.tokens.remove(&req.token).await?;
     tracing::info!(token = %id, "join token revoked");

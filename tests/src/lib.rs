@@ -131,6 +131,11 @@ impl Daemon {
         }
     }
 
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> Option<ExitStatus> {
+        eventually(WAIT, || self.child.try_wait().ok().flatten())
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

@@ -115,6 +115,17 @@ fn a_removed_node_is_disconnected_and_refused() {
     })
     .expect("the proxy refuses the revoked node's new tunnels");
     assert!(!nodes(&proxy).contains_key(&id));
+    // The refusal is typed: the agent stops for good, with its own exit status (3), which the
+    // systemd unit does not restart.
+    let status = agent.wait_exit().expect("a revoked agent exits");
+    assert_eq!(status.code(), Some(3), "{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("this node was removed from the cluster and its identity is revoked"),
+        "{}",
+        agent.log()
+    );
     let other = host_id(&other_data);
     assert!(
         nodes(&proxy).contains_key(&other),

@@ -53,13 +53,56 @@ pub enum Message {
     },
     /// Agent -> proxy: an audit event (session start and end, exec, failed login).
     Audit(AuditEvent),
-    /// Either way: the sender closes the tunnel, and says why.
+    /// Either way: the sender closes the tunnel, and says why; a proxy's refusal also says it
+    /// in a form the agent acts on.
     Goodbye {
         reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<Refusal>,
     },
 }
 
+/// Why a proxy refuses or ends a tunnel, for the agent to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The node was removed from the cluster: its identity will not be accepted again.
+    Revoked,
+    /// The agent speaks a tunnel protocol version this proxy does not.
+    UnsupportedVersion,
+    /// The proxy takes no more from this node for now (it holds too many tunnels).
+    Overloaded,
+    /// The agent broke the protocol (a hello for another host, a flood of messages).
+    Protocol,
+    /// A reason this build does not know (from a newer proxy): treated as passing.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Refusal {
+    /// Whether retrying can never help.
+    pub fn is_permanent(self) -> bool {
+        matches!(self, Refusal::Revoked)
+    }
+}
+
 impl Message {
+    /// A goodbye that only says why.
+    pub fn goodbye(reason: impl Into<String>) -> Self {
+        Message::Goodbye {
+            reason: reason.into(),
+            code: None,
+        }
+    }
+
+    /// A proxy's refusal, typed.
+    pub fn refusal(code: Refusal, reason: impl Into<String>) -> Self {
+        Message::Goodbye {
+            reason: reason.into(),
+            code: Some(code),
+        }
+    }
+
     /// The message's type, as on the wire: safe to log (no peer-chosen text).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -209,9 +252,8 @@ mod tests {
                 time: 1,
                 fields: Labels::new(),
             }),
-            Message::Goodbye {
-                reason: "bye".into(),
-            },
+            Message::goodbye("bye"),
+            Message::refusal(Refusal::Revoked, "removed"),
         ]
     }
 
@@ -254,14 +296,26 @@ mod tests {
 
     #[test]
     fn encode_refuses_what_decode_would_refuse() {
-        let huge = Message::Goodbye {
-            reason: "x".repeat(MAX_FRAME),
-        };
+        let huge = Message::goodbye("x".repeat(MAX_FRAME));
         let mut out = Vec::new();
         assert!(matches!(
             encode(&huge, &mut out),
             Err(WireError::TooLarge(_))
         ));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_typed_and_unknown_codes_still_parse() {
+        let text = br#"{"type":"goodbye","reason":"r","code":"revoked"}"#;
+        let msg: Message = serde_json::from_slice(text).unwrap();
+        assert_eq!(msg, Message::refusal(Refusal::Revoked, "r"));
+        let newer = br#"{"type":"goodbye","reason":"r","code":"from_the_future"}"#;
+        let msg: Message = serde_json::from_slice(newer).unwrap();
+        assert_eq!(msg, Message::refusal(Refusal::Unknown, "r"));
+        // An older proxy's goodbye has no code.
+        let older: Message = serde_json::from_slice(br#"{"type":"goodbye","reason":"r"}"#).unwrap();
+        assert_eq!(older, Message::goodbye("r"));
+        assert!(Refusal::Revoked.is_permanent() && !Refusal::Overloaded.is_permanent());
     }
 }
