@@ -77,18 +77,7 @@ pub async fn serve(
     tunnels: Arc<TunnelServer>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSH accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
         let Some(startup) = gate.startups.enter(peer.ip()) else {
             tracing::debug!(%peer, "SSH connection dropped: too many unauthenticated connections");
             continue;

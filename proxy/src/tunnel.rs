@@ -644,18 +644,7 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, remote)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
         let Some(place) = handshakes.enter(remote.ip()) else {
             tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
             continue;

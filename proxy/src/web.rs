@@ -179,19 +179,7 @@ pub async fn serve(
     let request_timeout = state.request_timeout;
     let router = router(state);
     let tracker = TaskTracker::new();
-    loop {
-        let (tcp, addr) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, addr)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
         let Some(place) = gate.enter(addr.ip()) else {
             tracing::debug!(peer = %addr, "web connection dropped: too many from this source");
             continue;

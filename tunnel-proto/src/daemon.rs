@@ -1,11 +1,35 @@
-//! What both daemons do at their edges: read their YAML config file, log to stderr, and turn
-//! SIGTERM/SIGINT into a cancelled shutdown token.
+//! What both daemons do at their edges: read their YAML config file, log to stderr, turn
+//! SIGTERM/SIGINT into a cancelled shutdown token, and accept connections on their listeners.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failed accept
+/// (out of file descriptors, say) is logged and retried after 100 ms instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    let at = listener.local_addr().ok();
+                    tracing::warn!(error = %e, listener = ?at, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
 
 /// Reads a YAML config file; an empty file is the default config. Errors name the file.
 pub fn read_yaml_config<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {

@@ -107,18 +107,7 @@ pub async fn serve_listener(
             tracing::info!(event = %e.event, fields = ?e.fields, "audit");
         }
     });
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSH accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
         let _ = tcp.set_nodelay(true);
         tokio::spawn(serve(
             ctx.clone(),
