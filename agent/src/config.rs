@@ -184,10 +184,7 @@ impl AgentConfig {
         let nodename = match args.nodename.or(file.nodename) {
             Some(n) => n,
             // Hostnames are case-insensitive; node names are lowercase.
-            None => nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .filter(|h| !h.is_empty())
+            None => tunnel_proto::hostname()
                 .map(|h| h.to_ascii_lowercase())
                 .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
         };

@@ -237,10 +237,7 @@ async fn bootstrap(
 }
 
 fn info_hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default()
+    tunnel_proto::hostname().unwrap_or_default()
 }
 
 /// This proxy's id: created on the first start, then read from the data dir.

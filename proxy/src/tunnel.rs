@@ -657,15 +657,7 @@ pub async fn serve_tcp(
             let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
             drop(place);
             match handshake {
-                Ok(Ok(tls)) => {
-                    let certs = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                        .unwrap_or_default();
-                    server.accept(Session::from_tls(tls, remote, certs, true));
-                }
+                Ok(Ok(tls)) => server.accept(tunnel_proto::transport::accept_tls(tls, remote)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %remote, error = %e, "tunnel TLS handshake failed")
                 }

@@ -245,17 +245,10 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
             return Ok(());
         }
     };
-    let connection = tls.get_ref().1;
-    if tunnel::is_tunnel_alpn(connection.alpn_protocol()) {
-        let certs = connection
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
+    if tunnel::is_tunnel_alpn(tls.get_ref().1.alpn_protocol()) {
         // A tunnel is authenticated: it no longer counts against its source.
         drop(place);
-        tunnels.accept(tunnel_proto::transport::Session::from_tls(
-            tls, addr, certs, true,
-        ));
+        tunnels.accept(tunnel_proto::transport::accept_tls(tls, addr));
         return Ok(());
     }
     let role = tls

@@ -31,8 +31,11 @@ pub fn write_private_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut nonce = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
         .map_err(|_| io::Error::other("no randomness for a temporary file name"))?;
-    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{}.tmp-{nonce}", name.to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        crate::hex(&nonce)
+    ));
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -42,6 +42,24 @@ fn since_epoch() -> std::time::Duration {
         .unwrap_or_default()
 }
 
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// This host's name, if it has a readable, non-empty one.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+}
+
 /// Unix seconds, as certificates, tokens and records count them.
 pub fn unix_now() -> u64 {
     since_epoch().as_secs()

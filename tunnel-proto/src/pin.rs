@@ -65,10 +65,7 @@ impl FromStr for CaPin {
 impl fmt::Display for CaPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(PREFIX)?;
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&crate::hex(&self.0))
     }
 }
 

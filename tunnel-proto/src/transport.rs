@@ -269,6 +269,19 @@ async fn drive_yamux<T>(
     closed.cancel();
 }
 
+/// The certificate chain a TLS peer authenticated with (empty if it showed none).
+pub fn peer_chain(tls: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    tls.peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// The server side of a TLS + yamux tunnel on an accepted, handshaken connection.
+pub fn accept_tls(tls: tokio_rustls::server::TlsStream<TcpStream>, remote: SocketAddr) -> Session {
+    let peer_certs = peer_chain(tls.get_ref().1);
+    Session::from_tls(tls, remote, peer_certs, true)
+}
+
 /// Dials a TLS + yamux tunnel.
 pub async fn connect_tcp(
     addr: &str,
@@ -299,12 +312,7 @@ pub async fn connect_tcp(
         addr: addr.to_string(),
         reason: e.to_string(),
     })?;
-    let peer_certs = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
+    let peer_certs = peer_chain(stream.get_ref().1);
     Ok(Session::from_tls(stream, remote, peer_certs, false))
 }
 

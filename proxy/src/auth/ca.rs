@@ -342,7 +342,7 @@ pub fn new_host_id() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let hex = tunnel_proto::hex(&b);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[0..8],

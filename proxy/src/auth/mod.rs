@@ -239,11 +239,7 @@ pub fn validate_node_name(name: &str) -> Result<(), AuthError> {
 }
 
 fn default_cluster_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "burrow".to_string())
+    tunnel_proto::hostname().unwrap_or_else(|| "burrow".to_string())
 }
 
 #[cfg(test)]

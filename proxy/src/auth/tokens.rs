@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tunnel_proto::api::{Labels, Role, TokenAdded, TokenInfo, TokenKind};
 use tunnel_proto::secret::Secret;
-use tunnel_proto::unix_now;
+use tunnel_proto::{hex, unix_now};
 
 use crate::backend::{Backend, BackendError};
 
@@ -82,10 +82,6 @@ pub fn hash(value: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn id_of(hash: &[u8; 32]) -> String {
