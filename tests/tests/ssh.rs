@@ -213,7 +213,12 @@ fn an_interactive_shell_gets_a_pty_and_follows_window_changes() {
             "3022",
             &format!("{}@node1", s.login),
         ])
-        .arg("tty; stty size; read line; stty size; exit 5")
+        // After the line, the shell waits (bounded) for the new size to arrive, then prints it.
+        .arg(
+            "tty; stty size; read line; i=0; \
+             while [ \"$(stty size)\" != '40 100' ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+             stty size; exit 5",
+        )
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
@@ -262,7 +267,6 @@ fn an_interactive_shell_gets_a_pty_and_follows_window_changes() {
         libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &bigger);
     }
     // The size change reaches ssh as SIGWINCH, then the node as a window-change request.
-    std::thread::sleep(Duration::from_millis(500));
     (&master).write_all(b"\n").unwrap();
     wait_for("40 100", &mut seen);
     let status = eventually(WAIT, || child.try_wait().ok().flatten()).expect("ssh exits");
@@ -369,11 +373,19 @@ fn refusals_are_clear_and_audited() {
     let cfg = s.config("wrong-login", "known_hosts");
     s.refused(&cfg, &target, "Permission denied");
 
-    // An expired certificate.
+    // An expired certificate: refused once its second is over (it was valid before).
     s.sign("alice", &s.login, "1s", "short");
-    std::thread::sleep(Duration::from_millis(2500));
     let cfg = s.config("short", "known_hosts");
-    s.refused(&cfg, &target, "Permission denied");
+    let refused = eventually(WAIT, || {
+        let out = s.ssh_proxycommand(&cfg, &target, "true");
+        (out.status.code() == Some(255)).then_some(out)
+    })
+    .expect("an expired certificate is refused");
+    assert!(
+        text(&refused.stderr).contains("Permission denied"),
+        "{}",
+        text(&refused.stderr)
+    );
 
     // A certificate from another cluster's user CA.
     let other = Proxy::start(&s.dir.join("other"), &[]);

@@ -11,9 +11,11 @@
 //! - [`policy`]: the certificate checks and where forwarding may connect.
 //! - [`process`]: starting programs as the login (privilege drop, PTYs, no leaked descriptors)
 //!   and signalling them safely.
+//! - [`pump`]: moving bytes between the client and the program, within a byte budget.
 
 mod policy;
 mod process;
+mod pump;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,9 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
-use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Sig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tunnel_proto::api::Labels;
 use tunnel_proto::transport::TunnelStream;
@@ -225,13 +226,20 @@ impl NodeHandler {
             Io::Pty(master) => {
                 let master = Arc::new(master);
                 state.master = Some(master.clone());
-                tokio::spawn(pump_pty(master, rx, handle.clone(), id))
+                tokio::spawn(pump::pump_pty(master, rx, handle.clone(), id))
             }
             Io::Pipes => {
                 let child = &mut spawned.child;
                 let (stdin, stdout, stderr) =
                     (child.stdin.take(), child.stdout.take(), child.stderr.take());
-                tokio::spawn(pump_pipes(stdin, stdout, stderr, rx, handle.clone(), id))
+                tokio::spawn(pump::pump_pipes(
+                    stdin,
+                    stdout,
+                    stderr,
+                    rx,
+                    handle.clone(),
+                    id,
+                ))
             }
         };
         let audit = self.audit.clone();
@@ -266,7 +274,7 @@ impl NodeHandler {
                     let _ = handle
                         .exit_signal_request(
                             id,
-                            signal_name(sig),
+                            process::signal_name(sig),
                             false,
                             String::new(),
                             String::new(),
@@ -309,173 +317,6 @@ enum Start {
     Shell,
     Exec(String),
     Sftp,
-}
-
-fn signal_name(sig: i32) -> Sig {
-    use nix::sys::signal::Signal;
-    match Signal::try_from(sig) {
-        Ok(Signal::SIGABRT) => Sig::ABRT,
-        Ok(Signal::SIGALRM) => Sig::ALRM,
-        Ok(Signal::SIGFPE) => Sig::FPE,
-        Ok(Signal::SIGHUP) => Sig::HUP,
-        Ok(Signal::SIGILL) => Sig::ILL,
-        Ok(Signal::SIGINT) => Sig::INT,
-        Ok(Signal::SIGKILL) => Sig::KILL,
-        Ok(Signal::SIGPIPE) => Sig::PIPE,
-        Ok(Signal::SIGQUIT) => Sig::QUIT,
-        Ok(Signal::SIGSEGV) => Sig::SEGV,
-        Ok(Signal::SIGTERM) => Sig::TERM,
-        Ok(Signal::SIGUSR1) => Sig::USR1,
-        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
-        Err(_) => Sig::Custom(sig.to_string()),
-    }
-}
-
-fn to_signal(sig: &Sig) -> Option<nix::sys::signal::Signal> {
-    use nix::sys::signal::Signal;
-    Some(match sig {
-        Sig::ABRT => Signal::SIGABRT,
-        Sig::ALRM => Signal::SIGALRM,
-        Sig::FPE => Signal::SIGFPE,
-        Sig::HUP => Signal::SIGHUP,
-        Sig::ILL => Signal::SIGILL,
-        Sig::INT => Signal::SIGINT,
-        Sig::KILL => Signal::SIGKILL,
-        Sig::PIPE => Signal::SIGPIPE,
-        Sig::QUIT => Signal::SIGQUIT,
-        Sig::SEGV => Signal::SIGSEGV,
-        Sig::TERM => Signal::SIGTERM,
-        Sig::USR1 => Signal::SIGUSR1,
-        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
-    })
-}
-
-/// Output on its way to the client: (extended stream, bytes).
-type Chunk = (Option<u32>, Vec<u8>);
-
-/// Most output bytes a session holds in memory when the client reads slower than the program
-/// writes.
-const OUTPUT_BUDGET: usize = 8 * 1024 * 1024;
-
-/// Forwards output to the client in order. Readers hand chunks over without waiting for the SSH
-/// session (whose loop may be busy pushing input the program has not read yet: waiting there
-/// could deadlock), within a byte budget.
-fn output_forwarder(handle: Handle, id: ChannelId) -> (OutputSender, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Chunk, tokio::sync::OwnedSemaphorePermit)>();
-    let budget = Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUDGET));
-    let task = tokio::spawn(async move {
-        while let Some(((ext, bytes), _permit)) = rx.recv().await {
-            let sent = match ext {
-                None => handle.data(id, bytes).await,
-                Some(e) => handle.extended_data(id, e, bytes).await,
-            };
-            if sent.is_err() {
-                return;
-            }
-        }
-    });
-    (OutputSender { tx, budget }, task)
-}
-
-#[derive(Clone)]
-struct OutputSender {
-    tx: mpsc::UnboundedSender<(Chunk, tokio::sync::OwnedSemaphorePermit)>,
-    budget: Arc<tokio::sync::Semaphore>,
-}
-
-impl OutputSender {
-    async fn send(&self, ext: Option<u32>, bytes: Vec<u8>) -> bool {
-        let n = u32::try_from(bytes.len().min(OUTPUT_BUDGET)).unwrap_or(u32::MAX);
-        let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else {
-            return false;
-        };
-        self.tx.send(((ext, bytes), permit)).is_ok()
-    }
-}
-
-async fn pump_pty(
-    master: Arc<OwnedFd>,
-    mut input: mpsc::Receiver<Vec<u8>>,
-    handle: Handle,
-    id: ChannelId,
-) {
-    let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) else {
-        return;
-    };
-    let mut reader = tokio::fs::File::from_std(std::fs::File::from(r));
-    let mut writer = tokio::fs::File::from_std(std::fs::File::from(w));
-    let writing = tokio::spawn(async move {
-        while let Some(bytes) = input.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
-                break;
-            }
-            let _ = writer.flush().await;
-        }
-    });
-    let (out, forwarding) = output_forwarder(handle, id);
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break, // EIO once the last process on the terminal is gone
-            Ok(n) => {
-                if !out.send(None, buf[..n].to_vec()).await {
-                    break;
-                }
-            }
-        }
-    }
-    writing.abort();
-    drop(out);
-    let _ = forwarding.await;
-}
-
-async fn pump_pipes(
-    stdin: Option<tokio::process::ChildStdin>,
-    stdout: Option<tokio::process::ChildStdout>,
-    stderr: Option<tokio::process::ChildStderr>,
-    mut input: mpsc::Receiver<Vec<u8>>,
-    handle: Handle,
-    id: ChannelId,
-) {
-    let writing = tokio::spawn(async move {
-        let Some(mut stdin) = stdin else { return };
-        while let Some(bytes) = input.recv().await {
-            if stdin.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-        // The client sent EOF: the program sees its stdin end.
-        let _ = stdin.shutdown().await;
-    });
-    let (sender, forwarding) = output_forwarder(handle, id);
-    let out = {
-        let sender = sender.clone();
-        async move {
-            let Some(mut stdout) = stdout else { return };
-            let mut buf = vec![0u8; 32 * 1024];
-            while let Ok(n) = stdout.read(&mut buf).await {
-                if n == 0 || !sender.send(None, buf[..n].to_vec()).await {
-                    break;
-                }
-            }
-        }
-    };
-    let err = {
-        let sender = sender.clone();
-        async move {
-            let Some(mut stderr) = stderr else { return };
-            let mut buf = vec![0u8; 16 * 1024];
-            while let Ok(n) = stderr.read(&mut buf).await {
-                if n == 0 || !sender.send(Some(1), buf[..n].to_vec()).await {
-                    break;
-                }
-            }
-        }
-    };
-    tokio::join!(out, err);
-    drop(sender);
-    let _ = forwarding.await;
-    drop(writing);
 }
 
 impl russh::server::Handler for NodeHandler {
@@ -668,7 +509,7 @@ impl russh::server::Handler for NodeHandler {
     ) -> Result<(), Self::Error> {
         if let (Some(group), Some(signal)) = (
             self.channels.get(&id).and_then(|c| c.group.clone()),
-            to_signal(&sig),
+            process::to_signal(&sig),
         ) {
             group.signal(signal);
         }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid};
+use russh::Sig;
 
 /// Where Debian, Fedora and Arch keep OpenSSH's SFTP server.
 const SFTP_SERVERS: &[&str] = &[
@@ -348,4 +349,43 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     // pidfds are close-on-exec from creation.
     Some(fd)
+}
+
+/// The SSH name of a signal that ended a program.
+pub fn signal_name(sig: i32) -> Sig {
+    match Signal::try_from(sig) {
+        Ok(Signal::SIGABRT) => Sig::ABRT,
+        Ok(Signal::SIGALRM) => Sig::ALRM,
+        Ok(Signal::SIGFPE) => Sig::FPE,
+        Ok(Signal::SIGHUP) => Sig::HUP,
+        Ok(Signal::SIGILL) => Sig::ILL,
+        Ok(Signal::SIGINT) => Sig::INT,
+        Ok(Signal::SIGKILL) => Sig::KILL,
+        Ok(Signal::SIGPIPE) => Sig::PIPE,
+        Ok(Signal::SIGQUIT) => Sig::QUIT,
+        Ok(Signal::SIGSEGV) => Sig::SEGV,
+        Ok(Signal::SIGTERM) => Sig::TERM,
+        Ok(Signal::SIGUSR1) => Sig::USR1,
+        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
+        Err(_) => Sig::Custom(sig.to_string()),
+    }
+}
+
+/// The signal an SSH client asked for, if it names one.
+pub fn to_signal(sig: &Sig) -> Option<Signal> {
+    Some(match sig {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
+    })
 }
