@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -12,6 +11,10 @@ use tunnel_proto::secret::Secret;
 
 use crate::auth::tokens::{StaticToken, validate_value};
 use crate::backend::{EtcdConfig, EtcdTls};
+
+mod limits;
+
+pub use self::limits::{Limits, LimitsConfig};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/burrow-proxy";
 pub const DEFAULT_WEB_LISTEN: &str = "0.0.0.0:3080";
@@ -129,93 +132,6 @@ pub struct StorageConfig {
     /// cross the network unencrypted).
     #[serde(default)]
     pub allow_plaintext: bool,
-}
-
-/// What anonymous clients can make the proxy hold, as written in the YAML `limits:` section.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    #[serde(default, with = "humantime_serde_opt")]
-    pub ssh_login_grace_time: Option<Duration>,
-    pub ssh_max_startups: Option<usize>,
-    pub ssh_max_startups_per_source: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub web_request_timeout: Option<Duration>,
-    pub web_max_connections: Option<usize>,
-    pub web_max_connections_per_source: Option<usize>,
-}
-
-/// The validated limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// An SSH connection that has not authenticated within this time is closed (sshd's
-    /// LoginGraceTime).
-    pub ssh_login_grace_time: Duration,
-    /// Unauthenticated SSH connections at once, in all and per source (sshd's MaxStartups).
-    pub ssh_max_startups: usize,
-    pub ssh_max_startups_per_source: usize,
-    /// A whole request (headers and body) must arrive and be answered within this time.
-    pub web_request_timeout: Duration,
-    /// Web-port connections that are not (yet) tunnels, in all and per source.
-    pub web_max_connections: usize,
-    pub web_max_connections_per_source: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            ssh_login_grace_time: Duration::from_secs(60),
-            ssh_max_startups: 100,
-            ssh_max_startups_per_source: 10,
-            web_request_timeout: Duration::from_secs(30),
-            web_max_connections: 4096,
-            web_max_connections_per_source: 256,
-        }
-    }
-}
-
-impl Limits {
-    fn merge(file: LimitsConfig) -> Result<Self, ConfigError> {
-        let d = Limits::default();
-        let limits = Limits {
-            ssh_login_grace_time: file.ssh_login_grace_time.unwrap_or(d.ssh_login_grace_time),
-            ssh_max_startups: file.ssh_max_startups.unwrap_or(d.ssh_max_startups),
-            ssh_max_startups_per_source: file
-                .ssh_max_startups_per_source
-                .unwrap_or(d.ssh_max_startups_per_source),
-            web_request_timeout: file.web_request_timeout.unwrap_or(d.web_request_timeout),
-            web_max_connections: file.web_max_connections.unwrap_or(d.web_max_connections),
-            web_max_connections_per_source: file
-                .web_max_connections_per_source
-                .unwrap_or(d.web_max_connections_per_source),
-        };
-        let positive = [
-            limits.ssh_max_startups,
-            limits.ssh_max_startups_per_source,
-            limits.web_max_connections,
-            limits.web_max_connections_per_source,
-        ];
-        if positive.contains(&0)
-            || limits.ssh_login_grace_time.is_zero()
-            || limits.web_request_timeout.is_zero()
-        {
-            return Err(err("limits: every limit must be positive"));
-        }
-        Ok(limits)
-    }
-}
-
-/// `Option<Duration>` as a humantime string ("60s", "2m") in YAML.
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text = Option::<String>::deserialize(d)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 /// Where the cluster's state lives.
@@ -489,65 +405,8 @@ pub fn parse_static_token(spec: &str) -> Result<Vec<StaticToken>, ConfigError> {
         .collect()
 }
 
-pub const SAMPLE_CONFIG: &str = r#"# burrow-proxy configuration (YAML). Flags given to `burrow-proxy start` override these values;
-# unknown keys are an error.
-
-# Cluster state (redb), the admin identity for burrowctl, and logs.
-data_dir: /var/lib/burrow-proxy
-
-# The cluster's name, fixed when the cluster is created. Default: this host's name.
-#cluster_name: example
-
-# HTTPS web API: find, join and the admin API. Port 0 picks a free port.
-web_listen: 0.0.0.0:3080
-
-# A dedicated tunnel listener (TLS + yamux on TCP, QUIC on UDP, same port). Optional: tunnels
-# are also served on the web port, told apart from HTTPS by ALPN.
-#tunnel_listen: 0.0.0.0:3024
-
-# SSH jump host for users (ssh -J user@proxy:3023 login@node), or "off".
-ssh_listen: 0.0.0.0:3023
-
-# Where agents and users reach this proxy (usually a load balancer). Goes into the join command
-# that `burrowctl tokens add` prints.
-#public_addr: proxy.example.com:3080
-
-# A certificate for the web port from public PKI. Default: one issued by the cluster's host CA.
-#https_cert_file: /etc/burrow/proxy-cert.pem
-#https_key_file: /etc/burrow/proxy-key.pem
-
-# Static join tokens, "ROLES:VALUE". They never expire; prefer `burrowctl tokens add`.
-# VALUE may be an absolute path to a file holding one token per line.
-#static_tokens:
-#  - "node:/etc/burrow/node-tokens"
-
-# Where the cluster's state lives.
-#   redb: an embedded file in data_dir, for one proxy (the default).
-#   etcd: several proxies behind a load balancer share one cluster.
-storage:
-  type: redb
-#  type: etcd
-#  endpoints: ["http://127.0.0.1:2379"]
-#  prefix: /burrow                       # one etcd can hold several clusters
-#  tls_ca_file: /etc/burrow/etcd-ca.pem  # for etcd over TLS
-#  tls_cert_file: /etc/burrow/etcd-client.pem
-#  tls_key_file: /etc/burrow/etcd-client-key.pem
-#  username: burrow                      # etcd user authentication
-#  password_file: /etc/burrow/etcd-password
-#  allow_plaintext: false                # plain http:// is refused unless etcd is on loopback
-
-# What anonymous clients can make the proxy hold (defaults shown).
-#limits:
-#  ssh_login_grace_time: 60s             # unauthenticated SSH connections are closed after this
-#  ssh_max_startups: 100                 # unauthenticated SSH connections at once, in all...
-#  ssh_max_startups_per_source: 10       # ...and per source address (IPv6: per /64)
-#  web_request_timeout: 30s              # a whole HTTP request, body included
-#  web_max_connections: 4096             # web-port connections that are not tunnels, in all...
-#  web_max_connections_per_source: 256   # ...and per source address
-
-# Log at debug level.
-debug: false
-"#;
+/// What `burrow-proxy configure` prints: every key, commented.
+pub const SAMPLE_CONFIG: &str = include_str!("sample.yaml");
 
 #[cfg(test)]
 mod tests {

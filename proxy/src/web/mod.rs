@@ -13,7 +13,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -27,17 +27,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tunnel_proto::api::{
-    self, ApiError, ApiErrorBody, FindResponse, JoinRequest, StatusResponse, TokenAddRequest,
-    TokenList, TokenRemoveRequest, TokenRemoved,
+    self, FindResponse, JoinRequest, StatusResponse, TokenAddRequest, TokenList,
+    TokenRemoveRequest, TokenRemoved,
 };
 
+use crate::auth::Auth;
 use crate::auth::ca::CertRole;
-use crate::auth::tokens::TokenError;
-use crate::auth::{Auth, AuthError};
 use crate::backend::Backend;
 use crate::ratelimit::{ConnectionGate, FailureLimiter, GatePermit};
 use crate::registry::{self, Health};
 use crate::tunnel::{self, TunnelServer};
+
+mod failure;
+
+pub use self::failure::ApiFailure;
+use self::failure::{backend_failure, body_failure, internal, parse_body};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,77 +77,6 @@ pub fn join_limiter() -> FailureLimiter {
 struct Peer {
     addr: SocketAddr,
     role: Option<CertRole>,
-}
-
-/// An error answer: an HTTP status and a JSON body with a stable code.
-#[derive(Debug)]
-pub struct ApiFailure {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiFailure {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        let body = ApiErrorBody {
-            error: ApiError {
-                code: self.code.to_string(),
-                message: self.message,
-            },
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<AuthError> for ApiFailure {
-    fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Token(t) => t.into(),
-            AuthError::BadRequest(m) => ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m),
-            e @ AuthError::NameTaken { .. } => {
-                ApiFailure::new(StatusCode::CONFLICT, "name_taken", e.to_string())
-            }
-            AuthError::Backend(b) => backend_failure(b),
-            other => internal(other),
-        }
-    }
-}
-
-impl From<TokenError> for ApiFailure {
-    fn from(e: TokenError) -> Self {
-        let message = e.to_string();
-        let (status, code) = match e {
-            TokenError::Backend(b) => return backend_failure(b),
-            TokenError::NotFound => (StatusCode::FORBIDDEN, "token_not_found"),
-            TokenError::Expired(_) => (StatusCode::FORBIDDEN, "token_expired"),
-            TokenError::Revoked => (StatusCode::FORBIDDEN, "token_revoked"),
-            TokenError::RoleNotAllowed { .. } => (StatusCode::FORBIDDEN, "role_not_allowed"),
-            TokenError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            TokenError::Exists => (StatusCode::CONFLICT, "token_exists"),
-            TokenError::Static(_) => (StatusCode::BAD_REQUEST, "token_static"),
-            TokenError::Ambiguous(_) => (StatusCode::BAD_REQUEST, "token_ambiguous"),
-        };
-        ApiFailure::new(status, code, message)
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiFailure {
-    tracing::error!(error = %e, "request failed");
-    ApiFailure::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "the proxy failed to handle the request; its log says why",
-    )
 }
 
 pub fn router(state: Arc<WebState>) -> Router {
@@ -343,25 +276,6 @@ async fn join(
     }
 }
 
-fn body_failure(rejection: BytesRejection) -> ApiFailure {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiFailure::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "the request body is larger than {} bytes",
-                api::MAX_BODY_BYTES
-            ),
-        )
-    } else {
-        ApiFailure::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            rejection.body_text(),
-        )
-    }
-}
-
 /// Proof that a request came with the cluster's admin identity: an admin route takes it as an
 /// argument, and axum answers 401 before the handler runs when it cannot be had.
 struct Admin;
@@ -537,19 +451,6 @@ async fn nodes_remove(
     }))
 }
 
-fn backend_failure(e: crate::backend::BackendError) -> ApiFailure {
-    if e.is_unavailable() {
-        tracing::warn!(error = %e, "request failed: the state backend is unavailable");
-        ApiFailure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the state backend is unreachable; try again shortly",
-        )
-    } else {
-        internal(e)
-    }
-}
-
 async fn tokens_add(
     State(state): State<Arc<WebState>>,
     _: Admin,
@@ -594,17 +495,4 @@ async fn tokens_remove(
     let id = state.auth.tokens.remove(&req.token).await?;
     tracing::info!(token = %id, "join token revoked");
     Ok(Json(TokenRemoved { id }))
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiFailure> {
-    let body = body.map_err(body_failure)?;
-    serde_json::from_slice(&body).map_err(|e| {
-        ApiFailure::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("the request is malformed: {e}"),
-        )
-    })
 }

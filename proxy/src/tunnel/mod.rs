@@ -3,10 +3,9 @@
 //!
 //! Tunnels arrive on the web port (TLS with ALPN `burrow-tunnel/1`, told apart from HTTPS
 //! after the handshake), on QUIC on the same port number, and on the optional dedicated tunnel
-//! listener. One task per tunnel owns its control stream.
+//! listener ([`listen`]). One task per tunnel owns its control stream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,10 +19,15 @@ use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Ref
 
 use tunnel_proto::unix_now;
 
-use crate::auth::ca::CertRole;
 use crate::backend::{Backend, BackendError, Event};
 use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL};
 use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
+
+mod identity;
+mod listen;
+
+use self::identity::{NodeIdentity, node_identity};
+pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
 
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
@@ -559,110 +563,4 @@ async fn refuse(
 /// A short, printable copy of text a node sent (a version, a reason), for records and logs.
 fn short(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(64).collect()
-}
-
-/// Who a tunnel's client certificate says the node is.
-struct NodeIdentity {
-    host_id: String,
-    node_name: String,
-}
-
-/// The host id (CN) and node name (the SAN beside the host id) a node certificate names; only
-/// node certificates open tunnels.
-fn node_identity(session: &Session) -> Result<NodeIdentity, String> {
-    let leaf = session
-        .peer_certificates()
-        .first()
-        .ok_or("no client certificate")?;
-    if CertRole::of_certificate(leaf) != Some(CertRole::Node) {
-        return Err("the client certificate is not a node's".into());
-    }
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    let host_id = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string)
-        .ok_or_else(|| "the client certificate names no host".to_string())?;
-    let node_name = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                x509_parser::extensions::GeneralName::DNSName(d) if *d != host_id => {
-                    Some(d.to_string())
-                }
-                _ => None,
-            })
-        })
-        .unwrap_or_else(|| host_id.clone());
-    Ok(NodeIdentity { host_id, node_name })
-}
-
-/// Whether a TLS peer on the web port asked for a tunnel.
-pub fn is_tunnel_alpn(alpn: Option<&[u8]>) -> bool {
-    alpn == Some(tunnel_proto::wire::ALPN_TUNNEL)
-}
-
-/// Accepts QUIC tunnels on `endpoint` until shutdown.
-pub async fn serve_quic(
-    endpoint: quinn::Endpoint,
-    server: Arc<TunnelServer>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let remote: SocketAddr = incoming.remote_address();
-            match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
-                Ok(Ok(conn)) => server.accept(Session::from_quic(conn)),
-                Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "QUIC handshake failed"),
-                Err(_) => tracing::debug!(peer = %remote, "QUIC handshake timed out"),
-            }
-        });
-    }
-    // Let the tunnels deliver their reconnect advisories before the endpoint goes away.
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    endpoint.close(0u32.into(), b"proxy shutting down");
-}
-
-/// Accepts TLS + yamux tunnels on a dedicated TCP listener until shutdown.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    handshakes: Arc<crate::ratelimit::ConnectionGate>,
-    server: Arc<TunnelServer>,
-    shutdown: CancellationToken,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    while let Some((tcp, remote)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
-        let Some(place) = handshakes.enter(remote.ip()) else {
-            tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let server = server.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            tunnel_proto::transport::set_tcp_keepalive(&tcp);
-            let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
-            drop(place);
-            match handshake {
-                Ok(Ok(tls)) => server.accept(tunnel_proto::transport::accept_tls(tls, remote)),
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %remote, error = %e, "tunnel TLS handshake failed")
-                }
-                Err(_) => tracing::debug!(peer = %remote, "tunnel TLS handshake timed out"),
-            }
-        });
-    }
 }

@@ -1,0 +1,46 @@
+//! Who a tunnel's node is: read from the client certificate the cluster signed at join (CN =
+//! host id, the other SAN = node name), never from anything the node says.
+
+use tunnel_proto::transport::Session;
+
+use crate::auth::ca::CertRole;
+
+/// Who a tunnel's client certificate says the node is.
+pub struct NodeIdentity {
+    pub host_id: String,
+    pub node_name: String,
+}
+
+/// The host id (CN) and node name (the SAN beside the host id) a node certificate names; only
+/// node certificates open tunnels.
+pub fn node_identity(session: &Session) -> Result<NodeIdentity, String> {
+    let leaf = session
+        .peer_certificates()
+        .first()
+        .ok_or("no client certificate")?;
+    if CertRole::of_certificate(leaf) != Some(CertRole::Node) {
+        return Err("the client certificate is not a node's".into());
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    let host_id = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| "the client certificate names no host".to_string())?;
+    let node_name = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) if *d != host_id => {
+                    Some(d.to_string())
+                }
+                _ => None,
+            })
+        })
+        .unwrap_or_else(|| host_id.clone());
+    Ok(NodeIdentity { host_id, node_name })
+}

@@ -1,0 +1,79 @@
+//! Where tunnels come in: QUIC on the web port's number (and the dedicated port), and TLS +
+//! yamux on the dedicated TCP listener; TLS tunnels on the web port itself are told apart from
+//! HTTPS by ALPN in `web`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tunnel_proto::transport::Session;
+
+use super::{HELLO_TIMEOUT, TunnelServer};
+use crate::ratelimit::ConnectionGate;
+
+/// Whether a TLS peer on the web port asked for a tunnel.
+pub fn is_tunnel_alpn(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(tunnel_proto::wire::ALPN_TUNNEL)
+}
+
+/// Accepts QUIC tunnels on `endpoint` until shutdown.
+pub async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    server: Arc<TunnelServer>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let remote: SocketAddr = incoming.remote_address();
+            match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => server.accept(Session::from_quic(conn)),
+                Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "QUIC handshake failed"),
+                Err(_) => tracing::debug!(peer = %remote, "QUIC handshake timed out"),
+            }
+        });
+    }
+    // Let the tunnels deliver their reconnect advisories before the endpoint goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    endpoint.close(0u32.into(), b"proxy shutting down");
+}
+
+/// Accepts TLS + yamux tunnels on a dedicated TCP listener until shutdown.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshakes: Arc<ConnectionGate>,
+    server: Arc<TunnelServer>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    while let Some((tcp, remote)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
+        let Some(place) = handshakes.enter(remote.ip()) else {
+            tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            tunnel_proto::transport::set_tcp_keepalive(&tcp);
+            let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(place);
+            match handshake {
+                Ok(Ok(tls)) => server.accept(tunnel_proto::transport::accept_tls(tls, remote)),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %remote, error = %e, "tunnel TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(peer = %remote, "tunnel TLS handshake timed out"),
+            }
+        });
+    }
+}
