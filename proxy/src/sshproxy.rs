@@ -95,28 +95,8 @@ pub async fn serve(
         let config = config.clone();
         let grace = gate.grace;
         tokio::spawn(async move {
-            let connection = async {
-                match russh::server::run_stream(config, tcp, handler).await {
-                    Ok(running) => {
-                        if let Err(e) = running.await {
-                            tracing::debug!(%peer, error = %e, "SSH connection ended");
-                        }
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
-                }
-            };
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = &mut connection => return,
-                login = tokio::time::timeout(grace, grace_over) => {
-                    if login.is_err() {
-                        // Dropping the connection closes it.
-                        tracing::info!(%peer, "SSH connection closed: no login within the grace time");
-                        return;
-                    }
-                }
-            }
-            connection.await;
+            let peer = peer.to_string();
+            sshcert::serve_with_grace(config, tcp, handler, grace, grace_over, &peer).await;
         });
     }
 }

@@ -761,3 +761,51 @@ fn permit_open_limits_where_the_node_forwards() {
     .expect("refused forwards are audited");
     assert!(audit.contains("permit_open"), "{audit}");
 }
+
+#[test]
+fn the_node_holds_a_bounded_number_of_connections_that_have_not_logged_in() {
+    use std::net::TcpStream;
+    let s = Setup::new();
+    let mut local = start_agent(
+        &s.proxy,
+        &s.dir.join("local"),
+        "local",
+        &["--ssh-listen", "127.0.0.1:0"],
+    );
+    let addr = local.wait_for("SSH listening on ").trim().to_string();
+    let banner = |c: &mut TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 7];
+        c.read_exact(&mut b).ok().map(|_| b)
+    };
+    // 32 places, as sshd's MaxStartups keeps: each gets a banner and waits for a login.
+    let mut held: Vec<TcpStream> = Vec::new();
+    for _ in 0..32 {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        assert_eq!(banner(&mut c), Some(*b"SSH-2.0"));
+        held.push(c);
+    }
+    let mut over = TcpStream::connect(&addr).unwrap();
+    assert_eq!(
+        banner(&mut over),
+        None,
+        "a 33rd unauthenticated connection was served"
+    );
+    drop(held);
+    // Places come back, and a real login goes through.
+    let cfg = s.config("alice", "known_hosts");
+    let (_, port) = addr.rsplit_once(':').unwrap();
+    let out = eventually(WAIT, || {
+        let out = run_bounded(Command::new("ssh").arg("-F").arg(&cfg).args([
+            "-p",
+            port,
+            "-o",
+            "HostKeyAlias=local",
+            &format!("{}@127.0.0.1", s.login),
+            "echo in",
+        ]));
+        out.status.success().then_some(out)
+    })
+    .expect("a login after the places came back");
+    assert_eq!(text(&out.stdout), "in\n");
+}

@@ -1,5 +1,5 @@
-//! What the proxy's and the node's SSH servers share: their russh configuration, and the checks
-//! every user certificate must pass before either looks at logins.
+//! What the proxy's and the node's SSH servers share: their russh configuration, the checks
+//! every user certificate must pass before either looks at logins, and the login grace time.
 
 use std::time::Duration;
 
@@ -23,6 +23,46 @@ pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Confi
         nodelay: true,
         ..Default::default()
     }
+}
+
+/// How long a connection may take to log in (OpenSSH's LoginGraceTime default).
+pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
+
+/// Serves one SSH connection with `handler`, closing it if `authenticated` has not fired within
+/// `grace` (sshd's LoginGraceTime). The handler fires it when a user logs in.
+pub async fn serve_with_grace<S, H>(
+    config: std::sync::Arc<russh::server::Config>,
+    stream: S,
+    handler: H,
+    grace: Duration,
+    authenticated: tokio::sync::oneshot::Receiver<()>,
+    peer: &str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: russh::server::Handler<Error = russh::Error> + Send + 'static,
+{
+    let connection = async {
+        match russh::server::run_stream(config, stream, handler).await {
+            Ok(running) => {
+                if let Err(e) = running.await {
+                    tracing::debug!(%peer, error = %e, "SSH connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+        }
+    };
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = &mut connection => return,
+        login = tokio::time::timeout(grace, authenticated) => {
+            if login.is_err() {
+                // Dropping the connection closes it.
+                tracing::info!(%peer, "SSH connection closed: no login within the grace time");
+                return;
+            }
+        }
+    }
+    connection.await;
 }
 
 /// A user certificate: of type user, signed by one of `user_cas`, valid at `now`.

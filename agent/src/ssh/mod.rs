@@ -33,6 +33,10 @@ use tunnel_proto::transport::TunnelStream;
 use tunnel_proto::wire::AuditEvent;
 
 pub use self::policy::{Grant, PermitOpen, check_certificate};
+
+/// Connections that have not logged in yet, at once, per agent (the tunnels and the local
+/// listener together; sshd's MaxStartups default is 10:30:100).
+const MAX_STARTUPS: usize = 32;
 use self::process::{Io, Login, ProcessGroup, Program, PtySpec};
 use crate::identity::Identity;
 
@@ -44,6 +48,8 @@ pub struct SshContext {
     pub host_id: String,
     /// Where `direct-tcpip` may connect.
     pub permit_open: PermitOpen,
+    /// Places for connections that have not logged in yet (sshd's MaxStartups).
+    pub startups: Arc<tokio::sync::Semaphore>,
 }
 
 impl SshContext {
@@ -62,6 +68,7 @@ impl SshContext {
             node_name: identity.node_name.clone(),
             host_id: identity.host_id.clone(),
             permit_open,
+            startups: Arc::new(tokio::sync::Semaphore::new(MAX_STARTUPS)),
         })
     }
 }
@@ -73,6 +80,14 @@ pub async fn serve(
     client: String,
     audit: mpsc::Sender<AuditEvent>,
 ) {
+    // Like sshd's MaxStartups: a bounded number of connections that have not logged in yet, each
+    // for at most the login grace time.
+    let Ok(startup) = ctx.startups.clone().try_acquire_owned() else {
+        tracing::debug!(%client, "SSH connection dropped: too many unauthenticated connections");
+        return;
+    };
+    let (authenticated, grace_over) = tokio::sync::oneshot::channel();
+    let peer = client.clone();
     let handler = NodeHandler {
         ctx: ctx.clone(),
         client_ip: client
@@ -86,13 +101,17 @@ pub async fn serve(
         permit_pty: false,
         permit_port_forwarding: false,
         channels: HashMap::new(),
+        unauthenticated: Some((startup, authenticated)),
     };
-    match russh::server::run_stream(ctx.config.clone(), stream, handler).await {
-        Ok(running) => {
-            let _ = running.await;
-        }
-        Err(e) => tracing::debug!(error = %e, "SSH handshake failed"),
-    }
+    tunnel_proto::sshcert::serve_with_grace(
+        ctx.config.clone(),
+        stream,
+        handler,
+        tunnel_proto::sshcert::LOGIN_GRACE,
+        grace_over,
+        &peer,
+    )
+    .await;
 }
 
 /// Serves SSH on a local listener (`--ssh-listen`). Its audit events go to the agent's log: they
@@ -139,6 +158,12 @@ struct NodeHandler {
     permit_pty: bool,
     permit_port_forwarding: bool,
     channels: HashMap<ChannelId, ChanState>,
+    /// Until the user logs in: the connection's place among the unauthenticated ones, and the
+    /// signal that stops the login grace timer.
+    unauthenticated: Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::oneshot::Sender<()>,
+    )>,
 }
 
 impl NodeHandler {
@@ -335,6 +360,10 @@ impl russh::server::Handler for NodeHandler {
             });
         match checked {
             Ok((grant, resolved)) => {
+                if let Some((place, authenticated)) = self.unauthenticated.take() {
+                    drop(place);
+                    let _ = authenticated.send(());
+                }
                 self.login = Some(resolved);
                 self.user = Some(cert.key_id().to_string());
                 self.force_command = grant.force_command;
