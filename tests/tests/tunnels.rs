@@ -158,14 +158,7 @@ fn a_node_certificate_from_another_cluster_is_refused() {
     let foreign = dir.path().join("foreign");
     drop(start_agent(&theirs, &foreign, "foreign", &[]));
 
-    let config = std::sync::Arc::new(
-        tls::unverified_client_config_with(Some(identity_of(&foreign)), &[ALPN_TUNNEL]).unwrap(),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (config, rt) = rogue(&foreign);
     rt.block_on(async {
         // In TLS 1.3 the server checks the client's certificate after the client has finished
         // its side of the handshake: the refusal shows as the tunnel dying before any stream.
@@ -197,6 +190,24 @@ fn a_node_certificate_from_another_cluster_is_refused() {
     assert!(!log.contains("tunnel refused or ended"), "{log}");
     assert!(!log.contains("tunnel up"), "{log}");
     assert!(nodes(&ours).is_empty());
+}
+
+/// A client that speaks for the node whose data dir is `data`, without the agent's manners: its
+/// TLS config (any server accepted) and a runtime to drive it.
+fn rogue(
+    data: &std::path::Path,
+) -> (
+    std::sync::Arc<rustls::ClientConfig>,
+    tokio::runtime::Runtime,
+) {
+    let config =
+        tls::unverified_client_config_with(Some(identity_of(data)), &[ALPN_TUNNEL]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    (std::sync::Arc::new(config), rt)
 }
 
 /// Opens a tunnel to `addr` over QUIC or TLS + yamux, as a (possibly misbehaving) node would.
@@ -234,15 +245,7 @@ fn garbage_and_oversized_frames_close_only_that_tunnel() {
     // A second, legitimate node identity that will misbehave on the wire.
     let bad = dir.path().join("bad");
     drop(start_agent(&proxy, &bad, "bad", &["--transport", "tcp"]));
-    let config = std::sync::Arc::new(
-        tls::unverified_client_config_with(Some(identity_of(&bad)), &[ALPN_TUNNEL]).unwrap(),
-    );
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (config, rt) = rogue(&bad);
     for (what, bytes) in [
         ("garbage", b"\x00\x00\x00\x05\xff\xfe{]x".to_vec()),
         ("oversized", u32::MAX.to_be_bytes().to_vec()),
@@ -373,14 +376,7 @@ fn a_hostile_node_cannot_take_the_proxy_down() {
     let bad = dir.path().join("bad");
     drop(start_agent(&proxy, &bad, "bad", &["--transport", "tcp"]));
     let bad_id = host_id(&bad);
-    let config = std::sync::Arc::new(
-        tls::unverified_client_config_with(Some(identity_of(&bad)), &[ALPN_TUNNEL]).unwrap(),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (config, rt) = rogue(&bad);
     rt.block_on(async {
         // Streams nobody asked for: over TCP each is reset, and a node that keeps at it loses
         // its tunnel; over QUIC a second stream is not even granted.
