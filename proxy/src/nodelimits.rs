@@ -145,6 +145,12 @@ pub fn sanitize_audit(mut event: AuditEvent) -> Option<AuditEvent> {
     Some(event)
 }
 
+/// A short, printable copy of text a node sent (a version, a reason), for records, logs and
+/// users' terminals: control characters dropped, at most 64 characters.
+pub fn short(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 fn truncated(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -198,6 +204,8 @@ mod tests {
         .unwrap();
         assert_eq!(e.fields.len(), 32);
         assert!(e.fields.values().all(|v| v.len() <= 4096));
+        assert_eq!(short("v1\x1b[2J\r\n"), "v1[2J");
+        assert_eq!(short(&"x".repeat(100)).len(), 64);
         for bad in ["", "Exec", "a b", "x\n"] {
             let e = AuditEvent {
                 event: bad.into(),

@@ -20,7 +20,7 @@ use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Ref
 use tunnel_proto::unix_now;
 
 use crate::backend::{Backend, BackendError, Event};
-use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL};
+use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL, short};
 use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
 
 mod identity;
@@ -558,9 +558,4 @@ async fn refuse(
         let _ = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
     }
     reason
-}
-
-/// A short, printable copy of text a node sent (a version, a reason), for records and logs.
-fn short(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control()).take(64).collect()
 }
