@@ -92,7 +92,6 @@ impl Auth {
     /// Handles `POST /v1/webapi/host/join`.
     pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse, AuthError> {
         validate_node_name(&req.node_name)?;
-        self.refuse_cluster_names(&req.node_name).await?;
         let ssh_key = PublicKey::from_openssh(req.ssh_public_key.trim()).map_err(|_| {
             AuthError::BadRequest("ssh_public_key is not an OpenSSH public key".into())
         })?;
@@ -113,6 +112,9 @@ impl Auth {
             .into());
         }
         let grant = self.tokens.check(&req.token, req.role).await?;
+        // Only a token holder learns which names the cluster keeps for itself (they include the
+        // proxies' host names), and only a token holder costs the backend a listing.
+        self.refuse_cluster_names(&req.node_name).await?;
         let host_id = new_host_id();
         self.claim_name(&req.node_name, &host_id).await?;
         let issued = self.issue(&req, &ssh_key, &host_id, grant).await;
