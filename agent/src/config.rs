@@ -169,7 +169,7 @@ impl AgentConfig {
         let proxy = args.proxy.or(file.proxy).ok_or_else(|| {
             err("no proxy address: pass --proxy HOST:PORT or set proxy: in the config")
         })?;
-        if tunnel_proto::web::split_host(&proxy).is_none() {
+        if burrow_net::web::split_host(&proxy).is_none() {
             return Err(err(format!("proxy address {proxy:?} is not host:port")));
         }
         let pin_texts = if args.ca_pins.is_empty() {
@@ -184,7 +184,7 @@ impl AgentConfig {
         let nodename = match args.nodename.or(file.nodename) {
             Some(n) => n,
             // Hostnames are case-insensitive; node names are lowercase.
-            None => tunnel_proto::hostname()
+            None => burrow_daemon::hostname()
                 .map(|h| h.to_ascii_lowercase())
                 .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
         };
@@ -237,7 +237,7 @@ impl AgentConfig {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    tunnel_proto::daemon::read_yaml_config(path).map_err(ConfigError)
+    burrow_daemon::read_yaml_config(path).map_err(ConfigError)
 }
 
 pub const SAMPLE_CONFIG: &str = r#"# burrow-agent configuration (YAML). Flags given to `burrow-agent start` override these values;

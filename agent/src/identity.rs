@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
+use burrow_daemon::fsutil::{ensure_private_dir, write_private_atomic};
+use burrow_net::tls;
 use russh::keys::ssh_key::{Certificate, PrivateKey};
 use serde::{Deserialize, Serialize};
 use tunnel_proto::api::Labels;
-use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
 use tunnel_proto::secret::Secret;
-use tunnel_proto::tls;
 
 pub const IDENTITY_FILE: &str = "identity.json";
 

@@ -5,13 +5,13 @@
 //! 2. `POST /v1/webapi/host/join` over TLS verified against the pinned CA only, so the token
 //!    goes to the cluster the user pinned and nobody else.
 
+use burrow_net::tls::{self, ALPN_HTTP1};
+use burrow_net::web::{WebClient, WebError};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey};
 use tunnel_proto::api::{self, FindResponse, JoinRequest, JoinResponse, Role};
 use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
-use tunnel_proto::tls::{self, ALPN_HTTP1};
-use tunnel_proto::web::{WebClient, WebError};
 
 use crate::identity::Identity;
 
@@ -124,7 +124,7 @@ pub async fn join(p: JoinParams<'_>) -> Result<Identity, JoinError> {
         host_ca_ssh: answer.host_ca_ssh,
         user_ca_ssh: answer.user_ca_ssh,
         labels: answer.labels,
-        joined: tunnel_proto::unix_now(),
+        joined: burrow_daemon::unix_now(),
     };
     identity.check().map_err(bad)?;
     Ok(identity)

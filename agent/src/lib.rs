@@ -16,10 +16,10 @@ pub mod labels;
 pub mod pool;
 pub mod ssh;
 
+use burrow_net::tls;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::secret::{Secret, token_from_arg};
-use tunnel_proto::tls;
 
 use crate::config::{AgentConfig, TokenSource};
 use crate::identity::Identity;
@@ -106,7 +106,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         );
         tokio::spawn(ssh::serve_listener(listener, ssh.clone(), shutdown.clone()));
     }
-    tunnel_proto::notify::ready_and_watchdog(shutdown.clone());
+    burrow_daemon::notify::ready_and_watchdog(shutdown.clone());
     pool::run(
         pool::PoolConfig {
             addr,

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tunnel_proto::daemon::init_logging(config.debug);
+    burrow_daemon::init_logging(config.debug);
     // One thread is plenty for an agent, and keeps its footprint small.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(tunnel_proto::daemon::cancel_on_signal(shutdown.clone()));
+    runtime.spawn(burrow_daemon::cancel_on_signal(shutdown.clone()));
     match runtime.block_on(burrow_agent::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use burrow_net::tls::{self, ALPN_HTTP1, ClientIdentity};
+use burrow_net::web::{WebClient, WebError};
 use clap::Parser;
 use serde_json::json;
 use tunnel_proto::api::{
@@ -13,8 +15,6 @@ use tunnel_proto::api::{
     TokenRemoveRequest, TokenRemoved,
 };
 use tunnel_proto::secret::token_from_arg;
-use tunnel_proto::tls::{self, ALPN_HTTP1, ClientIdentity};
-use tunnel_proto::web::{WebClient, WebError};
 
 use crate::cli::{
     AuthCommand, Cli, Command, DEFAULT_PROXY, Format, NodesCommand, ProxiesCommand, TokensCommand,
@@ -401,7 +401,7 @@ async fn auth_sign(
     permissions: api::Permissions,
     out: &Path,
 ) -> Result<(), Failure> {
-    use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey};
+    use ssh_key::{Algorithm, LineEnding, PrivateKey};
     let logins: Vec<String> = logins
         .split(',')
         .map(str::trim)
@@ -441,7 +441,7 @@ async fn auth_sign(
     let cert_path = PathBuf::from(format!("{}-cert.pub", out.display()));
     let pub_path = PathBuf::from(format!("{}.pub", out.display()));
     let write = |path: &Path, bytes: &[u8]| {
-        tunnel_proto::fsutil::write_private_atomic(path, bytes)
+        burrow_daemon::fsutil::write_private_atomic(path, bytes)
             .map_err(|e| runtime_failure(format!("cannot write {}: {e}", path.display())))
     };
     write(out, private.as_bytes())?;

@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use burrow_daemon::unix_now;
 use tunnel_proto::api::{Labels, NodeInfo, Presence};
-use tunnel_proto::unix_now;
 
 use crate::backend::{Backend, BackendError};
 use crate::state::{self, NodeRecord};

@@ -34,12 +34,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use burrow_daemon::fsutil::{ensure_private_dir, write_private_atomic};
+use burrow_net::tls::{self, ALPN_HTTP1};
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tunnel_proto::fsutil::{ensure_private_dir, write_private_atomic};
-use tunnel_proto::tls::{self, ALPN_HTTP1};
 use tunnel_proto::wire::ALPN_TUNNEL;
 
 use crate::auth::ca::{Authorities, new_host_id};
@@ -92,7 +92,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         version: tunnel_proto::VERSION.to_string(),
         web_addr: bound.to_string(),
         public_addr: config.public_addr.clone(),
-        started: tunnel_proto::unix_now(),
+        started: burrow_daemon::unix_now(),
     };
     let registration = tokio::spawn(registry::register(
         backend.clone(),
@@ -109,9 +109,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await
     .context("cannot load the proxy list and revocations")?;
-    let quic =
-        tunnel_proto::transport::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)))
-            .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
+    let quic = burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)))
+        .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     tracing::info!("QUIC tunnels listening on udp {bound}");
     let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
     let mut tunnel_addrs = Vec::new();
@@ -121,7 +120,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
             .await
             .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
         let bound = listener.local_addr()?;
-        let quic = tunnel_proto::transport::quic_server_endpoint(bound, tls.clone())
+        let quic = burrow_tunnel::quic_server_endpoint(bound, tls.clone())
             .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.
@@ -152,7 +151,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         if let Some(host) = config
             .public_addr
             .as_deref()
-            .and_then(tunnel_proto::web::split_host)
+            .and_then(burrow_net::web::split_host)
         {
             names.push(host.to_string());
         }
@@ -168,7 +167,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!("SSH jump host listening on {}", listener.local_addr()?);
         tokio::spawn(sshproxy::serve(
             listener,
-            Arc::new(tunnel_proto::sshcert::server_config(key, cert)),
+            Arc::new(burrow_sshd::server_config(key, cert)),
             sshproxy::Gate::new(&config.limits),
             auth.clone(),
             tunnels.clone(),
@@ -199,7 +198,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .context("cannot write the web address file")?;
     tracing::info!("web API listening on https://{bound}");
-    tunnel_proto::notify::ready_and_watchdog(shutdown.clone());
+    burrow_daemon::notify::ready_and_watchdog(shutdown.clone());
     web::serve(listener, Arc::new(tls), state, shutdown).await?;
     tunnels.drain(std::time::Duration::from_secs(5)).await;
     let _ = quic_task.await;
@@ -237,7 +236,7 @@ async fn bootstrap(
 }
 
 fn info_hostname() -> String {
-    tunnel_proto::hostname().unwrap_or_default()
+    burrow_daemon::hostname().unwrap_or_default()
 }
 
 /// This proxy's id: created on the first start, then read from the data dir.
@@ -293,7 +292,7 @@ fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Re
         None => {
             let mut names = Vec::new();
             if let Some(public) = &config.public_addr
-                && let Some(host) = tunnel_proto::web::split_host(public)
+                && let Some(host) = burrow_net::web::split_host(public)
             {
                 names.push(host.to_string());
             }
@@ -331,7 +330,7 @@ fn advertised_tunnel_addrs(
     bound: SocketAddr,
 ) -> Vec<tunnel_proto::api::TunnelAddr> {
     let host = public_addr
-        .and_then(tunnel_proto::web::split_host)
+        .and_then(burrow_net::web::split_host)
         .map(str::to_string)
         .unwrap_or_else(|| local_dial_addr(bound).ip().to_string());
     let host = if host.contains(':') {
@@ -363,7 +362,7 @@ fn tunnel_tls_config(
     if let Some(host) = config
         .public_addr
         .as_deref()
-        .and_then(tunnel_proto::web::split_host)
+        .and_then(burrow_net::web::split_host)
     {
         names.push(host.to_string());
     }

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tunnel_proto::daemon::init_logging(config.debug);
+    burrow_daemon::init_logging(config.debug);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(tunnel_proto::daemon::cancel_on_signal(shutdown.clone()));
+    runtime.spawn(burrow_daemon::cancel_on_signal(shutdown.clone()));
     match runtime.block_on(burrow_proxy::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

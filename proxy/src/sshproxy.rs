@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_daemon::fsutil::write_private_atomic;
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
@@ -16,8 +17,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tunnel_proto::fsutil::write_private_atomic;
-use tunnel_proto::sshcert;
 
 use crate::auth::Auth as ClusterAuth;
 use crate::config::Limits;
@@ -77,7 +76,7 @@ pub async fn serve(
     tunnels: Arc<TunnelServer>,
     shutdown: CancellationToken,
 ) {
-    while let Some((tcp, peer)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
+    while let Some((tcp, peer)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(startup) = gate.startups.enter(peer.ip()) else {
             tracing::debug!(%peer, "SSH connection dropped: too many unauthenticated connections");
             continue;
@@ -96,7 +95,7 @@ pub async fn serve(
         let grace = gate.grace;
         tokio::spawn(async move {
             let peer = peer.to_string();
-            sshcert::serve_with_grace(config, tcp, handler, grace, grace_over, &peer).await;
+            burrow_sshd::serve_with_grace(config, tcp, handler, grace, grace_over, &peer).await;
         });
     }
 }
@@ -128,7 +127,7 @@ impl JumpHandler {
         &self,
         node: &str,
         port: u16,
-    ) -> Result<(tunnel_proto::transport::TunnelStream, bytes::BytesMut), String> {
+    ) -> Result<(burrow_tunnel::TunnelStream, bytes::BytesMut), String> {
         self.tunnels
             .dial(node, port, &self.peer.to_string())
             .await
@@ -139,7 +138,7 @@ impl JumpHandler {
 /// Carries bytes between an SSH channel and a dial stream until either side ends.
 async fn pipe(
     channel: Channel<Msg>,
-    stream: tunnel_proto::transport::TunnelStream,
+    stream: burrow_tunnel::TunnelStream,
     leftover: bytes::BytesMut,
 ) {
     let mut channel = channel.into_stream();
@@ -159,7 +158,7 @@ impl russh::server::Handler for JumpHandler {
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
         let user_ca = std::slice::from_ref(self.auth.authorities.user_ssh_ca());
-        match sshcert::check_user_certificate(cert, user_ca, tunnel_proto::unix_now()) {
+        match burrow_sshd::check_user_certificate(cert, user_ca, burrow_daemon::unix_now()) {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
                 self.user = Some(cert.key_id().to_string());

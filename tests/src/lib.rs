@@ -509,8 +509,8 @@ impl Haproxy {
 
 /// `GET /readyz` at `addr` (a proxy or a balancer): `Ok(proxy id)` or `Err(message)`.
 pub fn ready_at(addr: &str) -> Result<String, String> {
-    use tunnel_proto::tls::{ALPN_HTTP1, unverified_client_config};
-    use tunnel_proto::web::WebClient;
+    use burrow_net::tls::{ALPN_HTTP1, unverified_client_config};
+    use burrow_net::web::WebClient;
     let client = WebClient::new(addr, unverified_client_config(&[ALPN_HTTP1]).unwrap()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -294,10 +294,10 @@ ca_pins: [\"{our_pin}\"]\n",
 
 #[test]
 fn malformed_join_requests_get_json_errors_and_the_proxy_keeps_serving() {
+    use burrow_net::tls::{self, ALPN_HTTP1};
+    use burrow_net::web::{WebClient, WebError};
     use tunnel_proto::api::{self, JoinRequest, Role};
     use tunnel_proto::secret::Secret;
-    use tunnel_proto::tls::{self, ALPN_HTTP1};
-    use tunnel_proto::web::{WebClient, WebError};
 
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&dir.path().join("proxy"), &[]);

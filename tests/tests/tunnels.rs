@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use burrow_net::tls::{self, ClientIdentity};
 use burrow_tests::*;
-use tunnel_proto::tls::{self, ClientIdentity};
-use tunnel_proto::transport;
+use burrow_tunnel as transport;
 use tunnel_proto::wire::ALPN_TUNNEL;
 
 fn check_transport(mode: &str) {

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::timing::{Backoff, Due, Liveness};
+use burrow_tunnel::{self as transport, Framed, Session, Transport, TunnelStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::api::Labels;
-use tunnel_proto::transport::{self, Framed, Session, Transport, TunnelStream};
 
 mod timing;
 

@@ -24,12 +24,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_tunnel::TunnelStream;
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Sig};
 use tokio::sync::mpsc;
 use tunnel_proto::api::Labels;
-use tunnel_proto::transport::TunnelStream;
 use tunnel_proto::wire::AuditEvent;
 
 pub use self::policy::{Grant, PermitOpen, check_certificate};
@@ -61,7 +61,7 @@ impl SshContext {
             .iter()
             .map(|k| PublicKey::from_openssh(k.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let config = tunnel_proto::sshcert::server_config(key, cert);
+        let config = burrow_sshd::server_config(key, cert);
         Ok(Self {
             config: Arc::new(config),
             user_cas,
@@ -103,11 +103,11 @@ pub async fn serve(
         channels: HashMap::new(),
         unauthenticated: Some((startup, authenticated)),
     };
-    tunnel_proto::sshcert::serve_with_grace(
+    burrow_sshd::serve_with_grace(
         ctx.config.clone(),
         stream,
         handler,
-        tunnel_proto::sshcert::LOGIN_GRACE,
+        burrow_sshd::LOGIN_GRACE,
         grace_over,
         &peer,
     )
@@ -127,7 +127,7 @@ pub async fn serve_listener(
             tracing::info!(event = %e.event, fields = ?e.fields, "audit");
         }
     });
-    while let Some((tcp, peer)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
+    while let Some((tcp, peer)) = burrow_daemon::accept(&listener, &shutdown).await {
         let _ = tcp.set_nodelay(true);
         tokio::spawn(serve(
             ctx.clone(),
@@ -183,7 +183,7 @@ impl NodeHandler {
         }
         let _ = self.audit.try_send(AuditEvent {
             event: event.into(),
-            time: tunnel_proto::unix_now_ms(),
+            time: burrow_daemon::unix_now_ms(),
             fields,
         });
     }
@@ -323,14 +323,14 @@ impl NodeHandler {
                 f.insert("exit_code".into(), exit.clone());
                 let _ = audit.try_send(AuditEvent {
                     event: "exec".into(),
-                    time: tunnel_proto::unix_now_ms(),
+                    time: burrow_daemon::unix_now_ms(),
                     fields: f,
                 });
             }
             fields.insert("exit_code".into(), exit);
             let _ = audit.try_send(AuditEvent {
                 event: "session.end".into(),
-                time: tunnel_proto::unix_now_ms(),
+                time: burrow_daemon::unix_now_ms(),
                 fields,
             });
         });
@@ -352,7 +352,7 @@ impl russh::server::Handler for NodeHandler {
         login: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        let now = tunnel_proto::unix_now();
+        let now = burrow_daemon::unix_now();
         let checked = check_certificate(cert, login, &self.ctx.user_cas, self.client_ip, now)
             .and_then(|g| match Login::resolve(login) {
                 Ok(Some(l)) => Ok((g, l)),

@@ -21,7 +21,7 @@ pub fn check_certificate(
     client_ip: Option<IpAddr>,
     now: u64,
 ) -> Result<Grant, String> {
-    tunnel_proto::sshcert::check_user_certificate(cert, user_cas, now)?;
+    burrow_sshd::check_user_certificate(cert, user_cas, now)?;
     if !cert.valid_principals().iter().any(|p| p == login) {
         return Err(format!(
             "login {login:?} is not among the certificate's principals"

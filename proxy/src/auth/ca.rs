@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use burrow_daemon::unix_now;
+use burrow_net::tls::CLUSTER_SERVER_NAME;
 use rand::RngExt;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -22,8 +24,6 @@ use time::OffsetDateTime;
 use tunnel_proto::api::Permissions;
 use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
-use tunnel_proto::tls::CLUSTER_SERVER_NAME;
-use tunnel_proto::unix_now;
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Node certificates live as long as the CA: a device in the field has no way to renew yet, and
@@ -34,7 +34,7 @@ const WEB_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Clock skew tolerated between the CA and the peers that check its certificates.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
-pub use tunnel_proto::tls::CertRole;
+pub use burrow_net::tls::CertRole;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -107,7 +107,7 @@ impl Authorities {
     pub fn load(stored: &StoredAuthorities) -> Result<Self, CaError> {
         let corrupt =
             |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
-        let certs = tunnel_proto::tls::parse_certs(&stored.host_tls_cert, "host CA certificate")
+        let certs = burrow_net::tls::parse_certs(&stored.host_tls_cert, "host CA certificate")
             .map_err(|e| corrupt("host CA certificate", &e))?;
         let der = certs[0].to_vec();
         let pin = CaPin::of_certificate(&der).map_err(|e| corrupt("host CA certificate", &e))?;
@@ -377,7 +377,7 @@ mod tests {
     fn leaf_certificates_carry_their_role_and_chain_to_the_ca() {
         let ca = authorities();
         let admin = ca.issue_admin_identity().unwrap();
-        let der = tunnel_proto::tls::parse_certs(&admin.cert_pem, "admin").unwrap();
+        let der = burrow_net::tls::parse_certs(&admin.cert_pem, "admin").unwrap();
         assert_eq!(CertRole::of_certificate(&der[0]), Some(CertRole::Admin));
         let (_, parsed) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
         let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca.host_tls_cert_der).unwrap();
@@ -393,7 +393,7 @@ mod tests {
         req.distinguished_name = distinguished_name("someone", "burrow-admin");
         let csr = req.serialize_request(&key).unwrap().pem().unwrap();
         let pem = ca.sign_node_csr(&csr, "host-1", "pi").unwrap();
-        let der = tunnel_proto::tls::parse_certs(&pem, "node").unwrap();
+        let der = burrow_net::tls::parse_certs(&pem, "node").unwrap();
         assert_eq!(CertRole::of_certificate(&der[0]), Some(CertRole::Node));
         let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
         assert_eq!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use tunnel_proto::api::{JoinRequest, JoinResponse, Role};
 
-use tunnel_proto::unix_now;
+use burrow_daemon::unix_now;
 
 use self::ca::{Authorities, StoredAuthorities, new_host_id};
 use self::tokens::{StaticToken, TokenError, TokenStore};
@@ -178,7 +178,7 @@ impl Auth {
     /// them would hold certificates (SSH host, TLS) for a name users take for the proxy.
     async fn refuse_cluster_names(&self, name: &str) -> Result<(), AuthError> {
         let mut reserved = vec![
-            tunnel_proto::tls::CLUSTER_SERVER_NAME.to_string(),
+            burrow_net::tls::CLUSTER_SERVER_NAME.to_string(),
             "localhost".to_string(),
             self.authorities.cluster_name.clone(),
         ];
@@ -186,7 +186,7 @@ impl Auth {
             reserved.push(proxy.id);
             reserved.push(proxy.hostname);
             for addr in std::iter::once(proxy.web_addr).chain(proxy.public_addr) {
-                if let Some(host) = tunnel_proto::web::split_host(&addr) {
+                if let Some(host) = burrow_net::web::split_host(&addr) {
                     reserved.push(host.to_string());
                 }
             }
@@ -241,7 +241,7 @@ pub fn validate_node_name(name: &str) -> Result<(), AuthError> {
 }
 
 fn default_cluster_name() -> String {
-    tunnel_proto::hostname().unwrap_or_else(|| "burrow".to_string())
+    burrow_daemon::hostname().unwrap_or_else(|| "burrow".to_string())
 }
 
 #[cfg(test)]

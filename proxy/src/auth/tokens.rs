@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_daemon::unix_now;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tunnel_proto::api::{Labels, Role, TokenAdded, TokenInfo, TokenKind};
+use tunnel_proto::hex;
 use tunnel_proto::secret::Secret;
-use tunnel_proto::{hex, unix_now};
 
 use crate::backend::{Backend, BackendError};
 

@@ -10,9 +10,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use burrow_daemon::unix_now_ms;
 use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use tokio::sync::{broadcast, mpsc};
-use tunnel_proto::unix_now_ms;
 
 use super::{Backend, BackendError, Event, LeaseId, Snapshot};
 

@@ -213,7 +213,7 @@ impl ProxyConfig {
         };
         let public_addr = args.public_addr.or(file.public_addr);
         if let Some(addr) = &public_addr
-            && tunnel_proto::web::split_host(addr).is_none()
+            && burrow_net::web::split_host(addr).is_none()
         {
             return Err(err(format!(
                 "public_addr {addr:?} is not a host:port address"
@@ -359,7 +359,7 @@ fn plaintext_off_host(url: &str) -> bool {
         return false;
     };
     let authority = rest.split('/').next().unwrap_or(rest);
-    let host = tunnel_proto::web::split_host(authority).unwrap_or(authority);
+    let host = burrow_net::web::split_host(authority).unwrap_or(authority);
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
@@ -368,7 +368,7 @@ fn plaintext_off_host(url: &str) -> bool {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    tunnel_proto::daemon::read_yaml_config(path).map_err(ConfigError)
+    burrow_daemon::read_yaml_config(path).map_err(ConfigError)
 }
 
 /// Parses `ROLES:VALUE` where VALUE may be an absolute path to a file of tokens, one per line.

@@ -1,7 +1,7 @@
 //! Who a tunnel's node is: read from the client certificate the cluster signed at join (CN =
 //! host id, the other SAN = node name), never from anything the node says.
 
-use tunnel_proto::transport::Session;
+use burrow_tunnel::Session;
 
 use crate::auth::ca::CertRole;
 

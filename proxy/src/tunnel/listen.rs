@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_tunnel::Session;
 use tokio_util::sync::CancellationToken;
-use tunnel_proto::transport::Session;
 
 use super::{HELLO_TIMEOUT, TunnelServer};
 use crate::ratelimit::ConnectionGate;
@@ -55,7 +55,7 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    while let Some((tcp, remote)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
+    while let Some((tcp, remote)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(place) = handshakes.enter(remote.ip()) else {
             tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
             continue;
@@ -64,11 +64,11 @@ pub async fn serve_tcp(
         let server = server.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            tunnel_proto::transport::set_tcp_keepalive(&tcp);
+            burrow_tunnel::set_tcp_keepalive(&tcp);
             let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
             drop(place);
             match handshake {
-                Ok(Ok(tls)) => server.accept(tunnel_proto::transport::accept_tls(tls, remote)),
+                Ok(Ok(tls)) => server.accept(burrow_tunnel::accept_tls(tls, remote)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %remote, error = %e, "tunnel TLS handshake failed")
                 }

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use burrow_tunnel::{Framed, Session, TunnelStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::api::{Labels, Presence};
-use tunnel_proto::transport::{Framed, Session, TunnelStream};
 use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome};
 
-use tunnel_proto::unix_now;
+use burrow_daemon::unix_now;
 
 use crate::backend::{Backend, BackendError, Event};
 use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL, short};

@@ -112,7 +112,7 @@ pub async fn serve(
     let request_timeout = state.request_timeout;
     let router = router(state);
     let tracker = TaskTracker::new();
-    while let Some((tcp, addr)) = tunnel_proto::daemon::accept(&listener, &shutdown).await {
+    while let Some((tcp, addr)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(place) = gate.enter(addr.ip()) else {
             tracing::debug!(peer = %addr, "web connection dropped: too many from this source");
             continue;
@@ -166,7 +166,7 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
         request_timeout,
     } = c;
     let _ = tcp.set_nodelay(true);
-    tunnel_proto::transport::set_tcp_keepalive(&tcp);
+    burrow_tunnel::set_tcp_keepalive(&tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -181,7 +181,7 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
     if tunnel::is_tunnel_alpn(tls.get_ref().1.alpn_protocol()) {
         // A tunnel is authenticated: it no longer counts against its source.
         drop(place);
-        tunnels.accept(tunnel_proto::transport::accept_tls(tls, addr));
+        tunnels.accept(burrow_tunnel::accept_tls(tls, addr));
         return Ok(());
     }
     let role = tls

@@ -1,5 +1,10 @@
 //! What both daemons do at their edges: read their YAML config file, log to stderr, turn
-//! SIGTERM/SIGINT into a cancelled shutdown token, and accept connections on their listeners.
+//! SIGTERM/SIGINT into a cancelled shutdown token, accept connections on their listeners, tell
+//! systemd how they are ([`notify`]), keep private files private ([`fsutil`]), and read the
+//! host's name and the wall clock. Nothing here knows Burrow's protocol.
+
+pub mod fsutil;
+pub mod notify;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -70,4 +75,29 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// This host's name, if it has a readable, non-empty one.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+}
+
+/// Wall-clock time since the Unix epoch (0 if the clock is before it).
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Unix seconds, as certificates, tokens and records count them.
+pub fn unix_now() -> u64 {
+    since_epoch().as_secs()
+}
+
+/// Unix milliseconds.
+pub fn unix_now_ms() -> u64 {
+    u64::try_from(since_epoch().as_millis()).unwrap_or(u64::MAX)
 }

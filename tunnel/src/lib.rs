@@ -16,9 +16,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::wire::{self, Message, WireError};
+use tunnel_proto::wire::{self, Message, WireError};
 
-pub use crate::wire::ALPN_TUNNEL;
+pub use tunnel_proto::wire::ALPN_TUNNEL;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC and TCP keep-alives: a dead path is noticed within the idle timeout.
@@ -335,7 +335,7 @@ pub async fn connect_quic(
         .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(MAX_STREAMS)));
-    let host = crate::web::split_host(addr).unwrap_or("burrow");
+    let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
         .connect_with(config, target, host)
         .map_err(|e| fail(e.to_string()))?;
@@ -389,9 +389,11 @@ pub fn quic_server_endpoint(
 }
 
 fn server_name(addr: &str) -> ServerName<'static> {
-    crate::web::split_host(addr)
+    burrow_net::web::split_host(addr)
         .and_then(|h| ServerName::try_from(h.to_string()).ok())
-        .unwrap_or_else(|| ServerName::try_from(crate::tls::CLUSTER_SERVER_NAME).expect("valid"))
+        .unwrap_or_else(|| {
+            ServerName::try_from(burrow_net::tls::CLUSTER_SERVER_NAME).expect("valid")
+        })
 }
 
 /// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.

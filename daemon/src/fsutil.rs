@@ -34,7 +34,7 @@ pub fn write_private_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
-        crate::hex(&nonce)
+        tunnel_proto::hex(&nonce)
     ));
     let mut f = OpenOptions::new()
         .write(true)
