@@ -72,6 +72,8 @@ pub enum Refusal {
     UnsupportedVersion,
     /// The proxy takes no more from this node for now (it holds too many tunnels).
     Overloaded,
+    /// The proxy is going away; another one (or this one, restarted) will take the tunnel.
+    ShuttingDown,
     /// The agent broke the protocol (a hello for another host, a flood of messages).
     Protocol,
     /// A reason this build does not know (from a newer proxy): treated as passing.

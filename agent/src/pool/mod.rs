@@ -8,28 +8,28 @@
 //! Transport `auto` tries QUIC first and falls back to TCP when UDP does not get through; while
 //! on TCP it keeps trying QUIC and moves each tunnel back when QUIC reaches its proxy.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::timing::{Backoff, Due, Liveness};
-use burrow_tunnel::{self as transport, Framed, Session, Transport, TunnelStream};
+use burrow_tunnel::{self as transport, Framed, Session, TunnelStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::api::Labels;
+use tunnel_proto::wire::{AuditEvent, DialRequest, Message, ProxyEntry, Welcome};
 
+use self::control::{AgentControl, End, Step};
+use self::membership::{Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note};
+pub use self::timing::{Backoff, Due, Liveness};
+
+mod control;
+mod membership;
 mod timing;
-
-use tunnel_proto::wire::{
-    DialRequest, Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome,
-};
 
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `auto` gives QUIC before falling back to TCP.
 const QUIC_TRY: Duration = Duration::from_secs(3);
-/// How often `auto` tries QUIC again while it runs on TCP.
-const QUIC_RETRY_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -68,36 +68,8 @@ pub enum PoolError {
     Io(#[from] std::io::Error),
 }
 
-/// Why a dial did not give a tunnel.
-#[derive(Debug)]
-enum DialFailure {
-    /// The proxy answered the hello with a refusal.
-    Refused {
-        code: Option<Refusal>,
-        reason: String,
-    },
-    /// The connection, the handshake or the protocol failed.
-    Failed(String),
-}
-
-impl std::fmt::Display for DialFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DialFailure::Refused { reason, .. } => {
-                write!(f, "the proxy refused the tunnel: {reason}")
-            }
-            DialFailure::Failed(reason) => f.write_str(reason),
-        }
-    }
-}
-
 enum PoolEvent {
-    Dialed {
-        result: Result<Dialed, DialFailure>,
-        quic_failed: bool,
-        /// A background QUIC retry while on TCP, not a dial for a missing tunnel.
-        quic_retry: bool,
-    },
+    Dialed(DialOutcome, Option<Dialed>),
     Proxies(Vec<ProxyEntry>),
     Closed {
         proxy_id: String,
@@ -112,12 +84,6 @@ struct Dialed {
     welcome: Welcome,
 }
 
-struct Held {
-    tunnel: u64,
-    transport: Transport,
-    stop: CancellationToken,
-}
-
 /// Runs the pool until `shutdown`, or until a proxy refuses the node for good.
 pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), PoolError> {
     let config = Arc::new(config);
@@ -126,152 +92,67 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
         _ => Some(transport::quic_client_endpoint(false)?),
     };
     let (events_tx, mut events) = mpsc::channel::<PoolEvent>(64);
-    let mut held: HashMap<String, Held> = HashMap::new();
-    let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let mut backoff = Backoff::default();
-    let mut duplicates = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    let mut next_dial = Instant::now();
-    let mut dialing = false;
-    let mut quic_broken = false;
-    let mut next_quic_retry = Instant::now();
-    let mut tunnel_ids = 0u64;
-
-    loop {
+    let mut pool = Membership::new(config.mode, Instant::now());
+    // The stop switch of each running tunnel, by tunnel id.
+    let mut running: HashMap<u64, CancellationToken> = HashMap::new();
+    let stop = |running: &mut HashMap<u64, CancellationToken>, tunnel: u64| {
+        if let Some(stop) = running.remove(&tunnel) {
+            stop.cancel();
+        }
+    };
+    let result = loop {
         let now = Instant::now();
-        let missing = held.is_empty() || wanted.iter().any(|id| !held.contains_key(id));
-        let on_tcp = held.values().any(|h| h.transport == Transport::Tcp);
-        let retry_quic = config.mode == TransportMode::Auto && on_tcp && now >= next_quic_retry;
-        if !dialing && ((missing && now >= next_dial) || retry_quic) {
-            dialing = true;
-            // While UDP looks blocked, only the periodic retry tries QUIC.
-            let try_quic = match config.mode {
-                TransportMode::Quic => true,
-                TransportMode::Tcp => false,
-                TransportMode::Auto => !quic_broken || retry_quic,
-            };
-            if retry_quic {
-                next_quic_retry = now + QUIC_RETRY_EVERY;
-            }
-            let fallback = config.mode == TransportMode::Auto && !retry_quic;
+        if let Some(plan) = pool.poll_dial(now) {
             tokio::spawn(dial(
                 config.clone(),
                 endpoint.clone(),
-                try_quic,
-                fallback,
-                retry_quic,
+                plan,
                 events_tx.clone(),
             ));
         }
-        let wake = if dialing || !missing {
-            now + Duration::from_secs(3600)
-        } else {
-            next_dial
-        };
-        let wake = if config.mode == TransportMode::Auto && on_tcp {
-            wake.min(next_quic_retry)
-        } else {
-            wake
-        };
         let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(wake) => continue,
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep_until(pool.poll_timeout(now)) => continue,
             e = events.recv() => match e {
                 Some(e) => e,
-                None => break,
+                None => break Ok(()),
             },
         };
         match event {
-            PoolEvent::Dialed {
-                result,
-                quic_failed,
-                quic_retry,
-            } => {
-                dialing = false;
-                if quic_failed && config.mode == TransportMode::Auto && !quic_broken {
-                    tracing::warn!(addr = %config.addr, "QUIC does not get through (UDP blocked?); using TCP and trying QUIC again in the background");
-                    quic_broken = true;
-                    next_quic_retry = Instant::now() + QUIC_RETRY_EVERY;
-                }
-                match result {
-                    Err(DialFailure::Refused {
-                        code: Some(code),
-                        reason,
-                    }) if code.is_permanent() => {
-                        for (_, h) in held.drain() {
-                            h.stop.cancel();
-                        }
-                        return Err(PoolError::Revoked { reason });
+            PoolEvent::Dialed(outcome, dialed) => {
+                let decision = pool.handle_dialed(Instant::now(), outcome);
+                log_notes(&config.addr, pool.take_notes());
+                match (decision, dialed) {
+                    (Decision::GiveUp { reason }, _) => break Err(PoolError::Revoked { reason }),
+                    (Decision::Retry, _) => {}
+                    (Decision::Duplicate, Some(mut d)) => {
+                        tracing::debug!(proxy_id = %d.welcome.proxy_id, "the tunnel reached a proxy already held; closing it");
+                        let _ = d.control.write(&Message::goodbye("duplicate tunnel")).await;
+                        d.session.close("duplicate tunnel");
                     }
-                    Err(reason) if quic_retry => {
-                        tracing::debug!(%reason, "QUIC still does not get through");
-                    }
-                    Err(reason) => {
-                        let (delay, _) = backoff.next_delay();
-                        tracing::warn!(addr = %config.addr, %reason, retry_in = ?delay, "cannot open a tunnel");
-                        next_dial = Instant::now() + delay;
-                    }
-                    Ok(d) => {
-                        backoff.reset();
-                        let transport = d.session.transport();
-                        if transport == Transport::Quic {
-                            if quic_broken {
-                                tracing::info!(
-                                    "QUIC gets through again; moving tunnels back to QUIC"
-                                );
-                            }
-                            quic_broken = false;
+                    (Decision::Adopt { tunnel, replaces }, Some(d)) => {
+                        if let Some(old) = replaces {
+                            stop(&mut running, old);
                         }
-                        let proxy_id = d.welcome.proxy_id.clone();
-                        wanted = d.welcome.proxies.iter().map(|p| p.id.clone()).collect();
-                        let replaces_tcp = held.get(&proxy_id).is_some_and(|h| {
-                            h.transport == Transport::Tcp && transport == Transport::Quic
-                        });
-                        if held.contains_key(&proxy_id) && !replaces_tcp {
-                            tracing::debug!(%proxy_id, "the tunnel reached a proxy already held; closing it");
-                            let mut control = d.control;
-                            let _ = control.write(&Message::goodbye("duplicate tunnel")).await;
-                            d.session.close("duplicate tunnel");
-                            let (delay, _) = duplicates.next_delay();
-                            next_dial = Instant::now() + delay;
-                            continue;
-                        }
-                        duplicates.reset();
-                        if let Some(old) = held.remove(&proxy_id) {
-                            old.stop.cancel();
-                        }
-                        tunnel_ids += 1;
-                        let stop = shutdown.child_token();
-                        tracing::info!(%proxy_id, %transport, proxies = wanted.len(), held = held.len() + 1, "tunnel up");
-                        held.insert(
-                            proxy_id.clone(),
-                            Held {
-                                tunnel: tunnel_ids,
-                                transport,
-                                stop: stop.clone(),
-                            },
-                        );
+                        let (proxies, held) = pool.counts();
+                        tracing::info!(proxy_id = %d.welcome.proxy_id, transport = %d.session.transport(), proxies, held, "tunnel up");
+                        let token = shutdown.child_token();
+                        running.insert(tunnel, token.clone());
                         tokio::spawn(run_tunnel(
                             config.clone(),
                             d,
-                            tunnel_ids,
+                            tunnel,
                             events_tx.clone(),
-                            stop,
+                            token,
                         ));
                     }
+                    (_, None) => {}
                 }
             }
             PoolEvent::Proxies(list) => {
-                wanted = list.into_iter().map(|p| p.id).collect();
-                let gone: Vec<String> = held
-                    .keys()
-                    .filter(|id| !wanted.contains(*id))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    tracing::info!(proxy_id = %id, "the proxy left the cluster; letting its tunnel go");
-                    if let Some(h) = held.remove(&id) {
-                        h.stop.cancel();
-                    }
+                for (proxy_id, tunnel) in pool.handle_proxies(list) {
+                    tracing::info!(%proxy_id, "the proxy left the cluster; letting its tunnel go");
+                    stop(&mut running, tunnel);
                 }
             }
             PoolEvent::Closed {
@@ -279,39 +160,54 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                 tunnel,
                 reconnect_after,
             } => {
-                if held.get(&proxy_id).is_some_and(|h| h.tunnel == tunnel) {
-                    held.remove(&proxy_id);
-                    tracing::info!(%proxy_id, held = held.len(), "tunnel down");
-                    let delay = match reconnect_after {
-                        // The proxy asked for it (it is restarting): come back after a jittered wait.
-                        Some(after) => after.mul_f64(0.5 + rand::random::<f64>()),
-                        None => backoff.next_delay().0,
-                    };
-                    next_dial = next_dial.max(Instant::now() + delay);
+                running.remove(&tunnel);
+                if pool.handle_closed(Instant::now(), &proxy_id, tunnel, reconnect_after) {
+                    tracing::info!(%proxy_id, held = pool.counts().1, "tunnel down");
                 }
             }
         }
-    }
-    for (_, h) in held.drain() {
-        h.stop.cancel();
+    };
+    pool.release_all();
+    for (_, stop) in running.drain() {
+        stop.cancel();
     }
     // Give tunnels a moment to say goodbye.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(())
+    result
 }
 
+fn log_notes(addr: &str, notes: Vec<Note>) {
+    for note in notes {
+        match note {
+            Note::QuicBlocked => {
+                tracing::warn!(%addr, "QUIC does not get through (UDP blocked?); using TCP and trying QUIC again in the background")
+            }
+            Note::QuicBack => {
+                tracing::info!("QUIC gets through again; moving tunnels back to QUIC")
+            }
+            Note::QuicStillBlocked { reason } => {
+                tracing::debug!(%reason, "QUIC still does not get through")
+            }
+            Note::DialFailed { reason, retry_in } => {
+                tracing::warn!(%addr, %reason, ?retry_in, "cannot open a tunnel")
+            }
+        }
+    }
+}
+
+/// Runs one dial as `plan` says and reports how it went.
 async fn dial(
     config: Arc<PoolConfig>,
     endpoint: Option<quinn::Endpoint>,
-    try_quic: bool,
-    fallback_to_tcp: bool,
-    quic_retry: bool,
+    plan: DialPlan,
     events: mpsc::Sender<PoolEvent>,
 ) {
     let mut quic_failed = false;
     let mut result = Err(DialFailure::Failed("no transport tried".into()));
-    if try_quic && let Some(endpoint) = &endpoint {
-        let limit = if fallback_to_tcp || config.mode == TransportMode::Auto {
+    if plan.try_quic
+        && let Some(endpoint) = &endpoint
+    {
+        let limit = if config.mode == TransportMode::Auto {
             QUIC_TRY
         } else {
             WELCOME_TIMEOUT
@@ -326,16 +222,26 @@ async fn dial(
         quic_failed = matches!(result, Err(DialFailure::Failed(_)));
     }
     // A refusal is the proxy's answer whatever the transport: only a failure falls back.
-    if matches!(result, Err(DialFailure::Failed(_))) && (!try_quic || fallback_to_tcp) {
+    if matches!(result, Err(DialFailure::Failed(_))) && (!plan.try_quic || plan.fallback_to_tcp) {
         result = dial_with(&config, None).await;
     }
-    let _ = events
-        .send(PoolEvent::Dialed {
-            result,
-            quic_failed,
-            quic_retry,
-        })
-        .await;
+    let (result, dialed) = match result {
+        Ok(d) => {
+            let landed = Landed {
+                proxy_id: d.welcome.proxy_id.clone(),
+                transport: d.session.transport(),
+                proxies: d.welcome.proxies.clone(),
+            };
+            (Ok(landed), Some(d))
+        }
+        Err(e) => (Err(e), None),
+    };
+    let outcome = DialOutcome {
+        plan,
+        result,
+        quic_failed,
+    };
+    let _ = events.send(PoolEvent::Dialed(outcome, dialed)).await;
 }
 
 /// Opens a tunnel (QUIC with an endpoint, else TCP), says hello and waits for the welcome.
@@ -353,48 +259,37 @@ async fn dial_with(
     let mut control = Framed::new(stream);
     let labels = config.labels.borrow().clone();
     control
-        .write(&Message::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            version: tunnel_proto::VERSION.to_string(),
-            host_id: config.host_id.clone(),
-            node_name: config.node_name.clone(),
-            labels,
-        }))
+        .write(&control::hello(&config.host_id, &config.node_name, labels))
         .await
         .map_err(|e| failed(&e))?;
-    match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
-        Ok(Ok(Some(Message::Welcome(welcome)))) if welcome.protocol == PROTOCOL_VERSION => {
-            Ok(Dialed {
-                session,
-                control,
-                welcome,
-            })
-        }
-        Ok(Ok(Some(Message::Goodbye { reason, code }))) => {
-            session.close("refused");
-            Err(DialFailure::Refused { code, reason })
-        }
-        Ok(Ok(other)) => {
-            session.close("protocol error");
-            Err(DialFailure::Failed(format!(
-                "unexpected answer to hello: {}",
-                other.map_or("end of stream", |m| m.kind())
-            )))
-        }
+    let answer = match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
+        Ok(Ok(answer)) => answer,
         Ok(Err(e)) => {
             session.close("protocol error");
-            Err(DialFailure::Failed(format!(
+            return Err(DialFailure::Failed(format!(
                 "the proxy closed the tunnel: {e}"
-            )))
+            )));
         }
         Err(_) => {
             session.close("timeout");
-            Err(DialFailure::Failed("no welcome from the proxy".into()))
+            return Err(DialFailure::Failed("no welcome from the proxy".into()));
+        }
+    };
+    match control::answer_to_hello(answer) {
+        Ok(welcome) => Ok(Dialed {
+            session,
+            control,
+            welcome,
+        }),
+        Err(e) => {
+            session.close("refused");
+            Err(e)
         }
     }
 }
 
-/// Owns one tunnel: its control stream (pings, heartbeats, proxy lists) and its dial streams.
+/// Owns one tunnel: drives its control session (pings, heartbeats, proxy lists, audit events
+/// going up) and serves its dial streams.
 async fn run_tunnel(
     config: Arc<PoolConfig>,
     dialed: Dialed,
@@ -409,48 +304,41 @@ async fn run_tunnel(
     } = dialed;
     let proxy_id = welcome.proxy_id;
     let mut labels = config.labels.clone();
-    let mut liveness = Liveness::new(Instant::now());
-    let mut reconnect_after = None;
-    let (audit_tx, mut audit_rx) = mpsc::channel::<tunnel_proto::wire::AuditEvent>(256);
+    let mut machine = AgentControl::new(&config.node_name, Instant::now());
+    let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
     let dials = tokio::spawn(serve_dials(session.clone(), config.ssh.clone(), audit_tx));
-    loop {
+    let end = loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
                 let _ = control.write(&Message::goodbye("the agent lets this tunnel go")).await;
-                break;
+                break None;
             }
-            _ = session.closed() => break,
+            _ = session.closed() => break None,
             Some(event) = audit_rx.recv() => {
                 if control.write(&Message::Audit(event)).await.is_err() {
-                    break;
+                    break None;
                 }
                 continue;
             }
             changed = labels.changed() => {
                 if changed.is_err() {
-                    break;
+                    break None;
                 }
-                let hb = heartbeat(&config, &labels.borrow_and_update());
-                let sent = control.write(&hb).await;
-                liveness.heartbeat_sent(Instant::now());
-                if sent.is_err() {
-                    break;
+                let current = labels.borrow_and_update().clone();
+                if control.write(&machine.labels_changed(Instant::now(), current)).await.is_err() {
+                    break None;
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(liveness.next_wake()) => {
-                let due = liveness.poll(Instant::now());
-                if due.dead {
-                    tracing::warn!(%proxy_id, "the tunnel stopped answering pings; closing it");
-                    break;
-                }
-                if let Some(seq) = due.ping && control.write(&Message::Ping { seq }).await.is_err() {
-                    break;
-                }
-                if due.heartbeat {
-                    let hb = heartbeat(&config, &labels.borrow());
-                    if control.write(&hb).await.is_err() {
-                        break;
+            _ = tokio::time::sleep_until(machine.poll_timeout()) => {
+                match machine.poll(Instant::now(), || labels.borrow().clone()) {
+                    Err(end) => break Some(end),
+                    Ok(due) => {
+                        for msg in due {
+                            if control.write(&msg).await.is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
                 continue;
@@ -458,29 +346,34 @@ async fn run_tunnel(
             msg = control.read() => msg,
         };
         match msg {
-            Ok(Some(Message::Pong { .. })) => liveness.pong(Instant::now()),
-            Ok(Some(Message::Proxies { proxies })) => {
-                let _ = events.send(PoolEvent::Proxies(proxies)).await;
-            }
-            Ok(Some(Message::Reconnect { reason, after_ms })) => {
-                tracing::info!(%proxy_id, %reason, "the proxy asks to reconnect later");
-                reconnect_after = Some(Duration::from_millis(after_ms.min(60_000)));
-                break;
-            }
-            Ok(Some(Message::Goodbye { reason, .. })) => {
-                tracing::warn!(%proxy_id, %reason, "the proxy closed the tunnel");
-                break;
-            }
-            Ok(Some(other)) => {
-                tracing::warn!(%proxy_id, message = ?other, "unexpected message on the control stream; closing the tunnel");
-                break;
-            }
-            Ok(None) => break,
+            Ok(Some(msg)) => match machine.handle_message(Instant::now(), msg) {
+                Step::Nothing => {}
+                Step::Proxies(list) => {
+                    let _ = events.send(PoolEvent::Proxies(list)).await;
+                }
+                Step::End(end) => break Some(end),
+            },
+            Ok(None) => break None,
             Err(e) => {
                 tracing::warn!(%proxy_id, error = %e, "the control stream failed");
-                break;
+                break None;
             }
         }
+    };
+    match &end {
+        Some(End::Reconnect { reason, .. }) => {
+            tracing::info!(%proxy_id, %reason, "the proxy asks to reconnect later");
+        }
+        Some(End::Goodbye { reason }) => {
+            tracing::warn!(%proxy_id, %reason, "the proxy closed the tunnel");
+        }
+        Some(End::Dead) => {
+            tracing::warn!(%proxy_id, "the tunnel stopped answering pings; closing it");
+        }
+        Some(End::Unexpected { kind }) => {
+            tracing::warn!(%proxy_id, message = kind, "unexpected message on the control stream; closing the tunnel");
+        }
+        None => {}
     }
     session.close("tunnel closed");
     dials.abort();
@@ -488,17 +381,9 @@ async fn run_tunnel(
         .send(PoolEvent::Closed {
             proxy_id,
             tunnel,
-            reconnect_after,
+            reconnect_after: end.as_ref().and_then(End::reconnect_after),
         })
         .await;
-}
-
-fn heartbeat(config: &PoolConfig, labels: &Labels) -> Message {
-    Message::Heartbeat(Heartbeat {
-        node_name: config.node_name.clone(),
-        labels: labels.clone(),
-        version: tunnel_proto::VERSION.to_string(),
-    })
 }
 
 /// Answers the proxy's dial streams: port 3022 reaches the node's SSH server; other ports are
@@ -506,7 +391,7 @@ fn heartbeat(config: &PoolConfig, labels: &Labels) -> Message {
 async fn serve_dials(
     session: Session,
     ssh: Arc<crate::ssh::SshContext>,
-    audit: mpsc::Sender<tunnel_proto::wire::AuditEvent>,
+    audit: mpsc::Sender<AuditEvent>,
 ) {
     while let Some(stream) = session.accept().await {
         let ssh = ssh.clone();

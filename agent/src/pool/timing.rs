@@ -17,6 +17,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Exponential backoff with full jitter: each delay is uniform in `[0, ceiling]`, the ceiling
 /// doubling from `BACKOFF_MIN` up to `BACKOFF_MAX` (the ceilings come from backon).
 pub struct Backoff {
+    min: Duration,
+    max: Duration,
     ceilings: backon::ExponentialBackoff,
 }
 
@@ -29,6 +31,8 @@ impl Default for Backoff {
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
         Self {
+            min,
+            max,
             ceilings: backon::ExponentialBuilder::default()
                 .with_min_delay(min)
                 .with_max_delay(max)
@@ -40,12 +44,13 @@ impl Backoff {
 
     /// The next delay and the ceiling it was drawn under.
     pub fn next_delay(&mut self) -> (Duration, Duration) {
-        let ceiling = self.ceilings.next().unwrap_or(BACKOFF_MAX);
+        let ceiling = self.ceilings.next().unwrap_or(self.max);
         (ceiling.mul_f64(rand::random::<f64>()), ceiling)
     }
 
+    /// Back to the smallest ceiling (after a success).
     pub fn reset(&mut self) {
-        *self = Self::default();
+        *self = Self::new(self.min, self.max);
     }
 }
 
@@ -129,6 +134,11 @@ mod tests {
         );
         b.reset();
         assert_eq!(b.next_delay().1, Duration::from_millis(500));
+        // A reset keeps the backoff's own bounds.
+        let mut short = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        short.reset();
+        let ceilings: Vec<u128> = (0..9).map(|_| short.next_delay().1.as_millis()).collect();
+        assert_eq!(ceilings, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     }
 
     #[test]

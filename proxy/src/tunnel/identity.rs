@@ -3,6 +3,7 @@
 
 use burrow_tunnel::Session;
 
+use super::control::TunnelError;
 use crate::auth::ca::CertRole;
 
 /// Who a tunnel's client certificate says the node is.
@@ -13,22 +14,27 @@ pub struct NodeIdentity {
 
 /// The host id (CN) and node name (the SAN beside the host id) a node certificate names; only
 /// node certificates open tunnels.
-pub fn node_identity(session: &Session) -> Result<NodeIdentity, String> {
+pub fn node_identity(session: &Session) -> Result<NodeIdentity, TunnelError> {
     let leaf = session
         .peer_certificates()
         .first()
-        .ok_or("no client certificate")?;
+        .ok_or(TunnelError::Identity("no client certificate"))?;
     if CertRole::of_certificate(leaf) != Some(CertRole::Node) {
-        return Err("the client certificate is not a node's".into());
+        return Err(TunnelError::Identity(
+            "the client certificate is not a node's",
+        ));
     }
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TunnelError::BadCertificate(e.to_string()))?;
     let host_id = cert
         .subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
-        .ok_or_else(|| "the client certificate names no host".to_string())?;
+        .ok_or(TunnelError::Identity(
+            "the client certificate names no host",
+        ))?;
     let node_name = cert
         .subject_alternative_name()
         .ok()

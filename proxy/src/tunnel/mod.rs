@@ -14,28 +14,27 @@ use burrow_tunnel::{Framed, Session, TunnelStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::api::{Labels, Presence};
+use tunnel_proto::api::Presence;
 use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome};
 
 use burrow_daemon::unix_now;
 
 use crate::backend::{Backend, BackendError, Event};
-use crate::nodelimits::{NodeBudget, PRESENCE_MIN_INTERVAL, short};
+use crate::nodelimits::short;
 use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
 
+mod control;
 mod identity;
 mod listen;
 
+pub use self::control::TunnelError;
+use self::control::{Action, Facts, ProxyControl};
 use self::identity::{NodeIdentity, node_identity};
 pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
 
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
-/// Presence is rewritten at most this often when nothing changed.
-const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A tunnel whose control stream is silent this long (agents ping every few seconds) is dead.
-const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// The live keys under a watched prefix.
@@ -277,81 +276,64 @@ impl TunnelServer {
             let remote = session.remote_addr();
             if let Err(reason) = server.run_tunnel(session.clone()).await {
                 tracing::info!(peer = %remote, transport = %session.transport(), %reason, "tunnel refused or ended");
-                session.close(&reason);
+                session.close(&reason.to_string());
             }
         });
     }
 
-    async fn run_tunnel(self: Arc<Self>, session: Session) -> Result<(), String> {
+    async fn run_tunnel(self: Arc<Self>, session: Session) -> Result<(), TunnelError> {
         // Who the node is comes from the certificate the cluster signed at join, never from what
         // it says in its hello or heartbeats.
         let NodeIdentity { host_id, node_name } = node_identity(&session)?;
         let control = tokio::time::timeout(HELLO_TIMEOUT, session.accept())
             .await
-            .map_err(|_| "no control stream".to_string())?
-            .ok_or("closed before the control stream")?;
+            .ok()
+            .flatten()
+            .ok_or(TunnelError::NoControlStream)?;
         let mut control = Framed::new(control);
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, control.read()).await {
             Ok(Ok(Some(Message::Hello(h)))) => h,
             Ok(Ok(other)) => {
-                return Err(format!(
-                    "expected hello, got {}",
-                    other.map_or("end of stream", |m| m.kind())
-                ));
+                let kind = other.as_ref().map_or("end of stream", Message::kind);
+                return Err(TunnelError::NotHello(kind));
             }
-            Ok(Err(e)) => return Err(format!("bad hello: {e}")),
-            Err(_) => return Err("no hello".into()),
+            Ok(Err(e)) => return Err(TunnelError::BadHello(e)),
+            Err(_) => return Err(TunnelError::NoHello),
+        };
+        if hello.node_name != node_name {
+            tracing::debug!(%host_id, %node_name, claimed = %short(&hello.node_name), "the hello names another node name; the certificate's stands");
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let admitted = {
+            let revoked = self.is_revoked(&host_id);
+            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            let facts = Facts {
+                host_id: &host_id,
+                revoked,
+                shutting_down: self.shutdown.is_cancelled(),
+                held: tunnels.values().filter(|e| e.host_id == host_id).count(),
+            };
+            let admitted = control::admit(&hello, &facts);
+            if admitted.is_ok() {
+                let entry = Entry {
+                    host_id: host_id.clone(),
+                    node_name: node_name.clone(),
+                    session: session.clone(),
+                };
+                tunnels.insert(id, entry);
+            }
+            admitted
         };
         // Refusals come after the hello, on the control stream, so the agent learns why in a
         // form it can act on (a revoked node stops for good).
-        if self.is_revoked(&host_id) {
-            let reason = format!("node {host_id} was removed from the cluster");
-            return Err(refuse(&session, &mut control, Refusal::Revoked, reason).await);
-        }
-        if hello.protocol != PROTOCOL_VERSION {
-            let reason = format!(
-                "tunnel protocol {} is not supported (this proxy speaks {PROTOCOL_VERSION})",
-                hello.protocol
-            );
-            return Err(refuse(&session, &mut control, Refusal::UnsupportedVersion, reason).await);
-        }
-        // The tunnel is bound to the host id in the certificate, whatever the hello says.
-        if hello.host_id != host_id {
-            let reason = "the hello names another host than the certificate".to_string();
-            return Err(refuse(&session, &mut control, Refusal::Protocol, reason).await);
-        }
-        let labels = match crate::nodelimits::check_labels(&hello.labels) {
-            Ok(()) => hello.labels.clone(),
-            Err(why) => {
-                tracing::warn!(%host_id, %why, "the node's labels are ignored");
-                Labels::new()
+        let labels = match admitted {
+            Ok(labels) => labels,
+            Err(TunnelError::Refused { code, reason }) => {
+                refuse(&session, &mut control, code, &reason).await;
+                return Err(TunnelError::Refused { code, reason });
             }
+            Err(e) => return Err(e),
         };
-        if hello.node_name != node_name {
-            tracing::debug!(%host_id, %node_name, claimed = %hello.node_name, "the hello names another node name; the certificate's stands");
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let refused = {
-            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-            let held = tunnels.values().filter(|e| e.host_id == host_id).count();
-            if held >= crate::nodelimits::MAX_TUNNELS_PER_NODE {
-                Some(held)
-            } else {
-                tunnels.insert(
-                    id,
-                    Entry {
-                        host_id: host_id.clone(),
-                        node_name: node_name.clone(),
-                        session: session.clone(),
-                    },
-                );
-                None
-            }
-        };
-        if let Some(held) = refused {
-            let reason = format!("node {host_id} already holds {held} tunnels to this proxy");
-            return Err(refuse(&session, &mut control, Refusal::Overloaded, reason).await);
-        }
         let mut proxies = self.proxies.subscribe();
         let list = proxies.borrow_and_update().clone();
         let welcomed = control
@@ -363,18 +345,15 @@ impl TunnelServer {
             }))
             .await;
         if let Err(e) = welcomed {
-            self.tunnels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            return Err(e.to_string());
+            self.forget(id);
+            return Err(e.into());
         }
 
         // A revocation that landed between the check above and the insert.
         if self.is_revoked(&host_id) {
             session.close("the node was removed from the cluster");
         }
-        let mut presence = Presence {
+        let presence = Presence {
             host_id: host_id.clone(),
             node_name: node_name.clone(),
             version: short(&hello.version),
@@ -387,15 +366,11 @@ impl TunnelServer {
         };
         tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
         self.write_presence(&presence).await;
+        let mut machine = ProxyControl::new(presence, Instant::now());
         let result = self
-            .serve_control(&session, &mut control, &mut proxies, &mut presence)
+            .serve_control(&session, &mut control, &mut proxies, &mut machine)
             .await;
-        let still_here = {
-            let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-            tunnels.remove(&id);
-            tunnels.values().any(|e| e.host_id == host_id)
-        };
-        if !still_here {
+        if !self.forget(id) {
             let _ = self
                 .backend
                 .delete(&state::presence(&host_id, &self.proxy_id))
@@ -405,23 +380,27 @@ impl TunnelServer {
         result
     }
 
+    /// Drops tunnel `id` from the table; returns whether its node still holds another one.
+    fn forget(&self, id: u64) -> bool {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(gone) = tunnels.remove(&id) else {
+            return false;
+        };
+        tunnels.values().any(|e| e.host_id == gone.host_id)
+    }
+
+    /// Drives an admitted tunnel's control session until it ends.
     async fn serve_control(
         &self,
         session: &Session,
         control: &mut Framed<TunnelStream>,
         proxies: &mut watch::Receiver<Vec<ProxyEntry>>,
-        presence: &mut Presence,
-    ) -> Result<(), String> {
-        let mut last_written = Instant::now();
-        let mut dirty = false;
-        let mut budget = NodeBudget::new(Instant::now());
+        machine: &mut ProxyControl,
+    ) -> Result<(), TunnelError> {
         loop {
-            tokio::select! {
+            let msg = tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    let _ = control.write(&Message::Reconnect {
-                        reason: "the proxy is shutting down".into(),
-                        after_ms: 1000,
-                    }).await;
+                    let _ = control.write(&ProxyControl::shutting_down()).await;
                     // Closing a QUIC connection drops unsent stream data: give the agent a moment
                     // to read the advisory and close the tunnel itself.
                     let _ = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
@@ -434,74 +413,34 @@ impl TunnelServer {
                         return Ok(());
                     }
                     let list = proxies.borrow_and_update().clone();
-                    control.write(&Message::Proxies { proxies: list }).await.map_err(|e| e.to_string())?;
+                    control.write(&ProxyControl::proxies_changed(list)).await?;
+                    continue;
                 }
                 // Agents open no stream but their control stream: reset any other at once
                 // instead of buffering it, and close a tunnel that keeps trying.
                 opened = session.accept() => match opened {
                     Some(stream) => {
                         drop(stream);
-                        if !budget.unexpected_stream() {
-                            return Err("the node keeps opening streams nobody asked for".into());
-                        }
+                        machine.handle_unwanted_stream()?;
+                        continue;
                     }
                     None => return Ok(()),
                 },
-                msg = tokio::time::timeout(SILENCE_LIMIT, control.read()) => {
-                    let msg = match msg {
-                        Err(_) => return Err("the agent went silent".into()),
-                        Ok(Err(e)) => return Err(format!("bad message: {e}")),
-                        Ok(Ok(None)) => return Ok(()),
-                        Ok(Ok(Some(m))) => m,
-                    };
-                    let now = Instant::now();
-                    if !budget.message(now) {
-                        return Err("the node floods its control stream".into());
-                    }
-                    match msg {
-                        Message::Ping { seq } => {
-                            control.write(&Message::Pong { seq }).await.map_err(|e| e.to_string())?;
-                        }
-                        Message::Heartbeat(hb) => {
-                            // The name is the certificate's; a heartbeat cannot rename the node.
-                            match crate::nodelimits::check_labels(&hb.labels) {
-                                Ok(()) if hb.labels != presence.labels => {
-                                    presence.labels = hb.labels;
-                                    dirty = true;
-                                }
-                                Ok(()) => {}
-                                Err(why) => tracing::debug!(host_id = %presence.host_id, %why, "heartbeat labels ignored"),
-                            }
-                            let version = short(&hb.version);
-                            if version != presence.version {
-                                presence.version = version;
-                                dirty = true;
-                            }
-                            // Backend writes a node causes are bounded, whatever it sends.
-                            let since = last_written.elapsed();
-                            if (dirty && since >= PRESENCE_MIN_INTERVAL) || since >= PRESENCE_REFRESH {
-                                presence.last_seen = unix_now();
-                                self.write_presence(presence).await;
-                                last_written = Instant::now();
-                                dirty = false;
-                            }
-                        }
-                        Message::Goodbye { reason, .. } => {
-                            tracing::debug!(reason = %short(&reason), "agent said goodbye");
-                            return Ok(());
-                        }
-                        Message::Audit(event) => {
-                            if !budget.audit(now) {
-                                if budget.audit_dropped.is_power_of_two() {
-                                    tracing::warn!(host_id = %presence.host_id, dropped = budget.audit_dropped, "audit events over the node's rate dropped");
-                                }
-                            } else if let Some(event) = crate::nodelimits::sanitize_audit(event) {
-                                self.audit.append(&event, &presence.host_id);
-                            }
-                        }
-                        other => return Err(format!("unexpected {} message on the control stream", other.kind())),
-                    }
+                _ = tokio::time::sleep_until(machine.poll_timeout().into()) => {
+                    machine.poll(Instant::now())?;
+                    continue;
                 }
+                msg = control.read() => match msg? {
+                    Some(msg) => msg,
+                    None => return Ok(()),
+                },
+            };
+            match machine.handle_message(Instant::now(), msg)? {
+                Action::Nothing => {}
+                Action::Send(reply) => control.write(&reply).await?,
+                Action::WritePresence => self.write_presence(machine.presence(unix_now())).await,
+                Action::Audit(event) => self.audit.append(&event, machine.host_id()),
+                Action::Close => return Ok(()),
             }
         }
     }
@@ -543,19 +482,14 @@ pub enum DialError {
 }
 
 /// Sends a typed refusal and gives the agent a moment to read it and close the tunnel itself
-/// (closing first could drop the unsent goodbye); returns the reason for the log.
+/// (closing first could drop the unsent goodbye).
 async fn refuse(
     session: &Session,
     control: &mut Framed<TunnelStream>,
     code: Refusal,
-    reason: String,
-) -> String {
-    if control
-        .write(&Message::refusal(code, reason.clone()))
-        .await
-        .is_ok()
-    {
+    reason: &str,
+) {
+    if control.write(&Message::refusal(code, reason)).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
     }
-    reason
 }

@@ -1,0 +1,295 @@
+//! The agent's side of a tunnel's control session, without I/O: what the answer to the hello
+//! means, and, once welcomed, what each message from the proxy and each tick of the clock ask
+//! for (pings, heartbeats, the end of the tunnel). [`super::run_tunnel`] drives it.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tunnel_proto::api::Labels;
+use tunnel_proto::wire::{Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
+
+use super::membership::{DialFailure, MAX_RECONNECT_AFTER};
+use super::timing::Liveness;
+
+/// The first message of a tunnel.
+pub fn hello(host_id: &str, node_name: &str, labels: Labels) -> Message {
+    Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        version: tunnel_proto::VERSION.to_string(),
+        host_id: host_id.to_string(),
+        node_name: node_name.to_string(),
+        labels,
+    })
+}
+
+/// A heartbeat: what the node says about itself every few seconds and when its labels change.
+pub fn heartbeat(node_name: &str, labels: Labels) -> Message {
+    Message::Heartbeat(Heartbeat {
+        node_name: node_name.to_string(),
+        labels,
+        version: tunnel_proto::VERSION.to_string(),
+    })
+}
+
+/// What the proxy's answer to the hello means (`None`: the stream ended).
+pub fn answer_to_hello(answer: Option<Message>) -> Result<Welcome, DialFailure> {
+    match answer {
+        Some(Message::Welcome(welcome)) if welcome.protocol == PROTOCOL_VERSION => Ok(welcome),
+        Some(Message::Welcome(welcome)) => Err(DialFailure::Failed(format!(
+            "the proxy welcomed tunnel protocol {}, this agent speaks {PROTOCOL_VERSION}",
+            welcome.protocol
+        ))),
+        Some(Message::Goodbye { reason, code }) => Err(DialFailure::Refused { code, reason }),
+        other => Err(DialFailure::Failed(format!(
+            "unexpected answer to hello: {}",
+            other.as_ref().map_or("end of stream", Message::kind)
+        ))),
+    }
+}
+
+/// Why the agent ends a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The proxy asked the agent to come back later (it is restarting).
+    Reconnect { reason: String, after: Duration },
+    /// The proxy closed the tunnel.
+    Goodbye { reason: String },
+    /// The proxy answered no ping for too long.
+    Dead,
+    /// The proxy sent what it never sends on a control stream.
+    Unexpected { kind: &'static str },
+}
+
+impl End {
+    /// The proxy's reconnect advisory, if it gave one.
+    pub fn reconnect_after(&self) -> Option<Duration> {
+        match self {
+            End::Reconnect { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
+}
+
+/// What a message from the proxy asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    /// A new list of live proxies, for the pool.
+    Proxies(Vec<ProxyEntry>),
+    End(End),
+}
+
+/// An open control session on the agent's side.
+pub struct AgentControl {
+    node_name: String,
+    liveness: Liveness,
+}
+
+impl AgentControl {
+    pub fn new(node_name: &str, now: Instant) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            liveness: Liveness::new(now),
+        }
+    }
+
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Step {
+        match msg {
+            Message::Pong { .. } => {
+                self.liveness.pong(now);
+                Step::Nothing
+            }
+            Message::Proxies { proxies } => Step::Proxies(proxies),
+            Message::Reconnect { reason, after_ms } => Step::End(End::Reconnect {
+                reason,
+                after: Duration::from_millis(after_ms).min(MAX_RECONNECT_AFTER),
+            }),
+            Message::Goodbye { reason, .. } => Step::End(End::Goodbye { reason }),
+            other => Step::End(End::Unexpected { kind: other.kind() }),
+        }
+    }
+
+    /// The labels changed: the heartbeat that says so.
+    pub fn labels_changed(&mut self, now: Instant, labels: Labels) -> Message {
+        self.liveness.heartbeat_sent(now);
+        heartbeat(&self.node_name, labels)
+    }
+
+    /// When [`Self::poll`] has something to do.
+    pub fn poll_timeout(&self) -> Instant {
+        self.liveness.next_wake()
+    }
+
+    /// The messages due at `now` (a ping, a heartbeat with `labels`), or the end of a tunnel
+    /// that stopped answering.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        labels: impl FnOnce() -> Labels,
+    ) -> Result<Vec<Message>, End> {
+        let due = self.liveness.poll(now);
+        if due.dead {
+            return Err(End::Dead);
+        }
+        let mut out = Vec::new();
+        if let Some(seq) = due.ping {
+            out.push(Message::Ping { seq });
+        }
+        if due.heartbeat {
+            out.push(heartbeat(&self.node_name, labels()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tunnel_proto::wire::Refusal;
+
+    use super::*;
+
+    fn welcome(protocol: u16) -> Message {
+        Message::Welcome(Welcome {
+            protocol,
+            version: "9.9.9".into(),
+            proxy_id: "p1".into(),
+            proxies: vec![ProxyEntry { id: "p1".into() }],
+        })
+    }
+
+    #[test]
+    fn the_answer_to_hello_is_a_welcome_a_typed_refusal_or_a_failure() {
+        assert_eq!(
+            answer_to_hello(Some(welcome(PROTOCOL_VERSION)))
+                .unwrap()
+                .proxy_id,
+            "p1"
+        );
+        assert_eq!(
+            answer_to_hello(Some(Message::refusal(
+                Refusal::Revoked,
+                "node x was removed"
+            ))),
+            Err(DialFailure::Refused {
+                code: Some(Refusal::Revoked),
+                reason: "node x was removed".into()
+            })
+        );
+        assert_eq!(
+            answer_to_hello(Some(Message::refusal(
+                Refusal::UnsupportedVersion,
+                "v2 only"
+            ))),
+            Err(DialFailure::Refused {
+                code: Some(Refusal::UnsupportedVersion),
+                reason: "v2 only".into()
+            })
+        );
+        // A welcome in another protocol version is not a tunnel this agent can use.
+        let Err(DialFailure::Failed(why)) = answer_to_hello(Some(welcome(PROTOCOL_VERSION + 1)))
+        else {
+            panic!("a welcome in another version was taken");
+        };
+        assert!(why.contains("protocol"), "{why}");
+        assert_eq!(
+            answer_to_hello(None),
+            Err(DialFailure::Failed(
+                "unexpected answer to hello: end of stream".into()
+            ))
+        );
+        assert_eq!(
+            answer_to_hello(Some(Message::Ping { seq: 1 })),
+            Err(DialFailure::Failed(
+                "unexpected answer to hello: ping".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn proxy_messages_feed_the_pool_or_end_the_tunnel() {
+        let now = Instant::now();
+        let mut c = AgentControl::new("n1", now);
+        assert_eq!(
+            c.handle_message(now, Message::Pong { seq: 1 }),
+            Step::Nothing
+        );
+        let list = vec![ProxyEntry { id: "p2".into() }];
+        assert_eq!(
+            c.handle_message(
+                now,
+                Message::Proxies {
+                    proxies: list.clone()
+                }
+            ),
+            Step::Proxies(list)
+        );
+        let Step::End(end) = c.handle_message(
+            now,
+            Message::Reconnect {
+                reason: "restart".into(),
+                after_ms: 1500,
+            },
+        ) else {
+            panic!("a reconnect advisory must end the tunnel");
+        };
+        assert_eq!(end.reconnect_after(), Some(Duration::from_millis(1500)));
+        // A huge advisory is capped.
+        let Step::End(end) = c.handle_message(
+            now,
+            Message::Reconnect {
+                reason: "later".into(),
+                after_ms: u64::MAX,
+            },
+        ) else {
+            panic!()
+        };
+        assert_eq!(end.reconnect_after(), Some(MAX_RECONNECT_AFTER));
+        assert_eq!(
+            c.handle_message(now, Message::goodbye("bye")),
+            Step::End(End::Goodbye {
+                reason: "bye".into()
+            })
+        );
+        assert_eq!(
+            c.handle_message(now, welcome(PROTOCOL_VERSION)),
+            Step::End(End::Unexpected { kind: "welcome" })
+        );
+    }
+
+    #[test]
+    fn an_unanswered_control_session_pings_heartbeats_and_then_dies() {
+        let start = Instant::now();
+        let mut c = AgentControl::new("n1", start);
+        let mut sent = Vec::new();
+        let (end, now) = loop {
+            let now = c.poll_timeout();
+            assert!(now - start < Duration::from_secs(60), "never declared dead");
+            match c.poll(now, Labels::new) {
+                Ok(msgs) => sent.extend(msgs.iter().map(Message::kind)),
+                Err(end) => break (end, now),
+            }
+        };
+        assert_eq!(end, End::Dead);
+        assert_eq!(sent, ["ping", "ping", "ping"]);
+        assert_eq!(now - start, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_label_change_heartbeat_postpones_the_periodic_one() {
+        let start = Instant::now();
+        let mut c = AgentControl::new("n1", start);
+        let mut labels = Labels::new();
+        labels.insert("env".into(), "prod".into());
+        let Message::Heartbeat(hb) = c.labels_changed(start + Duration::from_secs(9), labels)
+        else {
+            panic!()
+        };
+        assert_eq!(hb.labels.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(hb.node_name, "n1");
+        c.handle_message(start + Duration::from_secs(9), Message::Pong { seq: 1 });
+        let at_10 = c
+            .poll(start + Duration::from_secs(10), Labels::new)
+            .unwrap();
+        assert!(!at_10.iter().any(|m| m.kind() == "heartbeat"), "{at_10:?}");
+    }
+}

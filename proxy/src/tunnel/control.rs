@@ -1,0 +1,437 @@
+//! The proxy's side of a tunnel's control session, without I/O: whether a hello is admitted
+//! ([`admit`]), and, once welcomed, what each message from the node and each tick of the clock
+//! ask for ([`ProxyControl`]): a pong, a presence write, an audit line, or the end of the tunnel
+//! with a typed reason ([`TunnelError`]). [`super::TunnelServer`] drives it with the tunnel's
+//! streams, the backend and timers.
+
+use std::time::{Duration, Instant};
+
+use burrow_tunnel::FrameError;
+use tunnel_proto::api::{Labels, Presence};
+use tunnel_proto::wire::{AuditEvent, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Refusal};
+
+use crate::nodelimits::{self, NodeBudget, PRESENCE_MIN_INTERVAL, short};
+
+/// A tunnel whose control stream is silent this long (agents ping every few seconds) is dead.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+/// Presence is rewritten at most this often when nothing changed.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
+/// How long a node is told to wait before it comes back to a proxy that shuts down.
+pub const RECONNECT_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// Why a tunnel was refused or ended, other than by a clean close.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0}")]
+    Identity(&'static str),
+    #[error("the client certificate cannot be read: {0}")]
+    BadCertificate(String),
+    #[error("no control stream")]
+    NoControlStream,
+    #[error("no hello")]
+    NoHello,
+    #[error("expected hello, got {0}")]
+    NotHello(&'static str),
+    #[error("bad hello: {0}")]
+    BadHello(FrameError),
+    /// Sent to the node as a typed refusal.
+    #[error("{reason}")]
+    Refused { code: Refusal, reason: String },
+    #[error("the agent went silent")]
+    Silent,
+    #[error("the node floods its control stream")]
+    Flood,
+    #[error("the node keeps opening streams nobody asked for")]
+    UnwantedStreams,
+    #[error("unexpected {0} message on the control stream")]
+    Unexpected(&'static str),
+    #[error("bad message: {0}")]
+    Frame(#[from] FrameError),
+}
+
+impl TunnelError {
+    fn refused(code: Refusal, reason: String) -> Self {
+        TunnelError::Refused { code, reason }
+    }
+}
+
+/// What the proxy knows about a node when its hello arrives.
+pub struct Facts<'a> {
+    /// The host id the node's certificate names (the tunnel is bound to it).
+    pub host_id: &'a str,
+    pub revoked: bool,
+    pub shutting_down: bool,
+    /// Tunnels this node already holds to this proxy.
+    pub held: usize,
+}
+
+/// Admits a hello, or says which typed refusal it gets. Returns the labels to record: labels
+/// over the node's limits are ignored, not refused.
+pub fn admit(hello: &Hello, facts: &Facts<'_>) -> Result<Labels, TunnelError> {
+    let host_id = facts.host_id;
+    if facts.revoked {
+        let reason = format!("node {host_id} was removed from the cluster");
+        return Err(TunnelError::refused(Refusal::Revoked, reason));
+    }
+    if facts.shutting_down {
+        let reason = "the proxy is shutting down".to_string();
+        return Err(TunnelError::refused(Refusal::ShuttingDown, reason));
+    }
+    if hello.protocol != PROTOCOL_VERSION {
+        let reason = format!(
+            "tunnel protocol {} is not supported (this proxy speaks {PROTOCOL_VERSION})",
+            hello.protocol
+        );
+        return Err(TunnelError::refused(Refusal::UnsupportedVersion, reason));
+    }
+    // The tunnel is bound to the host id in the certificate, whatever the hello says.
+    if hello.host_id != host_id {
+        let reason = "the hello names another host than the certificate".to_string();
+        return Err(TunnelError::refused(Refusal::Protocol, reason));
+    }
+    if facts.held >= nodelimits::MAX_TUNNELS_PER_NODE {
+        let reason = format!(
+            "node {host_id} already holds {} tunnels to this proxy",
+            facts.held
+        );
+        return Err(TunnelError::refused(Refusal::Overloaded, reason));
+    }
+    match nodelimits::check_labels(&hello.labels) {
+        Ok(()) => Ok(hello.labels.clone()),
+        Err(why) => {
+            tracing::warn!(%host_id, %why, "the node's labels are ignored");
+            Ok(Labels::new())
+        }
+    }
+}
+
+/// What a message from the node asks the proxy to do.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    Nothing,
+    Send(Message),
+    /// Record the node's presence (see [`ProxyControl::presence`]).
+    WritePresence,
+    /// Append an event (already sanitized) to the audit log.
+    Audit(AuditEvent),
+    /// The node said goodbye: end the tunnel cleanly.
+    Close,
+}
+
+/// An open control session on the proxy's side.
+pub struct ProxyControl {
+    presence: Presence,
+    budget: NodeBudget,
+    last_written: Instant,
+    last_heard: Instant,
+    dirty: bool,
+}
+
+impl ProxyControl {
+    /// A session whose presence was just written.
+    pub fn new(presence: Presence, now: Instant) -> Self {
+        Self {
+            presence,
+            budget: NodeBudget::new(now),
+            last_written: now,
+            last_heard: now,
+            dirty: false,
+        }
+    }
+
+    /// The presence record to write, stamped `last_seen` (Unix seconds).
+    pub fn presence(&mut self, last_seen: u64) -> &Presence {
+        self.presence.last_seen = last_seen;
+        &self.presence
+    }
+
+    /// The node's host id, from its certificate.
+    pub fn host_id(&self) -> &str {
+        &self.presence.host_id
+    }
+
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<Action, TunnelError> {
+        self.last_heard = now;
+        if !self.budget.message(now) {
+            return Err(TunnelError::Flood);
+        }
+        let host_id = &self.presence.host_id;
+        match msg {
+            Message::Ping { seq } => Ok(Action::Send(Message::Pong { seq })),
+            Message::Heartbeat(hb) => {
+                // The name is the certificate's; a heartbeat cannot rename the node.
+                match nodelimits::check_labels(&hb.labels) {
+                    Ok(()) if hb.labels != self.presence.labels => {
+                        self.presence.labels = hb.labels;
+                        self.dirty = true;
+                    }
+                    Ok(()) => {}
+                    Err(why) => tracing::debug!(%host_id, %why, "heartbeat labels ignored"),
+                }
+                let version = short(&hb.version);
+                if version != self.presence.version {
+                    self.presence.version = version;
+                    self.dirty = true;
+                }
+                // Backend writes a node causes are bounded, whatever it sends.
+                let since = now.duration_since(self.last_written);
+                if (self.dirty && since >= PRESENCE_MIN_INTERVAL) || since >= PRESENCE_REFRESH {
+                    self.last_written = now;
+                    self.dirty = false;
+                    return Ok(Action::WritePresence);
+                }
+                Ok(Action::Nothing)
+            }
+            Message::Goodbye { reason, .. } => {
+                tracing::debug!(reason = %short(&reason), "agent said goodbye");
+                Ok(Action::Close)
+            }
+            Message::Audit(event) => {
+                if !self.budget.audit(now) {
+                    let dropped = self.budget.audit_dropped;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(%host_id, dropped, "audit events over the node's rate dropped");
+                    }
+                    return Ok(Action::Nothing);
+                }
+                Ok(nodelimits::sanitize_audit(event).map_or(Action::Nothing, Action::Audit))
+            }
+            other => Err(TunnelError::Unexpected(other.kind())),
+        }
+    }
+
+    /// The node opened a stream nobody asked for (the driver resets it).
+    pub fn handle_unwanted_stream(&mut self) -> Result<(), TunnelError> {
+        if self.budget.unexpected_stream() {
+            Ok(())
+        } else {
+            Err(TunnelError::UnwantedStreams)
+        }
+    }
+
+    /// When [`Self::poll`] must run if the node sends nothing.
+    pub fn poll_timeout(&self) -> Instant {
+        self.last_heard + SILENCE_LIMIT
+    }
+
+    /// Whether the node went silent for too long.
+    pub fn poll(&self, now: Instant) -> Result<(), TunnelError> {
+        if now >= self.poll_timeout() {
+            Err(TunnelError::Silent)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The cluster's live proxies changed: the list to push.
+    pub fn proxies_changed(list: Vec<ProxyEntry>) -> Message {
+        Message::Proxies { proxies: list }
+    }
+
+    /// The proxy is shutting down: the advisory that brings the node back elsewhere soon.
+    pub fn shutting_down() -> Message {
+        Message::Reconnect {
+            reason: "the proxy is shutting down".into(),
+            after_ms: RECONNECT_AFTER_SHUTDOWN.as_millis() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tunnel_proto::wire::Heartbeat;
+
+    use super::*;
+
+    fn hello(host_id: &str, protocol: u16) -> Hello {
+        Hello {
+            protocol,
+            version: "0.1.0".into(),
+            host_id: host_id.into(),
+            node_name: "n1".into(),
+            labels: Labels::from([("env".to_string(), "prod".to_string())]),
+        }
+    }
+
+    fn facts(host_id: &str) -> Facts<'_> {
+        Facts {
+            host_id,
+            revoked: false,
+            shutting_down: false,
+            held: 0,
+        }
+    }
+
+    fn code(r: Result<Labels, TunnelError>) -> Refusal {
+        match r {
+            Err(TunnelError::Refused { code, .. }) => code,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hellos_are_admitted_or_refused_with_a_typed_reason() {
+        let h = hello("h1", PROTOCOL_VERSION);
+        assert_eq!(admit(&h, &facts("h1")).unwrap()["env"], "prod");
+        let revoked = Facts {
+            revoked: true,
+            ..facts("h1")
+        };
+        assert_eq!(code(admit(&h, &revoked)), Refusal::Revoked);
+        // A revoked node is told so whatever else is wrong with its hello.
+        assert_eq!(
+            code(admit(&hello("h2", PROTOCOL_VERSION + 1), &revoked)),
+            Refusal::Revoked
+        );
+        let stopping = Facts {
+            shutting_down: true,
+            ..facts("h1")
+        };
+        assert_eq!(code(admit(&h, &stopping)), Refusal::ShuttingDown);
+        let Err(TunnelError::Refused {
+            code: refusal,
+            reason,
+        }) = admit(&hello("h1", PROTOCOL_VERSION + 1), &facts("h1"))
+        else {
+            panic!("another protocol version was admitted");
+        };
+        assert_eq!(refusal, Refusal::UnsupportedVersion);
+        assert!(
+            reason.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)),
+            "{reason}"
+        );
+        assert_eq!(
+            code_of_other_host(),
+            Refusal::Protocol,
+            "a hello for another host than the certificate"
+        );
+        let full = Facts {
+            held: nodelimits::MAX_TUNNELS_PER_NODE,
+            ..facts("h1")
+        };
+        assert_eq!(code(admit(&h, &full)), Refusal::Overloaded);
+        let one_less = Facts {
+            held: nodelimits::MAX_TUNNELS_PER_NODE - 1,
+            ..facts("h1")
+        };
+        assert!(admit(&h, &one_less).is_ok());
+    }
+
+    fn code_of_other_host() -> Refusal {
+        code(admit(
+            &hello("someone-else", PROTOCOL_VERSION),
+            &facts("h1"),
+        ))
+    }
+
+    #[test]
+    fn labels_over_the_limits_are_ignored_not_refused() {
+        let mut h = hello("h1", PROTOCOL_VERSION);
+        h.labels.insert("bad\nkey".into(), "v".into());
+        assert_eq!(admit(&h, &facts("h1")).unwrap(), Labels::new());
+    }
+
+    fn presence() -> Presence {
+        Presence {
+            host_id: "h1".into(),
+            node_name: "n1".into(),
+            version: "0.1.0".into(),
+            labels: Labels::new(),
+            proxy_id: "p1".into(),
+            transport: "quic".into(),
+            remote_addr: "127.0.0.1:1".into(),
+            connected: 1,
+            last_seen: 1,
+        }
+    }
+
+    fn heartbeat(env: &str) -> Message {
+        Message::Heartbeat(Heartbeat {
+            node_name: "renamed".into(),
+            labels: Labels::from([("env".to_string(), env.to_string())]),
+            version: "0.1.0".into(),
+        })
+    }
+
+    #[test]
+    fn pings_are_answered_and_goodbyes_close() {
+        let now = Instant::now();
+        let mut c = ProxyControl::new(presence(), now);
+        assert_eq!(
+            c.handle_message(now, Message::Ping { seq: 7 }).unwrap(),
+            Action::Send(Message::Pong { seq: 7 })
+        );
+        assert_eq!(
+            c.handle_message(now, Message::goodbye("bye")).unwrap(),
+            Action::Close
+        );
+        assert!(matches!(
+            c.handle_message(now, Message::Pong { seq: 1 }),
+            Err(TunnelError::Unexpected("pong"))
+        ));
+    }
+
+    #[test]
+    fn heartbeats_update_presence_at_most_every_few_seconds_and_never_rename_the_node() {
+        let start = Instant::now();
+        let mut c = ProxyControl::new(presence(), start);
+        let at = |s: u64| start + Duration::from_secs(s);
+        // Changed labels right after the last write: recorded, written once the interval passed.
+        assert_eq!(
+            c.handle_message(at(1), heartbeat("a")).unwrap(),
+            Action::Nothing
+        );
+        let due = PRESENCE_MIN_INTERVAL.as_secs();
+        assert_eq!(
+            c.handle_message(at(due), heartbeat("b")).unwrap(),
+            Action::WritePresence
+        );
+        let p = c.presence(42).clone();
+        assert_eq!(p.labels["env"], "b");
+        assert_eq!(p.node_name, "n1", "a heartbeat renamed the node");
+        assert_eq!(p.last_seen, 42);
+        // Nothing changed: the next write is the refresh.
+        let mut writes = 0;
+        for s in due + 1..=due + PRESENCE_REFRESH.as_secs() {
+            writes += usize::from(
+                c.handle_message(at(s), heartbeat("b")).unwrap() == Action::WritePresence,
+            );
+        }
+        assert_eq!(writes, 1);
+    }
+
+    #[test]
+    fn a_flood_or_unwanted_streams_end_the_tunnel() {
+        let now = Instant::now();
+        let mut c = ProxyControl::new(presence(), now);
+        let flooded = (0..100_000)
+            .map(|seq| c.handle_message(now, Message::Ping { seq }))
+            .find_map(Result::err);
+        assert!(matches!(flooded, Some(TunnelError::Flood)), "{flooded:?}");
+        let mut c = ProxyControl::new(presence(), now);
+        let closed = (0..1000)
+            .map(|_| c.handle_unwanted_stream())
+            .find_map(Result::err);
+        assert!(matches!(closed, Some(TunnelError::UnwantedStreams)));
+    }
+
+    #[test]
+    fn a_silent_node_is_dropped_and_any_message_keeps_it() {
+        let start = Instant::now();
+        let mut c = ProxyControl::new(presence(), start);
+        assert!(c.poll(start + SILENCE_LIMIT / 2).is_ok());
+        c.handle_message(start + SILENCE_LIMIT / 2, Message::Ping { seq: 1 })
+            .unwrap();
+        assert!(c.poll(start + SILENCE_LIMIT).is_ok());
+        assert_eq!(c.poll_timeout(), start + SILENCE_LIMIT * 3 / 2);
+        assert!(matches!(c.poll(c.poll_timeout()), Err(TunnelError::Silent)));
+    }
+
+    #[test]
+    fn shutdown_advises_a_reconnect_soon() {
+        let Message::Reconnect { after_ms, .. } = ProxyControl::shutting_down() else {
+            panic!()
+        };
+        assert_eq!(after_ms, 1000);
+    }
+}
