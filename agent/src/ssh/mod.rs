@@ -12,15 +12,16 @@
 //! - [`process`]: starting programs as the login (privilege drop, PTYs, no leaked descriptors)
 //!   and signalling them safely.
 //! - [`pump`]: moving bytes between the client and the program, within a byte budget.
+//! - [`start`]: starting a session's program and the audit events of its start and end.
 
 mod policy;
 mod process;
 mod pump;
+mod start;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,8 @@ pub use self::policy::{Grant, PermitOpen, check_certificate};
 /// Connections that have not logged in yet, at once, per agent (the tunnels and the local
 /// listener together; sshd's MaxStartups default is 10:30:100).
 const MAX_STARTUPS: usize = 32;
-use self::process::{Io, Login, ProcessGroup, Program, PtySpec};
+use self::process::{Login, ProcessGroup, PtySpec};
+use self::start::Start;
 use crate::identity::Identity;
 
 /// What every SSH connection on this node shares.
@@ -187,161 +189,6 @@ impl NodeHandler {
             fields,
         });
     }
-
-    async fn start(
-        &mut self,
-        id: ChannelId,
-        what: Start,
-        session: &mut Session,
-    ) -> Result<(), russh::Error> {
-        let Some(login) = self.login.clone() else {
-            session.channel_failure(id)?;
-            return Ok(());
-        };
-        let state = self.channels.entry(id).or_default();
-        if state.group.is_some() {
-            // One program per channel, as in OpenSSH.
-            session.channel_failure(id)?;
-            return Ok(());
-        }
-        // A forced command replaces whatever was asked for, subsystems included (as sshd's
-        // ForceCommand does); the program sees the request in SSH_ORIGINAL_COMMAND.
-        let requested = match &what {
-            Start::Shell => None,
-            Start::Exec(c) => Some(c.clone()),
-            Start::Sftp => Some("sftp".to_string()),
-        };
-        let mut env = state.env.clone();
-        let (program, command) = match (&what, &self.force_command) {
-            (_, Some(forced)) => {
-                if let Some(original) = &requested {
-                    env.push(("SSH_ORIGINAL_COMMAND".into(), original.clone()));
-                }
-                (Program::Command(forced), Some(forced.clone()))
-            }
-            (Start::Sftp, None) => (Program::Sftp, None),
-            (Start::Exec(c), None) => (Program::Command(c), Some(c.clone())),
-            (Start::Shell, None) => (Program::Shell, None),
-        };
-        let pty = match program {
-            Program::Sftp => None,
-            _ => state.pty.as_ref(),
-        };
-        let spawned = process::spawn(&login, program, pty, &env);
-        let mut spawned = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(login = %login.name, error = %e, "cannot start the session");
-                session.channel_failure(id)?;
-                return Ok(());
-            }
-        };
-        session.channel_success(id)?;
-        let session_id = format!("{:016x}", rand::random::<u64>());
-        let kind = match &what {
-            Start::Shell => "shell",
-            Start::Exec(_) => "exec",
-            Start::Sftp => "sftp",
-        };
-        state.group = Some(spawned.group.clone());
-        let handle = session.handle();
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
-        state.stdin = Some(tx);
-        let output = match spawned.io {
-            Io::Pty(master) => {
-                let master = Arc::new(master);
-                state.master = Some(master.clone());
-                tokio::spawn(pump::pump_pty(master, rx, handle.clone(), id))
-            }
-            Io::Pipes => {
-                let child = &mut spawned.child;
-                let (stdin, stdout, stderr) =
-                    (child.stdin.take(), child.stdout.take(), child.stderr.take());
-                tokio::spawn(pump::pump_pipes(
-                    stdin,
-                    stdout,
-                    stderr,
-                    rx,
-                    handle.clone(),
-                    id,
-                ))
-            }
-        };
-        let audit = self.audit.clone();
-        let mut fields = Labels::new();
-        for (k, v) in [
-            ("node", self.ctx.node_name.clone()),
-            ("host_id", self.ctx.host_id.clone()),
-            ("client", self.client.clone()),
-            ("user", self.user.clone().unwrap_or_default()),
-            ("login", login.name.clone()),
-            ("session_id", session_id),
-        ] {
-            fields.insert(k.into(), v);
-        }
-        self.event(
-            "session.start",
-            &[
-                ("session_id", fields["session_id"].clone()),
-                ("kind", kind.into()),
-            ],
-        );
-        let (mut child, group) = (spawned.child, spawned.group);
-        tokio::spawn(async move {
-            let status = process::wait(&mut child, &group).await;
-            let _ = output.await;
-            let (code, signal) = match &status {
-                Ok(s) => (s.code(), s.signal()),
-                Err(_) => (Some(255), None),
-            };
-            match (code, signal) {
-                (_, Some(sig)) => {
-                    let _ = handle
-                        .exit_signal_request(
-                            id,
-                            process::signal_name(sig),
-                            false,
-                            String::new(),
-                            String::new(),
-                        )
-                        .await;
-                }
-                (Some(c), None) => {
-                    let _ = handle.exit_status_request(id, c as u32).await;
-                }
-                (None, None) => {}
-            }
-            let _ = handle.eof(id).await;
-            let _ = handle.close(id).await;
-            let exit = code.map_or_else(
-                || format!("signal {}", signal.unwrap_or(0)),
-                |c| c.to_string(),
-            );
-            if let Some(cmd) = command {
-                let mut f = fields.clone();
-                f.insert("command".into(), cmd);
-                f.insert("exit_code".into(), exit.clone());
-                let _ = audit.try_send(AuditEvent {
-                    event: "exec".into(),
-                    time: burrow_daemon::unix_now_ms(),
-                    fields: f,
-                });
-            }
-            fields.insert("exit_code".into(), exit);
-            let _ = audit.try_send(AuditEvent {
-                event: "session.end".into(),
-                time: burrow_daemon::unix_now_ms(),
-                fields,
-            });
-        });
-        Ok(())
-    }
-}
-
-enum Start {
-    Shell,
-    Exec(String),
-    Sftp,
 }
 
 impl russh::server::Handler for NodeHandler {
