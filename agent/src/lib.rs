@@ -115,7 +115,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
-            ssh,
+            dials: ssh,
+            held: tokio::sync::watch::Sender::new(0),
         },
         shutdown,
     )
@@ -129,7 +130,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 }
 
 /// The cluster's host CA certificates from the identity.
-fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, AgentError> {
+pub fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, AgentError> {
     let mut cas = Vec::new();
     for pem in &identity.host_ca_certs {
         cas.extend(tls::parse_certs(pem, "host CA certificate").map_err(unusable)?);
@@ -138,7 +139,7 @@ fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, AgentEr
 }
 
 /// Mutual TLS for tunnels: the node's certificate, and only the cluster's host CA for proxies.
-fn tunnel_tls(
+pub fn tunnel_tls(
     identity: &Identity,
     cas: &[CertificateDer<'static>],
     public_roots: bool,

@@ -49,7 +49,12 @@ pub fn read_yaml_config<T: DeserializeOwned + Default>(path: &Path) -> Result<T,
 
 /// Logs to stderr at info (or debug), unless `RUST_LOG` says otherwise; colours only on a tty.
 pub fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+    init_logging_at(if debug { "debug" } else { "info" });
+}
+
+/// Logs to stderr at `default` (a level or an `EnvFilter` directive), unless `RUST_LOG` says
+/// otherwise; colours only on a tty.
+pub fn init_logging_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -75,6 +80,23 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// Raises this process's soft limit on open files to its hard limit (systemd's default soft
+/// limit is 1,024, and every tunnel holds a descriptor). Returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
 }
 
 /// This host's name, if it has a readable, non-empty one.

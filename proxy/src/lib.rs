@@ -62,6 +62,9 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     ensure_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let proxy_id = proxy_id(&config.data_dir)?;
+    // Every tunnel holds a descriptor: 1,024 (the usual soft limit) is far from a fleet.
+    let open_files = burrow_daemon::raise_fd_limit();
+    tracing::debug!(open_files, "open-file limit");
     let backend: Arc<dyn Backend> = match &config.storage {
         Storage::Redb => Arc::new(RedbBackend::open(&config.data_dir.join(STATE_FILE))?),
         Storage::Etcd(etcd) => Arc::new(EtcdBackend::connect(etcd).await?),

@@ -9,6 +9,8 @@
 //! on TCP it keeps trying QUIC and moves each tunnel back when QUIC reaches its proxy.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,8 +51,34 @@ pub struct PoolConfig {
     pub host_id: String,
     pub node_name: String,
     pub labels: watch::Receiver<Labels>,
-    /// The node's SSH server, for dial streams to port 3022.
-    pub ssh: Arc<crate::ssh::SshContext>,
+    /// What answers dial streams to port 3022: the node's SSH server.
+    pub dials: Arc<dyn DialService>,
+    /// The pool publishes how many tunnels it holds here.
+    pub held: watch::Sender<usize>,
+}
+
+/// What serves a dial stream the proxy opened to port 3022: the node's SSH server in the agent,
+/// an echo or a byte sink in `burrow-bench`'s simulated agents.
+pub trait DialService: Send + Sync + 'static {
+    /// Serves one stream until it ends; `client_addr` is the user's address as the proxy saw it,
+    /// and `audit` carries audit events to the proxy.
+    fn serve(
+        self: Arc<Self>,
+        stream: TunnelStream,
+        client_addr: String,
+        audit: mpsc::Sender<AuditEvent>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+impl DialService for crate::ssh::SshContext {
+    fn serve(
+        self: Arc<Self>,
+        stream: TunnelStream,
+        client_addr: String,
+        audit: mpsc::Sender<AuditEvent>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(crate::ssh::serve(self, stream, client_addr, audit))
+    }
 }
 
 /// The node port dial streams reach the SSH server on.
@@ -166,7 +194,12 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                 }
             }
         }
+        let held = pool.counts().1;
+        config
+            .held
+            .send_if_modified(|h| std::mem::replace(h, held) != held);
     };
+    config.held.send_replace(0);
     pool.release_all();
     for (_, stop) in running.drain() {
         stop.cancel();
@@ -306,7 +339,7 @@ async fn run_tunnel(
     let mut labels = config.labels.clone();
     let mut machine = AgentControl::new(&config.node_name, Instant::now());
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
-    let dials = tokio::spawn(serve_dials(session.clone(), config.ssh.clone(), audit_tx));
+    let dials = tokio::spawn(serve_dials(session.clone(), config.dials.clone(), audit_tx));
     let end = loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
@@ -390,11 +423,11 @@ async fn run_tunnel(
 /// refused with a reason the proxy shows the user.
 async fn serve_dials(
     session: Session,
-    ssh: Arc<crate::ssh::SshContext>,
+    service: Arc<dyn DialService>,
     audit: mpsc::Sender<AuditEvent>,
 ) {
     while let Some(stream) = session.accept().await {
-        let ssh = ssh.clone();
+        let service = service.clone();
         let audit = audit.clone();
         tokio::spawn(async move {
             let mut framed = Framed::new(stream);
@@ -428,7 +461,7 @@ async fn serve_dials(
                 );
                 return;
             }
-            crate::ssh::serve(ssh, stream, client_addr, audit).await;
+            service.serve(stream, client_addr, audit).await;
         });
     }
 }
