@@ -14,6 +14,7 @@ have ssh || need_apt+=(openssh-client)           # the real SSH client in tests
 have curl || need_apt+=(curl)                    # raw HTTP in tests (slow bodies, etcd's gateway)
 have openssl || need_apt+=(openssl)              # a rogue TLS server in tests (s_server)
 [ -x /usr/lib/openssh/sftp-server ] || need_apt+=(openssh-sftp-server)  # scp/sftp on nodes
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # the OpenSSH jump-host baseline in scripts/bench.sh
 have qemu-aarch64-static || need_apt+=(qemu-user-static)  # the ARM agents in tests
 have systemd-analyze || need_apt+=(systemd)          # verifying the units in tests
 have rpm || need_apt+=(rpm)                          # inspecting the .rpm packages
@@ -26,7 +27,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
   # Packages may start their own service; the tests start their own instances on free ports.
-  for svc in etcd haproxy; do
+  for svc in etcd haproxy ssh; do
     $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

@@ -16,5 +16,7 @@ echo "==> cross-building the ARM agents for the qemu tests"
 ./cross/build.sh --agent-only aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads "${BURROW_TEST_THREADS:-4}"
+echo "==> benchmark suite, smoke run (scripts/bench.sh --smoke: works, not how fast)"
+./scripts/bench.sh --smoke
 echo "==> packages: build, inspect, install, upgrade, remove, purge"
 ./scripts/test-packages.sh

@@ -196,7 +196,11 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
             (up + usize::from(n >= args.tunnels_per_agent), tunnels + n)
         });
         let t = tunnels_from.elapsed().as_secs_f64();
-        println!("t={t:.1}s agents_up={up}/{} tunnels={tunnels}", held.len());
+        println!(
+            "t={t:.1}s at_ms={} agents_up={up}/{} tunnels={tunnels}",
+            burrow_daemon::unix_now_ms(),
+            held.len()
+        );
         if up == held.len() && all_up_at.is_none() {
             all_up_at = Some(t);
             println!("all {} agents up in {t:.2}s", held.len());

@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# Burrow's benchmark suite, run on demand (not by CI, which runs `--smoke`). Release builds, all on
+# 127.0.0.1. Every figure is printed beside a baseline measured in the same run, and the results
+# are appended to BENCHMARKS.md with the machine, the command and the date.
+#
+# Usage: scripts/bench.sh [--agents N[,N...]] [--mib M] [--smoke] [--no-write]
+#   --agents   fleet sizes for memory, idle CPU, restart and joins (default 1000)
+#   --mib      MiB per SSH bulk transfer (default 256)
+#   --smoke    seconds-long run: 20 agents, 8 MiB, nothing written (what CI runs)
+#   --no-write print only; do not append to BENCHMARKS.md
+# Needs: openssh-client and openssh-server (sshd for the OpenSSH baseline; run as root for it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+sizes=1000
+mib=256
+settle=10  # seconds after a fleet is up before measuring
+window=20  # seconds of idle CPU measured
+write=true
+smoke=false
+while [ $# -gt 0 ]; do
+  case $1 in
+    --agents) sizes=$2; shift 2 ;;
+    --mib) mib=$2; shift 2 ;;
+    --smoke) smoke=true; sizes=20; mib=8; write=false; settle=1; window=2; shift ;;
+    --no-write) write=false; shift ;;
+    *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
+  esac
+done
+command="scripts/bench.sh $*"
+
+if $smoke; then
+  # The smoke run checks that the suite works, not how fast: a debug build is enough.
+  cargo build --quiet --bins
+  bin=$root/target/debug
+else
+  cargo build --quiet --release --bins
+  bin=$root/target/release
+fi
+
+work=$(mktemp -d /tmp/burrow-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+results=()
+row() { # NAME VALUE BASELINE RATIO
+  results+=("| $1 | $2 | $3 | $4 |")
+  printf '%-58s %-18s %-26s %s\n' "$1" "$2" "$3" "$4"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_for() { # FILE PATTERN SECONDS
+  local deadline=$((SECONDS + $3))
+  while [ $SECONDS -lt "$deadline" ]; do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "timed out waiting for '$2' in $1:" >&2
+  tail -20 "$1" >&2
+  return 1
+}
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+now_ms() { date +%s%3N; }
+
+# Percent of one core used by PID over SECS seconds.
+cpu_pct() {
+  local t0 t1 hz
+  hz=$(getconf CLK_TCK)
+  t0=$(cpu_ticks "$1")
+  sleep "$2"
+  t1=$(cpu_ticks "$1")
+  awk -v d=$((t1 - t0)) -v hz="$hz" -v s="$2" 'BEGIN { printf "%.2f", 100 * d / hz / s }'
+}
+
+proxy_port=$(free_port)
+ssh_port=$(free_port)
+proxy_dir=$work/proxy
+cat >"$work/proxy.yaml" <<YAML
+limits:
+  # Every simulated agent comes from 127.0.0.1: a real fleet comes from many addresses.
+  web_max_connections: 100000
+  web_max_connections_per_source: 100000
+YAML
+start_proxy() {
+  "$bin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$proxy_dir" \
+    --web-listen "127.0.0.1:$proxy_port" --ssh-listen "127.0.0.1:$ssh_port" \
+    --cluster-name bench 2>>"$work/proxy.log" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+}
+ctl() { "$bin/burrowctl" --data-dir "$proxy_dir" "$@"; }
+
+: >"$work/proxy.log"
+start_proxy
+wait_for "$work/proxy.log" "web API listening" 30
+token=$(ctl --format json tokens add --type node --ttl 2h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+
+echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
+printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
+
+# ---- fleet: joins, memory per tunnel, idle CPU, restart -----------------------------------------
+fleet() { # TRANSPORT N
+  local transport=$1 n=$2 out=$work/fleet-$1-$2.out base_rss base_cpu rss cpu up_ms back_ms
+  base_rss=$(rss_kb "$proxy_pid")
+  base_cpu=$(cpu_pct "$proxy_pid" "$window")
+  "$bin/burrow-bench" agents --proxy "127.0.0.1:$proxy_port" --token "$token" --ca-pin "$pin" \
+    --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 \
+    --report-every 250ms >"$out" 2>"$out.err" &
+  local bench_pid=$!
+  pids+=("$bench_pid")
+  wait_for "$out" "all $n agents up" 600
+  if grep -q "^joined [1-9]" "$out"; then
+    local joined rate
+    joined=$(sed -n 's/^joined \([0-9]*\) agents in \([0-9.]*\)s (\([0-9.]*\)\/s).*/\1 in \2 s/p' "$out")
+    rate=$(sed -n 's/^joined .*(\([0-9.]*\)\/s).*/\1/p' "$out")
+    row "joins per second, one proxy ($joined, 16 at once)" "$rate/s" "-" "-"
+  fi
+  sleep "$settle" # let handshakes and first presence writes settle
+  rss=$(rss_kb "$proxy_pid")
+  cpu=$(cpu_pct "$proxy_pid" "$window")
+  row "proxy memory per idle tunnel, $transport, $n tunnels" \
+    "$(((rss - base_rss) / n)) KB" "proxy alone: $((base_rss / 1024)) MB" "target <= 20 KB"
+  row "proxy idle CPU, $transport, $n tunnels" "$cpu % of a core" "no tunnels: $base_cpu %" \
+    "$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.2f %% per 1,000", c * 1000 / n }')"
+
+  # kill -9 and restart: time from the proxy accepting again until every agent is back.
+  kill -9 "$proxy_pid"
+  wait "$proxy_pid" 2>/dev/null || true
+  local mark
+  mark=$(wc -l <"$work/proxy.log")
+  start_proxy
+  local deadline=$((SECONDS + 30))
+  until tail -n +"$((mark + 1))" "$work/proxy.log" | grep -q "web API listening"; do
+    [ $SECONDS -lt $deadline ] || { echo "the proxy did not restart" >&2; exit 1; }
+    sleep 0.02
+  done
+  up_ms=$(now_ms)
+  back_ms=""
+  deadline=$((SECONDS + 120))
+  while [ $SECONDS -lt $deadline ]; do
+    back_ms=$(awk -v since="$up_ms" -v n="$n" '
+      { for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } }
+      f["at_ms"] >= since && f["agents_up"] == n "/" n { print f["at_ms"] - since; exit }' "$out")
+    [ -n "$back_ms" ] && break
+    sleep 0.25
+  done
+  local refused
+  refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" | grep -ciE "refus|overload|timed out" || true)
+  row "every agent back after kill -9 + restart, $transport, $n" \
+    "${back_ms:-never (120 s)} ms" "-" "proxy log lines refused/timed out: $refused"
+  kill "$bench_pid" 2>/dev/null || true
+  wait "$bench_pid" 2>/dev/null || true
+}
+
+for n in ${sizes//,/ }; do
+  fleet tcp "$n"
+  fleet quic "$n"
+done
+
+# ---- SSH bulk: Burrow (proxy + tunnel) vs an OpenSSH jump host ----------------------------------
+bulk_burrow() { # TRANSPORT
+  local node_dir=$work/node-$1
+  "$bin/burrow-agent" start --proxy "127.0.0.1:$proxy_port" --ca-pin "$pin" --token "$token" \
+    --nodename "bulk-$1" --data-dir "$node_dir" --transport "$1" 2>"$work/agent-$1.log" &
+  local agent_pid=$!
+  pids+=("$agent_pid")
+  wait_for "$work/agent-$1.log" "tunnel up" 30
+  local up down
+  up=$(transfer_up "ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$1")
+  down=$(transfer_down "ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$1")
+  kill "$agent_pid"
+  wait "$agent_pid" 2>/dev/null || true
+  echo "$up $down"
+}
+
+# MiB/s of MIB MiB sent to (up) or read from (down) the target of an ssh command line.
+transfer_up() {
+  local t0 t1
+  t0=$(now_ms)
+  head -c "$((mib * 1048576))" /dev/zero | $1 'cat >/dev/null'
+  t1=$(now_ms)
+  awk -v m="$mib" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", m * 1000 / ms }'
+}
+transfer_down() {
+  local t0 t1 got
+  t0=$(now_ms)
+  got=$($1 "head -c $((mib * 1048576)) /dev/zero" | wc -c)
+  t1=$(now_ms)
+  [ "$got" -eq $((mib * 1048576)) ] || { echo "short read: $got bytes" >&2; exit 1; }
+  awk -v m="$mib" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", m * 1000 / ms }'
+}
+
+login=$(id -un)
+ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key" >/dev/null
+ctl auth export --type host >"$work/known_hosts"
+cat >"$work/ssh_config" <<CONFIG
+Host *
+  UserKnownHostsFile $work/known_hosts
+  StrictHostKeyChecking yes
+  IdentityFile $work/key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+
+# The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
+openssh=""
+if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
+  mkdir -p /run/sshd "$work/sshd"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
+  cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
+  jump_port=$(free_port)
+  target_port=$(free_port)
+  for port in "$jump_port" "$target_port"; do
+    /usr/sbin/sshd -D -e -f /dev/null -p "$port" -o ListenAddress=127.0.0.1 \
+      -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
+      -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
+      -o PidFile=none 2>>"$work/sshd.log" &
+    pids+=($!)
+  done
+  sleep 0.5
+  cat >"$work/ssh_config_openssh" <<CONFIG
+Host *
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  IdentityFile $work/sshd/user_key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+  target="ssh -F $work/ssh_config_openssh -J $login@127.0.0.1:$jump_port -p $target_port $login@127.0.0.1"
+  openssh="$(transfer_up "$target") $(transfer_down "$target")"
+fi
+
+for transport in quic tcp; do
+  read -r up down <<<"$(bulk_burrow "$transport")"
+  if [ -n "$openssh" ]; then
+    read -r o_up o_down <<<"$openssh"
+    ratio_up=$(awk -v a="$up" -v b="$o_up" 'BEGIN { printf "%.2fx", a / b }')
+    ratio_down=$(awk -v a="$down" -v b="$o_down" 'BEGIN { printf "%.2fx", a / b }')
+  else
+    o_up="(needs root)"; o_down="(needs root)"; ratio_up="-"; ratio_down="-"
+  fi
+  row "SSH bulk client->node, $transport, $mib MiB" "$up MiB/s" "OpenSSH jump: $o_up MiB/s" "$ratio_up (target >= 0.9x)"
+  row "SSH bulk node->client, $transport, $mib MiB" "$down MiB/s" "OpenSSH jump: $o_down MiB/s" "$ratio_down (target >= 0.9x)"
+done
+
+if $write; then
+  {
+    echo
+    echo "## $(date -u '+%F %H:%M UTC'): \`$command\`"
+    echo
+    echo "Machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r); commit $(git rev-parse --short HEAD)."
+    echo
+    echo "| measure | burrow | baseline | ratio |"
+    echo "| --- | --- | --- | --- |"
+    printf '%s\n' "${results[@]}"
+  } >>BENCHMARKS.md
+  echo "== appended to BENCHMARKS.md"
+fi
