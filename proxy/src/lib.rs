@@ -55,6 +55,8 @@ pub const WEB_ADDR_FILE: &str = "web-addr";
 const STATE_FILE: &str = "state.redb";
 /// File in the data dir holding this proxy's id, stable across restarts.
 const PROXY_ID_FILE: &str = "proxy-id";
+/// The secret behind this proxy's QUIC stateless resets and connection IDs (kept across restarts).
+const QUIC_SECRET_FILE: &str = "quic-secret";
 const BOOTSTRAP_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the proxy until `shutdown` is cancelled.
@@ -112,8 +114,10 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await
     .context("cannot load the proxy list and revocations")?;
-    let quic = burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)))
-        .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
+    let quic_secret = quic_secret(&config.data_dir)?;
+    let quic =
+        burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)), &quic_secret)
+            .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     tracing::info!("QUIC tunnels listening on udp {bound}");
     let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
     let mut tunnel_addrs = Vec::new();
@@ -123,7 +127,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
             .await
             .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
         let bound = listener.local_addr()?;
-        let quic = burrow_tunnel::quic_server_endpoint(bound, tls.clone())
+        let quic = burrow_tunnel::quic_server_endpoint(bound, tls.clone(), &quic_secret)
             .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.
@@ -255,6 +259,28 @@ fn proxy_id(data_dir: &Path) -> anyhow::Result<String> {
     write_private_atomic(&path, format!("{id}\n").as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)
+}
+
+/// The QUIC secret from the data dir, made (random, 0600) the first time. Kept so that a
+/// restarted proxy can reset the connections of the process before it.
+fn quic_secret(data_dir: &Path) -> anyhow::Result<[u8; burrow_tunnel::QUIC_SECRET_LEN]> {
+    let path = data_dir.join(QUIC_SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            if let Ok(secret) = <[u8; burrow_tunnel::QUIC_SECRET_LEN]>::try_from(bytes.as_slice()) {
+                return Ok(secret);
+            }
+            tracing::warn!(path = %path.display(), "the QUIC secret is damaged; making a new one");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+    let mut secret = [0u8; burrow_tunnel::QUIC_SECRET_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| anyhow::anyhow!("no randomness for the QUIC secret"))?;
+    write_private_atomic(&path, &secret)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(secret)
 }
 
 /// Writes the admin identity unless a valid one is already there. The file holds the admin

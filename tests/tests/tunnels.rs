@@ -468,3 +468,29 @@ fn a_hostile_node_cannot_take_the_proxy_down() {
     );
     assert!(!audit.contains("someone-else"), "{audit}");
 }
+
+#[test]
+fn a_quic_agent_learns_at_once_that_its_proxy_restarted_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_dir = dir.path().join("proxy");
+    let mut proxy = Proxy::start(&proxy_dir, &[]);
+    proxy.ready().unwrap();
+    let addr = proxy.web_addr.clone();
+    let data = dir.path().join("agent");
+    let mut agent = start_agent(&proxy, &data, "edge-1", &["--transport", "quic"]);
+    proxy.daemon.kill(); // SIGKILL: no advisory, no close; the agent's QUIC connection looks alive
+    let proxy = Proxy::start_at(&proxy_dir, &addr, &[]);
+    proxy.ready().unwrap();
+    // The restarted proxy knows the old connection IDs and answers the agent's next packet with
+    // a stateless reset the agent can verify: the tunnel ends as reset, not by idle timeout.
+    agent.wait_for("tunnel down");
+    let log = agent.log();
+    assert!(log.contains("reset by peer"), "{log}");
+    eventually(WAIT, || {
+        (agent.log().matches("tunnel up").count() == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agent came back: {}", agent.log()));
+    let id = host_id(&data);
+    eventually(WAIT, || nodes(&proxy).remove(&id))
+        .unwrap_or_else(|| panic!("the node is back in nodes ls"));
+}

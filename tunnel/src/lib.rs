@@ -140,13 +140,15 @@ impl Session {
         }
     }
 
-    /// Resolves when the tunnel is closed, by either side or by a dead path.
-    pub async fn closed(&self) {
+    /// Resolves when the tunnel is closed, by either side or by a dead path, with why (QUIC
+    /// says: "reset by peer" after the peer restarted, "timed out" for a dead path, ...).
+    pub async fn closed(&self) -> String {
         match &self.inner {
-            Inner::Quic(c) => {
-                c.closed().await;
+            Inner::Quic(c) => c.closed().await.to_string(),
+            Inner::Yamux(h) => {
+                h.closed.cancelled().await;
+                "the TCP connection ended".to_string()
             }
-            Inner::Yamux(h) => h.closed.cancelled().await,
         }
     }
 
@@ -374,18 +376,49 @@ pub fn quic_client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::client(bind)
 }
 
+/// How many bytes of secret [`quic_server_endpoint`] takes.
+pub const QUIC_SECRET_LEN: usize = 64;
+
 /// A server endpoint for QUIC tunnels on `addr`.
+///
+/// `secret` is kept by the proxy across restarts: it keys the endpoint's stateless resets and its
+/// connection IDs, so that after a crash and restart the new process recognises the old
+/// connections' IDs and answers an agent's next packet with a reset the agent can verify. The
+/// agent then reconnects at once instead of after its idle timeout.
 pub fn quic_server_endpoint(
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
+    secret: &[u8; QUIC_SECRET_LEN],
 ) -> std::io::Result<quinn::Endpoint> {
+    use ring::hmac;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // An agent opens one stream, its control stream: a second one is refused by QUIC flow
     // control itself, before a byte of it is buffered.
     config.transport_config(Arc::new(transport_config(1)));
-    quinn::Endpoint::server(config, addr)
+
+    let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let derive = |label: &[u8]| hmac::sign(&root, label);
+    let reset_key = hmac::Key::new(
+        hmac::HMAC_SHA256,
+        derive(b"burrow quic stateless reset").as_ref(),
+    );
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derive(b"burrow quic connection id").as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // A fleet whose proxy restarted sends one packet per agent within a keep-alive: answer them
+    // all within seconds (quinn's default, one reset per 20 ms, takes minutes for 10,000). A reset
+    // is always smaller than the packet that incited it, so this amplifies nothing.
+    endpoint.min_reset_interval(Duration::from_micros(100));
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
 }
 
 fn server_name(addr: &str) -> ServerName<'static> {

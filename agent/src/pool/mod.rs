@@ -346,7 +346,10 @@ async fn run_tunnel(
                 let _ = control.write(&Message::goodbye("the agent lets this tunnel go")).await;
                 break None;
             }
-            _ = session.closed() => break None,
+            reason = session.closed() => {
+                tracing::warn!(%proxy_id, %reason, "the tunnel closed");
+                break None;
+            }
             Some(event) = audit_rx.recv() => {
                 if control.write(&Message::Audit(event)).await.is_err() {
                     break None;
