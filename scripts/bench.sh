@@ -111,8 +111,24 @@ echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
 printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
 
 # ---- fleet: joins, memory per tunnel, idle CPU, restart -----------------------------------------
+# Stops the proxy (SIGTERM) and starts it again: a fresh process for the next baseline.
+restart_proxy() {
+  kill "$proxy_pid"
+  wait "$proxy_pid" 2>/dev/null || true
+  local mark
+  mark=$(wc -l <"$work/proxy.log")
+  start_proxy
+  local deadline=$((SECONDS + 30))
+  until tail -n +"$((mark + 1))" "$work/proxy.log" | grep -q "web API listening"; do
+    [ $SECONDS -lt $deadline ] || { echo "the proxy did not restart" >&2; exit 1; }
+    sleep 0.02
+  done
+  sleep 1
+}
+
 fleet() { # TRANSPORT N
   local transport=$1 n=$2 out=$work/fleet-$1-$2.out base_rss base_cpu rss cpu up_ms back_ms
+  restart_proxy # memory a process freed stays in its heap: each fleet gets a fresh proxy
   base_rss=$(rss_kb "$proxy_pid")
   base_cpu=$(cpu_pct "$proxy_pid" "$window")
   "$bin/burrow-bench" agents --proxy "127.0.0.1:$proxy_port" --token "$token" --ca-pin "$pin" \
