@@ -4,7 +4,7 @@
 # are appended to BENCHMARKS.md with the machine, the command and the date.
 #
 # Usage: scripts/bench.sh [--agents N[,N...]] [--mib M] [--smoke] [--no-write]
-#   --agents   fleet sizes for memory, idle CPU, restart and joins (default 1000)
+#   --agents   fleet sizes for memory, idle CPU, restart and joins (default 1000; 0: no fleet)
 #   --mib      MiB per SSH bulk transfer (default 256)
 #   --smoke    seconds-long run: 20 agents, 8 MiB, nothing written (what CI runs)
 #   --no-write print only; do not append to BENCHMARKS.md
@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+command="scripts/bench.sh $*"
 sizes=1000
 mib=256
 settle=10  # seconds after a fleet is up before measuring
@@ -28,7 +29,6 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
   esac
 done
-command="scripts/bench.sh $*"
 
 if $smoke; then
   # The smoke run checks that the suite works, not how fast: a debug build is enough.
@@ -181,6 +181,7 @@ fleet() { # TRANSPORT N
 }
 
 for n in ${sizes//,/ }; do
+  [ "$n" -gt 0 ] || continue
   fleet tcp "$n"
   fleet quic "$n"
 done

@@ -119,7 +119,17 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)), &quic_secret)
             .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     tracing::info!("QUIC tunnels listening on udp {bound}");
-    let quic_task = tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
+    // QUIC handshakes in progress count as the web port's connections do (their own count).
+    let quic_handshakes = ratelimit::ConnectionGate::new(
+        config.limits.web_max_connections,
+        config.limits.web_max_connections_per_source,
+    );
+    let quic_task = tokio::spawn(tunnel::serve_quic(
+        quic,
+        quic_handshakes,
+        tunnels.clone(),
+        shutdown.clone(),
+    ));
     let mut tunnel_addrs = Vec::new();
     if let Some(addr) = config.tunnel_listen {
         let tls = Arc::new(tunnel_tls_config(&auth.authorities, &config)?);
@@ -138,11 +148,16 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tokio::spawn(tunnel::serve_tcp(
             listener,
             tls,
+            handshakes.clone(),
+            tunnels.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(tunnel::serve_quic(
+            quic,
             handshakes,
             tunnels.clone(),
             shutdown.clone(),
         ));
-        tokio::spawn(tunnel::serve_quic(quic, tunnels.clone(), shutdown.clone()));
         tunnel_addrs = advertised_tunnel_addrs(config.public_addr.as_deref(), bound);
     } else if let Some(public) = &config.public_addr {
         // Tunnels share the web port: the public address (a balancer, usually) as it is.

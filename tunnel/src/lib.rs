@@ -62,6 +62,9 @@ pub enum TransportError {
     Stream(String),
 }
 
+/// Why a TLS + yamux tunnel closed, as far as it can tell.
+const YAMUX_CLOSED: &str = "the TCP connection ended";
+
 /// An authenticated, multiplexed tunnel.
 #[derive(Clone)]
 pub struct Session {
@@ -147,8 +150,16 @@ impl Session {
             Inner::Quic(c) => c.closed().await.to_string(),
             Inner::Yamux(h) => {
                 h.closed.cancelled().await;
-                "the TCP connection ended".to_string()
+                YAMUX_CLOSED.to_string()
             }
+        }
+    }
+
+    /// Why the tunnel closed, once it has (what [`Self::closed`] resolves to).
+    pub fn close_reason(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Quic(c) => c.close_reason().map(|e| e.to_string()),
+            Inner::Yamux(h) => h.closed.is_cancelled().then(|| YAMUX_CLOSED.to_string()),
         }
     }
 
@@ -468,7 +479,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub fn new(stream: S) -> Self {
         Self {
             stream,
-            buf: BytesMut::with_capacity(4096),
+            // Control messages are small; the buffer grows for a large one. Every tunnel holds
+            // one at each end, so its idle size counts at 10,000 tunnels.
+            buf: BytesMut::with_capacity(512),
         }
     }
 

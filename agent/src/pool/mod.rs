@@ -391,7 +391,12 @@ async fn run_tunnel(
             },
             Ok(None) => break None,
             Err(e) => {
-                tracing::warn!(%proxy_id, error = %e, "the control stream failed");
+                // The tunnel's own reason ("reset by peer", "timed out") says more than the
+                // stream's "connection lost".
+                match session.close_reason() {
+                    Some(reason) => tracing::warn!(%proxy_id, %reason, "the tunnel closed"),
+                    None => tracing::warn!(%proxy_id, error = %e, "the control stream failed"),
+                }
                 break None;
             }
         }

@@ -17,9 +17,13 @@ pub fn is_tunnel_alpn(alpn: Option<&[u8]>) -> bool {
     alpn == Some(tunnel_proto::wire::ALPN_TUNNEL)
 }
 
-/// Accepts QUIC tunnels on `endpoint` until shutdown.
+/// Accepts QUIC tunnels on `endpoint` until shutdown. Handshakes in progress count against
+/// `handshakes`, as TLS ones do: over its limits a new one is refused at once (the agent backs off
+/// and tries again) instead of queueing until it times out, which also keeps a fleet that returns
+/// all at once, or a flood of QUIC Initials, from holding unbounded handshake state.
 pub async fn serve_quic(
     endpoint: quinn::Endpoint,
+    handshakes: Arc<ConnectionGate>,
     server: Arc<TunnelServer>,
     shutdown: CancellationToken,
 ) {
@@ -31,10 +35,17 @@ pub async fn serve_quic(
                 None => break,
             },
         };
+        let remote: SocketAddr = incoming.remote_address();
+        let Some(place) = handshakes.enter(remote.ip()) else {
+            tracing::debug!(peer = %remote, "QUIC handshake refused: too many in progress");
+            incoming.refuse();
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
-            let remote: SocketAddr = incoming.remote_address();
-            match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+            let handshake = tokio::time::timeout(HELLO_TIMEOUT, incoming).await;
+            drop(place);
+            match handshake {
                 Ok(Ok(conn)) => server.accept(Session::from_quic(conn)),
                 Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "QUIC handshake failed"),
                 Err(_) => tracing::debug!(peer = %remote, "QUIC handshake timed out"),
