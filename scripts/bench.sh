@@ -111,10 +111,8 @@ echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
 printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
 
 # ---- fleet: joins, memory per tunnel, idle CPU, restart -----------------------------------------
-# Stops the proxy (SIGTERM) and starts it again: a fresh process for the next baseline.
-restart_proxy() {
-  kill "$proxy_pid"
-  wait "$proxy_pid" 2>/dev/null || true
+# Starts the proxy again after its process ended; returns once it is listening.
+start_proxy_again() {
   local mark
   mark=$(wc -l <"$work/proxy.log")
   start_proxy
@@ -123,6 +121,13 @@ restart_proxy() {
     [ $SECONDS -lt $deadline ] || { echo "the proxy did not restart" >&2; exit 1; }
     sleep 0.02
   done
+}
+
+# Stops the proxy (SIGTERM) and starts it again: a fresh process for the next baseline.
+restart_proxy() {
+  kill "$proxy_pid"
+  wait "$proxy_pid" 2>/dev/null || true
+  start_proxy_again
   sleep 1
 }
 
@@ -156,15 +161,10 @@ fleet() { # TRANSPORT N
   wait "$proxy_pid" 2>/dev/null || true
   local mark
   mark=$(wc -l <"$work/proxy.log")
-  start_proxy
-  local deadline=$((SECONDS + 30))
-  until tail -n +"$((mark + 1))" "$work/proxy.log" | grep -q "web API listening"; do
-    [ $SECONDS -lt $deadline ] || { echo "the proxy did not restart" >&2; exit 1; }
-    sleep 0.02
-  done
+  start_proxy_again
   up_ms=$(now_ms)
   back_ms=""
-  deadline=$((SECONDS + 120))
+  local deadline=$((SECONDS + 120))
   while [ $SECONDS -lt $deadline ]; do
     back_ms=$(awk -v since="$up_ms" -v n="$n" '
       { for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } }

@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use burrow_agent::config::{AgentConfig, Cli, Command, SAMPLE_CONFIG};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -26,21 +25,14 @@ fn main() -> ExitCode {
     };
     burrow_daemon::init_logging(config.debug);
     // One thread is plenty for an agent, and keeps its footprint small.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let threads = burrow_daemon::Threads::One;
+    match burrow_daemon::run_until_signal(threads, |shutdown| burrow_agent::run(config, shutdown)) {
         Err(e) => {
             eprintln!("burrow-agent: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
-    };
-    let shutdown = CancellationToken::new();
-    runtime.spawn(burrow_daemon::cancel_on_signal(shutdown.clone()));
-    match runtime.block_on(burrow_agent::run(config, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("burrow-agent: {e}");
             ExitCode::from(e.exit_code())
         }

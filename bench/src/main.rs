@@ -96,19 +96,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Thousands of agents: only their warnings and errors (RUST_LOG overrides).
     burrow_daemon::init_logging_at("warn");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+    let Command::Agents(args) = cli.command;
+    let threads = burrow_daemon::Threads::PerCore;
+    match burrow_daemon::run_until_signal(threads, |shutdown| agents(args, shutdown)) {
         Err(e) => {
             eprintln!("burrow-bench: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
-    };
-    let shutdown = CancellationToken::new();
-    runtime.spawn(burrow_daemon::cancel_on_signal(shutdown.clone()));
-    let Command::Agents(args) = cli.command;
-    match runtime.block_on(agents(args, shutdown)) {
-        Ok(code) => code,
-        Err(e) => {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("burrow-bench: {e:#}");
             ExitCode::from(1)
         }

@@ -64,6 +64,33 @@ pub fn init_logging_at(default: &str) {
         .init();
 }
 
+/// How many threads a daemon's runtime has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One thread (the agent: small footprint).
+    One,
+    /// One per core (the proxy).
+    PerCore,
+}
+
+/// Runs `main` on a tokio runtime until it returns, with a shutdown token that the first SIGTERM
+/// or SIGINT cancels. `Err`: the runtime could not start.
+pub fn run_until_signal<F, Fut>(threads: Threads, main: F) -> std::io::Result<Fut::Output>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future,
+{
+    let runtime = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    let shutdown = CancellationToken::new();
+    runtime.spawn(cancel_on_signal(shutdown.clone()));
+    Ok(runtime.block_on(main(shutdown)))
+}
+
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
 pub async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};

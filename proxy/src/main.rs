@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use burrow_proxy::config::{Cli, Command, ProxyConfig, SAMPLE_CONFIG};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,18 +24,14 @@ fn main() -> ExitCode {
         }
     };
     burrow_daemon::init_logging(config.debug);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+    let threads = burrow_daemon::Threads::PerCore;
+    match burrow_daemon::run_until_signal(threads, |shutdown| burrow_proxy::run(config, shutdown)) {
         Err(e) => {
             eprintln!("burrow-proxy: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
-    };
-    let shutdown = CancellationToken::new();
-    runtime.spawn(burrow_daemon::cancel_on_signal(shutdown.clone()));
-    match runtime.block_on(burrow_proxy::run(config, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             tracing::error!("{e:#}");
             eprintln!("burrow-proxy: {e:#}");
             ExitCode::from(1)

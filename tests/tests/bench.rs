@@ -6,29 +6,34 @@ use std::process::{Command, Stdio};
 
 use burrow_tests::*;
 
-fn bench(proxy: &Proxy, data: &std::path::Path, transport: &str, count: &str) -> (String, bool) {
+/// `burrow-bench agents` for `count` agents of `proxy` kept in `data`, with a fresh token.
+fn agents_args(proxy: &Proxy, data: &std::path::Path, count: &str) -> Vec<String> {
+    let data = data.to_str().unwrap();
     let token = proxy.node_token(&[]);
+    let args = [
+        "agents",
+        "--proxy",
+        &proxy.web_addr,
+        "--token",
+        &token,
+        "--ca-pin",
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend([
+        proxy.pin(),
+        "--count".into(),
+        count.into(),
+        "--data-dir".into(),
+        data.into(),
+    ]);
+    args
+}
+
+fn bench(proxy: &Proxy, data: &std::path::Path, transport: &str, count: &str) -> (String, bool) {
     let out = bin("burrow-bench")
-        .args([
-            "agents",
-            "--proxy",
-            &proxy.web_addr,
-            "--token",
-            &token,
-            "--ca-pin",
-            &proxy.pin(),
-            "--count",
-            count,
-            "--transport",
-            transport,
-            "--report-every",
-            "200ms",
-            "--run-for",
-            "60s",
-            "--exit-when-up",
-        ])
-        .arg("--data-dir")
-        .arg(data)
+        .args(agents_args(proxy, data, count))
+        .args(["--transport", transport, "--report-every", "200ms"])
+        .args(["--run-for", "60s", "--exit-when-up"])
         .output()
         .unwrap();
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
@@ -72,26 +77,12 @@ fn simulated_agents_answer_dials_through_the_jump_host_with_an_echo() {
         .wait_for("SSH jump host listening on ")
         .trim()
         .to_string();
-    let token = proxy.node_token(&[]);
     // The reports go to stdout; the harness reads stderr.
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "exec \"$0\" \"$@\" 1>&2"])
         .arg(bin_dir().join("burrow-bench"))
-        .args([
-            "agents",
-            "--proxy",
-            &proxy.web_addr,
-            "--token",
-            &token,
-            "--ca-pin",
-            &proxy.pin(),
-            "--count",
-            "3",
-            "--serve",
-            "echo",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("agents"));
+        .args(agents_args(&proxy, &dir.path().join("agents"), "3"))
+        .args(["--serve", "echo"]);
     let mut agents = Daemon::spawn(cmd, "burrow-bench");
     agents.wait_for("all 3 agents up in");
     let listed = nodes(&proxy);
