@@ -4,7 +4,8 @@
 # are appended to BENCHMARKS.md with the machine, the command and the date.
 #
 # Usage: scripts/bench.sh [--agents N[,N...]] [--mib M] [--smoke] [--no-write]
-#   --agents   fleet sizes for memory, idle CPU, restart and joins (default 1000; 0: no fleet)
+#   --agents   fleet sizes for memory, idle CPU, dial latency, restart and joins (default 1000;
+#              0: no fleet)
 #   --mib      MiB per SSH bulk transfer (default 256)
 #   --smoke    seconds-long run: 20 agents, 8 MiB, nothing written (what CI runs)
 #   --no-write print only; do not append to BENCHMARKS.md
@@ -42,8 +43,10 @@ fi
 work=$(mktemp -d /tmp/burrow-bench.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  {
+    for p in "${pids[@]}"; do kill -9 "$p" || true; done
+    wait || true
+  } 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -110,6 +113,70 @@ pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
 echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
 printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
 
+login=$(id -un)
+ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key" >/dev/null
+ctl auth export --type host >"$work/known_hosts"
+cat >"$work/ssh_config" <<CONFIG
+Host *
+  UserKnownHostsFile $work/known_hosts
+  StrictHostKeyChecking yes
+  IdentityFile $work/key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+
+# The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
+openssh_servers=false
+if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
+  mkdir -p /run/sshd "$work/sshd"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
+  cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
+  jump_port=$(free_port)
+  target_port=$(free_port)
+  for port in "$jump_port" "$target_port"; do
+    /usr/sbin/sshd -D -e -f /dev/null -p "$port" -o ListenAddress=127.0.0.1 \
+      -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
+      -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
+      -o PidFile=none 2>>"$work/sshd.log" &
+    pids+=($!)
+  done
+  sleep 0.5
+  openssh_servers=true
+  cat >"$work/ssh_config_openssh" <<CONFIG
+Host *
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  IdentityFile $work/sshd/user_key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+fi
+
+
+# p50 and p99, in ms, of $dials dials through a jump host over one SSH connection (ControlMaster):
+# each `ssh -W` opens a channel to TARGET (a command printing a host:port) and waits for its banner.
+dials=200
+$smoke && dials=10
+dial_latency() { # SSH_CONFIG JUMP(user@host) PORT TARGET_COMMAND
+  local sock=$work/mux.sock times=$work/dial-times
+  ssh -F "$1" -o ControlMaster=yes -o ControlPath="$sock" -o ControlPersist=no -f -N -p "$3" "$2"
+  : >"$times"
+  for _ in $(seq 1 "$dials"); do
+    local target t0 t1
+    target=$($4)
+    t0=$(date +%s%N)
+    ssh -F "$1" -S "$sock" -W "$target" "$2" </dev/null 2>/dev/null | head -c 4 >/dev/null
+    t1=$(date +%s%N)
+    echo $(((t1 - t0) / 1000)) >>"$times"
+  done
+  ssh -F "$1" -S "$sock" -O exit "$2" 2>/dev/null || true
+  sort -n "$times" | awk '{ v[NR] = $1 } END {
+    printf "%.1f %.1f", v[int(NR * 0.5 + 0.5)] / 1000, v[int(NR * 0.99 + 0.5)] / 1000 }'
+}
+
 # ---- fleet: joins, memory per tunnel, idle CPU, restart -----------------------------------------
 # Starts the proxy again after its process ended; returns once it is listening.
 start_proxy_again() {
@@ -137,7 +204,7 @@ fleet() { # TRANSPORT N
   base_rss=$(rss_kb "$proxy_pid")
   base_cpu=$(cpu_pct "$proxy_pid" "$window")
   "$bin/burrow-bench" agents --proxy "127.0.0.1:$proxy_port" --token "$token" --ca-pin "$pin" \
-    --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 \
+    --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 --serve banner \
     --report-every 250ms >"$out" 2>"$out.err" &
   local bench_pid=$!
   pids+=("$bench_pid")
@@ -155,6 +222,18 @@ fleet() { # TRANSPORT N
     "$(((rss - base_rss) / n)) KB" "proxy alone: $((base_rss / 1024)) MB" "target <= 20 KB"
   row "proxy idle CPU, $transport, $n tunnels" "$cpu % of a core" "no tunnels: $base_cpu %" \
     "$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.2f %% per 1,000", c * 1000 / n }')"
+
+  local dial base
+  random_agent() { echo "bench-$((RANDOM % n)):3022"; }
+  dial=$(dial_latency "$work/ssh_config" "$login@127.0.0.1" "$ssh_port" random_agent)
+  base="-"
+  if $openssh_servers; then
+    openssh_target() { echo "127.0.0.1:$target_port"; }
+    base=$(dial_latency "$work/ssh_config_openssh" "$login@127.0.0.1" "$jump_port" openssh_target)
+    base="OpenSSH jump: ${base% *} / ${base#* } ms"
+  fi
+  row "dial to the node's banner p50 / p99, $transport, $n tunnels" "${dial% *} / ${dial#* } ms" \
+    "$base" "$dials dials, one SSH connection"
 
   # kill -9 and restart: time from the proxy accepting again until every agent is back.
   kill -9 "$proxy_pid"
@@ -219,49 +298,11 @@ transfer_down() {
   awk -v m="$mib" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", m * 1000 / ms }'
 }
 
-login=$(id -un)
-ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key" >/dev/null
-ctl auth export --type host >"$work/known_hosts"
-cat >"$work/ssh_config" <<CONFIG
-Host *
-  UserKnownHostsFile $work/known_hosts
-  StrictHostKeyChecking yes
-  IdentityFile $work/key
-  IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-CONFIG
-
-# The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
 openssh=""
-if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
-  mkdir -p /run/sshd "$work/sshd"
-  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
-  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
-  cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
-  jump_port=$(free_port)
-  target_port=$(free_port)
-  for port in "$jump_port" "$target_port"; do
-    /usr/sbin/sshd -D -e -f /dev/null -p "$port" -o ListenAddress=127.0.0.1 \
-      -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
-      -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
-      -o PidFile=none 2>>"$work/sshd.log" &
-    pids+=($!)
-  done
-  sleep 0.5
-  cat >"$work/ssh_config_openssh" <<CONFIG
-Host *
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  IdentityFile $work/sshd/user_key
-  IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-CONFIG
+if $openssh_servers; then
   target="ssh -F $work/ssh_config_openssh -J $login@127.0.0.1:$jump_port -p $target_port $login@127.0.0.1"
   openssh="$(transfer_up "$target") $(transfer_down "$target")"
 fi
-
 for transport in quic tcp; do
   read -r up down <<<"$(bulk_burrow "$transport")"
   if [ -n "$openssh" ]; then

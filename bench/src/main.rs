@@ -86,6 +86,8 @@ struct AgentsArgs {
 enum Serve {
     /// Sends back every byte.
     Echo,
+    /// Sends an SSH-style banner line, then echoes (for dial latency).
+    Banner,
     /// Reads and drops every byte.
     Sink,
     /// Sends zeros until the client closes.
@@ -142,6 +144,7 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
 
     let service: Arc<dyn DialService> = match args.serve {
         Serve::Echo => Arc::new(serve::Echo),
+        Serve::Banner => Arc::new(serve::Banner),
         Serve::Sink => Arc::new(serve::Sink),
         Serve::Source => Arc::new(serve::Source),
     };

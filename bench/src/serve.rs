@@ -30,6 +30,28 @@ impl DialService for Echo {
     }
 }
 
+/// Says an SSH-style banner first, as the node's SSH server does, then echoes: what a dial's
+/// latency is measured to.
+pub struct Banner;
+
+/// The line [`Banner`] sends on every dial.
+pub const BANNER: &[u8] = b"SSH-2.0-burrow-bench\r\n";
+
+impl DialService for Banner {
+    fn serve(
+        self: Arc<Self>,
+        mut stream: TunnelStream,
+        client: String,
+        audit: mpsc::Sender<AuditEvent>,
+    ) -> Served {
+        Box::pin(async move {
+            if stream.write_all(BANNER).await.is_ok() && stream.flush().await.is_ok() {
+                Arc::new(Echo).serve(stream, client, audit).await;
+            }
+        })
+    }
+}
+
 /// Reads and drops every byte.
 pub struct Sink;
 
