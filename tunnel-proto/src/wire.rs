@@ -28,9 +28,12 @@ pub enum Message {
     Hello(Hello),
     /// Proxy -> agent, the answer to `Hello`.
     Welcome(Welcome),
-    /// Proxy -> agent, whenever the set of live proxies changes.
+    /// Proxy -> agent, whenever the set of live proxies or the return window changes.
     Proxies {
         proxies: Vec<ProxyEntry>,
+        /// See [`Welcome::return_window_ms`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        return_window_ms: Option<u64>,
     },
     /// Agent -> proxy, periodically.
     Heartbeat(Heartbeat),
@@ -140,6 +143,11 @@ pub struct Welcome {
     pub proxy_id: String,
     /// Every live proxy of the cluster, this one included.
     pub proxies: Vec<ProxyEntry>,
+    /// How long this proxy's agents should spread their return over when they lose it without
+    /// an advisory (it crashed): each waits a random part of it, so a restarted proxy takes its
+    /// fleet back at a rate it can handshake. Grows with the tunnels it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_window_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -229,8 +237,12 @@ mod tests {
                     ProxyEntry { id: "p1".into() },
                     ProxyEntry { id: "p2".into() },
                 ],
+                return_window_ms: None,
             }),
-            Message::Proxies { proxies: vec![] },
+            Message::Proxies {
+                proxies: vec![],
+                return_window_ms: Some(1500),
+            },
             Message::Heartbeat(Heartbeat {
                 node_name: "pi".into(),
                 labels: Labels::new(),
@@ -319,5 +331,29 @@ mod tests {
         let older: Message = serde_json::from_slice(br#"{"type":"goodbye","reason":"r"}"#).unwrap();
         assert_eq!(older, Message::goodbye("r"));
         assert!(Refusal::Revoked.is_permanent() && !Refusal::Overloaded.is_permanent());
+    }
+
+    #[test]
+    fn the_return_window_is_optional_both_ways() {
+        // From an older proxy: no window; an older agent ignores the field it does not know.
+        let older: Message =
+            serde_json::from_slice(br#"{"type":"proxies","proxies":[{"id":"p"}]}"#).unwrap();
+        let Message::Proxies {
+            return_window_ms, ..
+        } = older
+        else {
+            panic!("{older:?}")
+        };
+        assert_eq!(return_window_ms, None);
+        let mut out = Vec::new();
+        encode(
+            &Message::Proxies {
+                proxies: vec![],
+                return_window_ms: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("return_window"));
     }
 }

@@ -47,6 +47,11 @@ pub fn answer_to_hello(answer: Option<Message>) -> Result<Welcome, DialFailure> 
     }
 }
 
+/// A proxy's return window, within the bound the agent accepts.
+fn window(ms: u64) -> Duration {
+    Duration::from_millis(ms).min(MAX_RECONNECT_AFTER)
+}
+
 /// Why the agent ends a tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -83,14 +88,22 @@ pub enum Step {
 pub struct AgentControl {
     node_name: String,
     liveness: Liveness,
+    return_window: Option<Duration>,
 }
 
 impl AgentControl {
-    pub fn new(node_name: &str, now: Instant) -> Self {
+    /// A session the proxy welcomed with `welcome`.
+    pub fn new(node_name: &str, welcome: &Welcome, now: Instant) -> Self {
         Self {
             node_name: node_name.to_string(),
             liveness: Liveness::new(now),
+            return_window: welcome.return_window_ms.map(window),
         }
+    }
+
+    /// The window the proxy last asked its agents to spread their return over.
+    pub fn return_window(&self) -> Option<Duration> {
+        self.return_window
     }
 
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Step {
@@ -99,7 +112,15 @@ impl AgentControl {
                 self.liveness.pong(now);
                 Step::Nothing
             }
-            Message::Proxies { proxies } => Step::Proxies(proxies),
+            Message::Proxies {
+                proxies,
+                return_window_ms,
+            } => {
+                if let Some(ms) = return_window_ms {
+                    self.return_window = Some(window(ms));
+                }
+                Step::Proxies(proxies)
+            }
             Message::Reconnect { reason, after_ms } => Step::End(End::Reconnect {
                 reason,
                 after: Duration::from_millis(after_ms).min(MAX_RECONNECT_AFTER),
@@ -148,13 +169,18 @@ mod tests {
 
     use super::*;
 
-    fn welcome(protocol: u16) -> Message {
-        Message::Welcome(Welcome {
+    fn welcome_of(protocol: u16) -> Welcome {
+        Welcome {
             protocol,
             version: "9.9.9".into(),
             proxy_id: "p1".into(),
             proxies: vec![ProxyEntry { id: "p1".into() }],
-        })
+            return_window_ms: Some(2048),
+        }
+    }
+
+    fn welcome(protocol: u16) -> Message {
+        Message::Welcome(welcome_of(protocol))
     }
 
     #[test]
@@ -208,21 +234,25 @@ mod tests {
     #[test]
     fn proxy_messages_feed_the_pool_or_end_the_tunnel() {
         let now = Instant::now();
-        let mut c = AgentControl::new("n1", now);
+        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), now);
         assert_eq!(
             c.handle_message(now, Message::Pong { seq: 1 }),
             Step::Nothing
         );
         let list = vec![ProxyEntry { id: "p2".into() }];
-        assert_eq!(
-            c.handle_message(
-                now,
-                Message::Proxies {
-                    proxies: list.clone()
-                }
-            ),
-            Step::Proxies(list)
-        );
+        let update = Message::Proxies {
+            proxies: list.clone(),
+            return_window_ms: None,
+        };
+        assert_eq!(c.handle_message(now, update), Step::Proxies(list.clone()));
+        // The window comes with the welcome, and later updates replace it (capped at a minute).
+        assert_eq!(c.return_window(), Some(Duration::from_millis(2048)));
+        let update = Message::Proxies {
+            proxies: list,
+            return_window_ms: Some(u64::MAX),
+        };
+        c.handle_message(now, update);
+        assert_eq!(c.return_window(), Some(MAX_RECONNECT_AFTER));
         let Step::End(end) = c.handle_message(
             now,
             Message::Reconnect {
@@ -259,7 +289,7 @@ mod tests {
     #[test]
     fn an_unanswered_control_session_pings_heartbeats_and_then_dies() {
         let start = Instant::now();
-        let mut c = AgentControl::new("n1", start);
+        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), start);
         let mut sent = Vec::new();
         let (end, now) = loop {
             let now = c.poll_timeout();
@@ -277,7 +307,7 @@ mod tests {
     #[test]
     fn a_label_change_heartbeat_postpones_the_periodic_one() {
         let start = Instant::now();
-        let mut c = AgentControl::new("n1", start);
+        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), start);
         let mut labels = Labels::new();
         labels.insert("env".into(), "prod".into());
         let Message::Heartbeat(hb) = c.labels_changed(start + Duration::from_secs(9), labels)

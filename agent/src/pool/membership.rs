@@ -87,6 +87,16 @@ pub enum Decision {
     GiveUp { reason: String },
 }
 
+/// What a proxy told the agent about coming back, when one of its tunnels ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Advice {
+    /// The proxy's reconnect advisory (it shut down cleanly): come back after about this.
+    pub reconnect_after: Option<Duration>,
+    /// The window the proxy last asked its agents to spread their return over, for a loss
+    /// without an advisory (it crashed).
+    pub return_window: Option<Duration>,
+}
+
 /// What the pool reports for the log, alongside a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
@@ -258,25 +268,34 @@ impl Membership {
             .collect()
     }
 
-    /// A tunnel ended, with the proxy's reconnect advisory if it gave one. Returns whether it
-    /// was the tunnel held for that proxy (a replaced or released one is already forgotten).
+    /// A tunnel ended, with what its proxy advised. Returns whether it was the tunnel held for
+    /// that proxy (a replaced or released one is already forgotten).
     pub fn handle_closed(
         &mut self,
         now: Instant,
         proxy_id: &str,
         tunnel: u64,
-        reconnect_after: Option<Duration>,
+        advice: Advice,
     ) -> bool {
         if self.held.get(proxy_id).is_none_or(|h| h.tunnel != tunnel) {
             return false;
         }
         self.held.remove(proxy_id);
-        let delay = match reconnect_after {
+        let delay = match advice.reconnect_after {
             // The proxy asked for it (it is restarting): come back after a jittered wait.
             Some(after) => after
                 .min(MAX_RECONNECT_AFTER)
                 .mul_f64(0.5 + rand::random::<f64>()),
-            None => self.backoff.next_delay().0,
+            // Lost without a word: back off, and spread over the proxy's window, so that a
+            // whole fleet does not return to a restarted proxy in the same second.
+            None => {
+                let backoff = self.backoff.next_delay().0;
+                let window = advice
+                    .return_window
+                    .unwrap_or_default()
+                    .min(MAX_RECONNECT_AFTER);
+                backoff.max(window.mul_f64(rand::random::<f64>()))
+            }
         };
         self.next_dial = self.next_dial.max(now + delay);
         true
@@ -317,6 +336,13 @@ mod tests {
                 proxies: proxies(list),
             }),
             quic_failed: false,
+        }
+    }
+
+    fn advised(after: Duration) -> Advice {
+        Advice {
+            reconnect_after: Some(after),
+            return_window: None,
         }
     }
 
@@ -447,7 +473,7 @@ mod tests {
             }
         );
         // The released tunnel's end is not a loss: no reconnect is scheduled for it.
-        assert!(!m.handle_closed(now, "b", 2, None));
+        assert!(!m.handle_closed(now, "b", 2, Advice::default()));
         assert_eq!(m.poll_dial(now), None);
     }
 
@@ -504,7 +530,7 @@ mod tests {
         );
         assert_eq!(m.take_notes(), [Note::QuicBack]);
         // The replaced tunnel's end changes nothing; on QUIC no retry is due any more.
-        assert!(!m.handle_closed(now, "a", 1, None));
+        assert!(!m.handle_closed(now, "a", 1, Advice::default()));
         assert_eq!(m.poll_dial(now + QUIC_RETRY_EVERY * 3), None);
     }
 
@@ -573,7 +599,7 @@ mod tests {
         let mut m = Membership::new(TransportMode::Tcp, now);
         dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
         let after = Duration::from_secs(2);
-        assert!(m.handle_closed(now, "a", 1, Some(after)));
+        assert!(m.handle_closed(now, "a", 1, advised(after)));
         let wait = m.poll_timeout(now) - now;
         assert!(wait >= after / 2 && wait <= after * 3 / 2, "{wait:?}");
         assert_eq!(m.poll_dial(now + wait / 2), None, "not before the advisory");
@@ -585,7 +611,40 @@ mod tests {
         let mut now = Instant::now();
         let mut m = Membership::new(TransportMode::Tcp, now);
         dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
-        assert!(m.handle_closed(now, "a", 1, Some(Duration::from_secs(86_400))));
+        assert!(m.handle_closed(now, "a", 1, advised(Duration::from_secs(86_400))));
         assert!(m.poll_timeout(now) - now <= MAX_RECONNECT_AFTER * 3 / 2);
+    }
+
+    #[test]
+    fn a_fleet_losing_its_proxy_spreads_its_return_over_the_proxys_window() {
+        let window = Duration::from_millis(16_384);
+        let mut waits = Vec::new();
+        for _ in 0..1000 {
+            let mut now = Instant::now();
+            let mut m = Membership::new(TransportMode::Tcp, now);
+            dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
+            let lost = Advice {
+                reconnect_after: None,
+                return_window: Some(window),
+            };
+            assert!(m.handle_closed(now, "a", 1, lost));
+            waits.push(m.poll_timeout(now) - now);
+        }
+        assert!(
+            waits.iter().all(|w| *w <= window),
+            "a wait beyond the window"
+        );
+        // Spread over the whole window, not bunched in the first backoff (0-0.5 s).
+        let late = waits.iter().filter(|w| **w > window / 2).count();
+        assert!(
+            late > 350 && late < 650,
+            "{late} of 1000 in the second half"
+        );
+        // Without a window, the first backoff step (at most 0.5 s) is all the agent waits.
+        let mut now = Instant::now();
+        let mut m = Membership::new(TransportMode::Tcp, now);
+        dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
+        assert!(m.handle_closed(now, "a", 1, Advice::default()));
+        assert!(m.poll_timeout(now) - now <= Duration::from_millis(500));
     }
 }

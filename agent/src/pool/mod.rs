@@ -22,7 +22,9 @@ use tunnel_proto::api::Labels;
 use tunnel_proto::wire::{AuditEvent, DialRequest, Message, ProxyEntry, Welcome};
 
 use self::control::{AgentControl, End, Step};
-use self::membership::{Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note};
+use self::membership::{
+    Advice, Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note,
+};
 pub use self::timing::{Backoff, Due, Liveness};
 
 mod control;
@@ -103,6 +105,7 @@ enum PoolEvent {
         proxy_id: String,
         tunnel: u64,
         reconnect_after: Option<Duration>,
+        return_window: Option<Duration>,
     },
 }
 
@@ -187,9 +190,15 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                 proxy_id,
                 tunnel,
                 reconnect_after,
+                return_window,
             } => {
                 running.remove(&tunnel);
-                if pool.handle_closed(Instant::now(), &proxy_id, tunnel, reconnect_after) {
+                let now = Instant::now();
+                let advice = Advice {
+                    reconnect_after,
+                    return_window,
+                };
+                if pool.handle_closed(now, &proxy_id, tunnel, advice) {
                     tracing::info!(%proxy_id, held = pool.counts().1, "tunnel down");
                 }
             }
@@ -335,9 +344,9 @@ async fn run_tunnel(
         mut control,
         welcome,
     } = dialed;
+    let mut machine = AgentControl::new(&config.node_name, &welcome, Instant::now());
     let proxy_id = welcome.proxy_id;
     let mut labels = config.labels.clone();
-    let mut machine = AgentControl::new(&config.node_name, Instant::now());
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
     let dials = tokio::spawn(serve_dials(session.clone(), config.dials.clone(), audit_tx));
     let end = loop {
@@ -423,6 +432,7 @@ async fn run_tunnel(
             proxy_id,
             tunnel,
             reconnect_after: end.as_ref().and_then(End::reconnect_after),
+            return_window: machine.return_window(),
         })
         .await;
 }

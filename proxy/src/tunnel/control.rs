@@ -19,6 +19,19 @@ pub const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
 /// How long a node is told to wait before it comes back to a proxy that shuts down.
 pub const RECONNECT_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
 
+/// How many returning agents a second a proxy plans for when it asks its fleet to spread out.
+const RETURN_RATE: u64 = 1000;
+/// The longest return window a proxy asks for.
+const MAX_RETURN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The window a proxy holding `tunnels` asks its agents to spread their return over if they lose
+/// it without an advisory: long enough that they come back at about [`RETURN_RATE`] a second,
+/// rounded up to a power of two of milliseconds so that it changes (and is pushed) rarely.
+pub fn return_window(tunnels: usize) -> Duration {
+    let ms = (tunnels as u64).saturating_mul(1000) / RETURN_RATE;
+    Duration::from_millis(ms.max(1).next_power_of_two()).min(MAX_RETURN_WINDOW)
+}
+
 /// Why a tunnel was refused or ended, other than by a clean close.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -223,9 +236,12 @@ impl ProxyControl {
         }
     }
 
-    /// The cluster's live proxies changed: the list to push.
-    pub fn proxies_changed(list: Vec<ProxyEntry>) -> Message {
-        Message::Proxies { proxies: list }
+    /// The cluster's live proxies or the return window changed: the update to push.
+    pub fn proxies_changed(list: Vec<ProxyEntry>, return_window: Duration) -> Message {
+        Message::Proxies {
+            proxies: list,
+            return_window_ms: Some(return_window.as_millis() as u64),
+        }
     }
 
     /// The proxy is shutting down: the advisory that brings the node back elsewhere soon.
@@ -425,6 +441,20 @@ mod tests {
         assert!(c.poll(start + SILENCE_LIMIT).is_ok());
         assert_eq!(c.poll_timeout(), start + SILENCE_LIMIT * 3 / 2);
         assert!(matches!(c.poll(c.poll_timeout()), Err(TunnelError::Silent)));
+    }
+
+    #[test]
+    fn the_return_window_grows_with_the_fleet_in_rare_steps() {
+        assert_eq!(return_window(0), Duration::from_millis(1));
+        assert_eq!(return_window(1000), Duration::from_millis(1024));
+        assert_eq!(return_window(10_000), Duration::from_millis(16_384));
+        assert_eq!(return_window(1_000_000), MAX_RETURN_WINDOW);
+        // From 1,025 to 2,048 tunnels the window stays put: nothing is pushed.
+        assert_eq!(return_window(1025), return_window(2048));
+        let steps = (0..=10_000)
+            .map(return_window)
+            .collect::<std::collections::BTreeSet<_>>();
+        assert!(steps.len() <= 16, "{}", steps.len());
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct TunnelServer {
     tunnels: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
     proxies: watch::Sender<Vec<ProxyEntry>>,
+    /// The window this proxy's agents spread their return over after losing it (see
+    /// [`control::return_window`]), pushed to them when it changes.
+    return_window: watch::Sender<Duration>,
     revoked: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -77,6 +80,7 @@ impl TunnelServer {
             tunnels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             proxies,
+            return_window: watch::Sender::new(control::return_window(0)),
             revoked: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
             shutdown,
@@ -321,6 +325,7 @@ impl TunnelServer {
                     session: session.clone(),
                 };
                 tunnels.insert(id, entry);
+                self.set_return_window(tunnels.len());
             }
             admitted
         };
@@ -335,6 +340,8 @@ impl TunnelServer {
             Err(e) => return Err(e),
         };
         let mut proxies = self.proxies.subscribe();
+        let mut window = self.return_window.subscribe();
+        let return_window_ms = Some(window.borrow_and_update().as_millis() as u64);
         let list = proxies.borrow_and_update().clone();
         let welcomed = control
             .write(&Message::Welcome(Welcome {
@@ -342,6 +349,7 @@ impl TunnelServer {
                 version: tunnel_proto::VERSION.to_string(),
                 proxy_id: self.proxy_id.clone(),
                 proxies: list,
+                return_window_ms,
             }))
             .await;
         if let Err(e) = welcomed {
@@ -368,7 +376,12 @@ impl TunnelServer {
         self.write_presence(&presence).await;
         let mut machine = ProxyControl::new(presence, Instant::now());
         let result = self
-            .serve_control(&session, &mut control, &mut proxies, &mut machine)
+            .serve_control(
+                &session,
+                &mut control,
+                (&mut proxies, &mut window),
+                &mut machine,
+            )
             .await;
         if !self.forget(id) {
             let _ = self
@@ -386,7 +399,14 @@ impl TunnelServer {
         let Some(gone) = tunnels.remove(&id) else {
             return false;
         };
+        self.set_return_window(tunnels.len());
         tunnels.values().any(|e| e.host_id == gone.host_id)
+    }
+
+    fn set_return_window(&self, tunnels: usize) {
+        let window = control::return_window(tunnels);
+        self.return_window
+            .send_if_modified(|w| std::mem::replace(w, window) != window);
     }
 
     /// Drives an admitted tunnel's control session until it ends.
@@ -394,7 +414,10 @@ impl TunnelServer {
         &self,
         session: &Session,
         control: &mut Framed<TunnelStream>,
-        proxies: &mut watch::Receiver<Vec<ProxyEntry>>,
+        (proxies, window): (
+            &mut watch::Receiver<Vec<ProxyEntry>>,
+            &mut watch::Receiver<Duration>,
+        ),
         machine: &mut ProxyControl,
     ) -> Result<(), TunnelError> {
         loop {
@@ -413,7 +436,17 @@ impl TunnelServer {
                         return Ok(());
                     }
                     let list = proxies.borrow_and_update().clone();
-                    control.write(&ProxyControl::proxies_changed(list)).await?;
+                    let update = ProxyControl::proxies_changed(list, *window.borrow_and_update());
+                    control.write(&update).await?;
+                    continue;
+                }
+                changed = window.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let list = proxies.borrow_and_update().clone();
+                    let update = ProxyControl::proxies_changed(list, *window.borrow_and_update());
+                    control.write(&update).await?;
                     continue;
                 }
                 // Agents open no stream but their control stream: reset any other at once
