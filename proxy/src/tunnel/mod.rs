@@ -42,6 +42,15 @@ type Items = BTreeMap<String, Vec<u8>>;
 /// What a change under a watched prefix updates.
 type Apply = fn(&TunnelServer, &Items);
 
+/// What every agent of this proxy is told, in its welcome and again whenever it changes.
+#[derive(Clone)]
+struct Pushed {
+    proxies: Vec<ProxyEntry>,
+    /// The window agents spread their return over after losing this proxy without an advisory
+    /// ([`control::return_window`]).
+    return_window: Duration,
+}
+
 struct Entry {
     host_id: String,
     node_name: String,
@@ -53,10 +62,8 @@ pub struct TunnelServer {
     backend: Arc<dyn Backend>,
     tunnels: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
-    proxies: watch::Sender<Vec<ProxyEntry>>,
-    /// The window this proxy's agents spread their return over after losing it (see
-    /// [`control::return_window`]), pushed to them when it changes.
-    return_window: watch::Sender<Duration>,
+    /// What every agent is told, again whenever it changes.
+    pushed: watch::Sender<Pushed>,
     revoked: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -71,16 +78,18 @@ impl TunnelServer {
         audit_dir: std::path::PathBuf,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackendError> {
-        let (proxies, _) = watch::channel(vec![ProxyEntry {
-            id: proxy_id.clone(),
-        }]);
+        let pushed = watch::Sender::new(Pushed {
+            proxies: vec![ProxyEntry {
+                id: proxy_id.clone(),
+            }],
+            return_window: control::return_window(0),
+        });
         let server = Arc::new(Self {
             proxy_id,
             backend,
             tunnels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            proxies,
-            return_window: watch::Sender::new(control::return_window(0)),
+            pushed,
             revoked: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
             shutdown,
@@ -111,11 +120,8 @@ impl TunnelServer {
             });
         }
         ids.sort();
-        self.proxies.send_if_modified(|cur| {
-            let changed = *cur != ids;
-            *cur = ids;
-            changed
-        });
+        self.pushed
+            .send_if_modified(|cur| std::mem::replace(&mut cur.proxies, ids) != cur.proxies);
     }
 
     fn set_revoked(&self, items: &Items) {
@@ -339,17 +345,18 @@ impl TunnelServer {
             }
             Err(e) => return Err(e),
         };
-        let mut proxies = self.proxies.subscribe();
-        let mut window = self.return_window.subscribe();
-        let return_window_ms = Some(window.borrow_and_update().as_millis() as u64);
-        let list = proxies.borrow_and_update().clone();
+        let mut pushed = self.pushed.subscribe();
+        let Pushed {
+            proxies,
+            return_window,
+        } = pushed.borrow_and_update().clone();
         let welcomed = control
             .write(&Message::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
                 version: tunnel_proto::VERSION.to_string(),
                 proxy_id: self.proxy_id.clone(),
-                proxies: list,
-                return_window_ms,
+                proxies,
+                return_window_ms: Some(return_window.as_millis() as u64),
             }))
             .await;
         if let Err(e) = welcomed {
@@ -376,12 +383,7 @@ impl TunnelServer {
         self.write_presence(&presence).await;
         let mut machine = ProxyControl::new(presence, Instant::now());
         let result = self
-            .serve_control(
-                &session,
-                &mut control,
-                (&mut proxies, &mut window),
-                &mut machine,
-            )
+            .serve_control(&session, &mut control, &mut pushed, &mut machine)
             .await;
         if !self.forget(id) {
             let _ = self
@@ -405,8 +407,8 @@ impl TunnelServer {
 
     fn set_return_window(&self, tunnels: usize) {
         let window = control::return_window(tunnels);
-        self.return_window
-            .send_if_modified(|w| std::mem::replace(w, window) != window);
+        self.pushed
+            .send_if_modified(|cur| std::mem::replace(&mut cur.return_window, window) != window);
     }
 
     /// Drives an admitted tunnel's control session until it ends.
@@ -414,10 +416,7 @@ impl TunnelServer {
         &self,
         session: &Session,
         control: &mut Framed<TunnelStream>,
-        (proxies, window): (
-            &mut watch::Receiver<Vec<ProxyEntry>>,
-            &mut watch::Receiver<Duration>,
-        ),
+        pushed: &mut watch::Receiver<Pushed>,
         machine: &mut ProxyControl,
     ) -> Result<(), TunnelError> {
         loop {
@@ -431,22 +430,12 @@ impl TunnelServer {
                     return Ok(());
                 }
                 _ = session.closed() => return Ok(()),
-                changed = proxies.changed() => {
+                changed = pushed.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let list = proxies.borrow_and_update().clone();
-                    let update = ProxyControl::proxies_changed(list, *window.borrow_and_update());
-                    control.write(&update).await?;
-                    continue;
-                }
-                changed = window.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    let list = proxies.borrow_and_update().clone();
-                    let update = ProxyControl::proxies_changed(list, *window.borrow_and_update());
-                    control.write(&update).await?;
+                    let Pushed { proxies, return_window } = pushed.borrow_and_update().clone();
+                    control.write(&ProxyControl::proxies_changed(proxies, return_window)).await?;
                     continue;
                 }
                 // Agents open no stream but their control stream: reset any other at once
