@@ -96,7 +96,9 @@ limits:
   web_max_connections_per_source: 100000
 YAML
 start_proxy() {
-  "$bin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$proxy_dir" \
+  # Handshakes refused for load are logged at debug: the restart row counts them.
+  RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
+    "$bin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$proxy_dir" \
     --web-listen "127.0.0.1:$proxy_port" --ssh-listen "127.0.0.1:$ssh_port" \
     --cluster-name bench 2>>"$work/proxy.log" &
   proxy_pid=$!
@@ -252,7 +254,8 @@ fleet() { # TRANSPORT N
     sleep 0.25
   done
   local refused
-  refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" | grep -ciE "refus|overload|timed out" || true)
+  refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" |
+    grep -ciE "refused: too many|dropped: too many|overload|timed out" || true)
   row "every agent back after kill -9 + restart, $transport, $n" \
     "${back_ms:-never (120 s)} ms" "-" "proxy log lines refused/timed out: $refused"
   kill "$bench_pid" 2>/dev/null || true
