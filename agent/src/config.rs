@@ -140,13 +140,7 @@ pub struct AgentConfig {
     pub debug: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-fn err(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
-}
+pub use burrow_daemon::ConfigError;
 
 impl AgentConfig {
     pub fn load(args: StartArgs) -> Result<Self, ConfigError> {
@@ -167,10 +161,12 @@ impl AgentConfig {
             None => TokenSource::DefaultFile(data_dir.join(DEFAULT_TOKEN_FILE)),
         };
         let proxy = args.proxy.or(file.proxy).ok_or_else(|| {
-            err("no proxy address: pass --proxy HOST:PORT or set proxy: in the config")
+            ConfigError::new("no proxy address: pass --proxy HOST:PORT or set proxy: in the config")
         })?;
         if burrow_net::web::split_host(&proxy).is_none() {
-            return Err(err(format!("proxy address {proxy:?} is not host:port")));
+            return Err(ConfigError::new(format!(
+                "proxy address {proxy:?} is not host:port"
+            )));
         }
         let pin_texts = if args.ca_pins.is_empty() {
             file.ca_pin
@@ -179,19 +175,24 @@ impl AgentConfig {
         };
         let ca_pins = pin_texts
             .iter()
-            .map(|p| p.parse::<CaPin>().map_err(|e| err(e.to_string())))
+            .map(|p| {
+                p.parse::<CaPin>()
+                    .map_err(|e| ConfigError::new(e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let nodename = match args.nodename.or(file.nodename) {
             Some(n) => n,
             // Hostnames are case-insensitive; node names are lowercase.
             None => burrow_daemon::hostname()
                 .map(|h| h.to_ascii_lowercase())
-                .ok_or_else(|| err("cannot read this host's name: pass --nodename"))?,
+                .ok_or_else(|| ConfigError::new("cannot read this host's name: pass --nodename"))?,
         };
         // Checked when the node joins (lib.rs): a node that joined under an older, looser rule
         // keeps starting from its identity.
         let (labels, commands) = match args.labels {
-            Some(spec) => labels::parse(&spec).map_err(|e| err(format!("--labels: {e}")))?,
+            Some(spec) => {
+                labels::parse(&spec).map_err(|e| ConfigError::new(format!("--labels: {e}")))?
+            }
             None => {
                 let text: Vec<String> = file
                     .labels
@@ -199,25 +200,26 @@ impl AgentConfig {
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect();
                 tunnel_proto::api::parse_labels(&text.join(","))
-                    .map_err(|e| err(format!("labels: {e}")))?;
+                    .map_err(|e| ConfigError::new(format!("labels: {e}")))?;
                 let commands = file
                     .commands
                     .into_iter()
                     .map(labels::validate)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| err(format!("commands: {e}")))?;
+                    .map_err(|e| ConfigError::new(format!("commands: {e}")))?;
                 (file.labels, commands)
             }
         };
         let ssh_listen = match args.ssh_listen.or(file.ssh_listen).as_deref() {
             None | Some("off") => None,
             Some(text) => Some(text.parse().map_err(|_| {
-                err(format!(
+                ConfigError::new(format!(
                     "ssh_listen {text:?} is not an IP:PORT address or off"
                 ))
             })?),
         };
-        let permit_open = crate::ssh::PermitOpen::parse(&file.permit_open).map_err(err)?;
+        let permit_open =
+            crate::ssh::PermitOpen::parse(&file.permit_open).map_err(ConfigError::new)?;
         Ok(Self {
             data_dir,
             token,
@@ -237,7 +239,7 @@ impl AgentConfig {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    burrow_daemon::read_yaml_config(path).map_err(ConfigError)
+    burrow_daemon::read_yaml_config(path)
 }
 
 pub const SAMPLE_CONFIG: &str = r#"# burrow-agent configuration (YAML). Flags given to `burrow-agent start` override these values;

@@ -36,15 +36,33 @@ pub async fn accept(
     }
 }
 
+/// What is wrong with a daemon's configuration: one sentence, naming the file or the flag.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        ConfigError(msg.into())
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// Reads a YAML config file; an empty file is the default config. Errors name the file.
-pub fn read_yaml_config<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
+pub fn read_yaml_config<T: DeserializeOwned + Default>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     if text.trim().is_empty() {
         return Ok(T::default());
     }
     serde_norway::from_str(&text)
-        .map_err(|e| format!("config file {} is invalid: {e}", path.display()))
+        .map_err(|e| ConfigError(format!("config file {} is invalid: {e}", path.display())))
 }
 
 /// Logs to stderr at info (or debug), unless `RUST_LOG` says otherwise; colours only on a tty.

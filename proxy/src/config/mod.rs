@@ -160,13 +160,7 @@ pub struct ProxyConfig {
     pub debug: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-fn err(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
-}
+pub use burrow_daemon::ConfigError;
 
 impl ProxyConfig {
     pub fn load(args: StartArgs) -> Result<Self, ConfigError> {
@@ -187,17 +181,16 @@ impl ProxyConfig {
             .or(file.web_listen)
             .unwrap_or_else(|| DEFAULT_WEB_LISTEN.to_string());
         let web_listen = web_listen_text.parse().map_err(|_| {
-            err(format!(
+            ConfigError::new(format!(
                 "web_listen {web_listen_text:?} is not an IP:PORT address"
             ))
         })?;
-        let tunnel_listen =
-            match args.tunnel_listen.or(file.tunnel_listen) {
-                Some(text) => Some(text.parse().map_err(|_| {
-                    err(format!("tunnel_listen {text:?} is not an IP:PORT address"))
-                })?),
-                None => None,
-            };
+        let tunnel_listen = match args.tunnel_listen.or(file.tunnel_listen) {
+            Some(text) => Some(text.parse().map_err(|_| {
+                ConfigError::new(format!("tunnel_listen {text:?} is not an IP:PORT address"))
+            })?),
+            None => None,
+        };
         let ssh_text = args
             .ssh_listen
             .or(file.ssh_listen)
@@ -206,7 +199,7 @@ impl ProxyConfig {
             None
         } else {
             Some(ssh_text.parse().map_err(|_| {
-                err(format!(
+                ConfigError::new(format!(
                     "ssh_listen {ssh_text:?} is not an IP:PORT address or off"
                 ))
             })?)
@@ -215,7 +208,7 @@ impl ProxyConfig {
         if let Some(addr) = &public_addr
             && burrow_net::web::split_host(addr).is_none()
         {
-            return Err(err(format!(
+            return Err(ConfigError::new(format!(
                 "public_addr {addr:?} is not a host:port address"
             )));
         }
@@ -223,13 +216,15 @@ impl ProxyConfig {
         if let Some(name) = &cluster_name
             && (name.is_empty() || name.len() > 128 || name.chars().any(char::is_control))
         {
-            return Err(err(format!("cluster name {name:?} is invalid")));
+            return Err(ConfigError::new(format!(
+                "cluster name {name:?} is invalid"
+            )));
         }
         let https_files = match (file.https_cert_file, file.https_key_file) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => {
-                return Err(err(
+                return Err(ConfigError::new(
                     "https_cert_file and https_key_file must be given together",
                 ));
             }
@@ -253,7 +248,7 @@ impl ProxyConfig {
         let storage = match kind {
             StorageKind::Redb => {
                 if !endpoints.is_empty() {
-                    return Err(err(
+                    return Err(ConfigError::new(
                         "etcd endpoints are given but the storage is redb: add --storage etcd",
                     ));
                 }
@@ -261,18 +256,18 @@ impl ProxyConfig {
             }
             StorageKind::Etcd => {
                 if endpoints.is_empty() {
-                    return Err(err(
+                    return Err(ConfigError::new(
                         "storage etcd needs at least one endpoint: --etcd-endpoint http://HOST:2379",
                     ));
                 }
                 for e in &endpoints {
                     if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        return Err(err(format!(
+                        return Err(ConfigError::new(format!(
                             "etcd endpoint {e:?} must be a URL, e.g. http://127.0.0.1:2379"
                         )));
                     }
                     if !file_storage.allow_plaintext && plaintext_off_host(e) {
-                        return Err(err(format!(
+                        return Err(ConfigError::new(format!(
                             "etcd endpoint {e:?} is plain http to a host that is not loopback: the \
                              cluster's CA keys would cross the network unencrypted; use https:// with \
                              tls_ca_file, or set storage.allow_plaintext: true"
@@ -283,7 +278,9 @@ impl ProxyConfig {
                     .prefix
                     .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
                 if !prefix.starts_with('/') {
-                    return Err(err(format!("storage prefix {prefix:?} must start with /")));
+                    return Err(ConfigError::new(format!(
+                        "storage prefix {prefix:?} must start with /"
+                    )));
                 }
                 let tls = match (
                     file_storage.tls_ca_file,
@@ -300,7 +297,7 @@ impl ProxyConfig {
                         client: Some((c, k)),
                     }),
                     _ => {
-                        return Err(err(
+                        return Err(ConfigError::new(
                             "etcd TLS needs tls_ca_file, and tls_cert_file with tls_key_file together",
                         ));
                     }
@@ -309,14 +306,14 @@ impl ProxyConfig {
                     (None, None) => None,
                     (Some(user), Some(path)) => {
                         let password = std::fs::read_to_string(&path).map_err(|e| {
-                            err(format!(
+                            ConfigError::new(format!(
                                 "cannot read the etcd password file {}: {e}",
                                 path.display()
                             ))
                         })?;
                         let password = password.trim_end_matches(['\r', '\n']).to_string();
                         if password.is_empty() {
-                            return Err(err(format!(
+                            return Err(ConfigError::new(format!(
                                 "the etcd password file {} is empty",
                                 path.display()
                             )));
@@ -324,7 +321,7 @@ impl ProxyConfig {
                         Some((user, Secret::new(password)))
                     }
                     _ => {
-                        return Err(err(
+                        return Err(ConfigError::new(
                             "etcd authentication needs storage.username and storage.password_file together",
                         ));
                     }
@@ -368,18 +365,19 @@ fn plaintext_off_host(url: &str) -> bool {
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    burrow_daemon::read_yaml_config(path).map_err(ConfigError)
+    burrow_daemon::read_yaml_config(path)
 }
 
 /// Parses `ROLES:VALUE` where VALUE may be an absolute path to a file of tokens, one per line.
 pub fn parse_static_token(spec: &str) -> Result<Vec<StaticToken>, ConfigError> {
     let (roles, value) = spec.split_once(':').ok_or_else(|| {
-        err("a static token must look like ROLES:VALUE, e.g. node:s3cret or node:/etc/burrow/tokens")
+        ConfigError::new("a static token must look like ROLES:VALUE, e.g. node:s3cret or node:/etc/burrow/tokens")
     })?;
-    let roles = Role::parse_list(roles).map_err(|e| err(format!("static token: {e}")))?;
+    let roles =
+        Role::parse_list(roles).map_err(|e| ConfigError::new(format!("static token: {e}")))?;
     let values: Vec<String> = if value.starts_with('/') {
         let text = std::fs::read_to_string(value)
-            .map_err(|e| err(format!("cannot read static token file {value}: {e}")))?;
+            .map_err(|e| ConfigError::new(format!("cannot read static token file {value}: {e}")))?;
         let lines: Vec<String> = text
             .lines()
             .map(str::trim)
@@ -387,7 +385,9 @@ pub fn parse_static_token(spec: &str) -> Result<Vec<StaticToken>, ConfigError> {
             .map(str::to_string)
             .collect();
         if lines.is_empty() {
-            return Err(err(format!("static token file {value} holds no token")));
+            return Err(ConfigError::new(format!(
+                "static token file {value} holds no token"
+            )));
         }
         lines
     } else {
@@ -396,7 +396,7 @@ pub fn parse_static_token(spec: &str) -> Result<Vec<StaticToken>, ConfigError> {
     values
         .into_iter()
         .map(|v| {
-            validate_value(&v).map_err(|e| err(format!("static token: {e}")))?;
+            validate_value(&v).map_err(|e| ConfigError::new(format!("static token: {e}")))?;
             Ok(StaticToken {
                 roles: roles.clone(),
                 value: Secret::new(v),
