@@ -309,10 +309,33 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     }
 }
 
-/// A loopback port nothing listens on (bound, then released).
+/// A loopback port nothing listens on, free for TCP and UDP, for a daemon to bind later.
+///
+/// Picked below the kernel's ephemeral range (`ip_local_port_range`): a port the kernel handed
+/// out for `:0` can be taken again as the source port of any outgoing connection (an agent's
+/// dial, haproxy's health check) before the daemon binds it, which is a flaky "Address already
+/// in use". Below the range only explicit binds compete; a cursor seeded by the process id keeps
+/// the tests of one run apart.
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|&low| low > LOW + 1_000)
+        .unwrap_or(32_768);
+    let span = high - LOW;
+    let seed = (u64::from(std::process::id()) * 7_919 % u64::from(span)) as u32;
+    for _ in 0..span.min(5_000) {
+        let port = (LOW + (seed + CURSOR.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {high}")
 }
 
 pub fn mode(path: &Path) -> u32 {
