@@ -57,8 +57,25 @@ row() { # NAME VALUE BASELINE RATIO
   printf '%-58s %-18s %-26s %s\n' "$1" "$2" "$3" "$4"
 }
 
+# A free loopback port (TCP and UDP) below the kernel's ephemeral range, so that no agent's
+# outgoing connection takes it as a source port while the proxy is down for the restart row.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(2000):
+    port = random.randrange(10000, max(low, 11000))
+    try:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free loopback port below the ephemeral range")
+PY
 }
 
 wait_for() { # FILE PATTERN SECONDS
