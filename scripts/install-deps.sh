@@ -19,6 +19,10 @@ have qemu-aarch64-static || need_apt+=(qemu-user-static)  # the ARM agents in te
 have systemd-analyze || need_apt+=(systemd)          # verifying the units in tests
 have rpm || need_apt+=(rpm)                          # inspecting the .rpm packages
 have adduser || need_apt+=(adduser)                  # the proxy package's system user
+have ip && have ss || need_apt+=(iproute2)           # network namespaces for the NAT test bed
+have nft || need_apt+=(nftables)                     # the NAT router in the test bed
+have conntrack || need_apt+=(conntrack)              # the router forgetting its mappings
+have tcpdump || need_apt+=(tcpdump)                  # bytes on the wire (scripts/idle-cost.sh)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

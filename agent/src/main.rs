@@ -14,7 +14,7 @@ fn main() -> ExitCode {
             println!("burrow-agent {}", tunnel_proto::VERSION);
             return ExitCode::SUCCESS;
         }
-        Command::Start(args) => args,
+        Command::Start(args) => *args,
     };
     let config = match AgentConfig::load(args) {
         Ok(c) => c,

@@ -14,6 +14,7 @@ use anyhow::Context;
 use burrow_agent::identity::Identity;
 use burrow_agent::join::{JoinParams, join};
 use burrow_agent::pool::{self, DialService, PoolConfig, TransportMode};
+use burrow_tunnel::Keepalive;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,9 @@ struct AgentsArgs {
     name_prefix: String,
     #[arg(long, value_enum, default_value_t = TransportMode::Auto)]
     transport: TransportMode,
+    /// Every tunnel's keep-alive (as `burrow-agent start --keepalive`) [default: the agent's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_keepalive)]
+    keepalive: Option<Keepalive>,
     /// What answers dials to port 3022.
     #[arg(long, value_enum, default_value_t = Serve::Echo)]
     serve: Serve,
@@ -169,6 +173,7 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
+            keepalive: args.keepalive,
             dials: service.clone(),
             held: held_tx,
         };
@@ -281,4 +286,9 @@ async fn load_or_join(args: &AgentsArgs, pins: &[CaPin]) -> anyhow::Result<Vec<(
         .into_iter()
         .map(|o| o.expect("every agent has an identity"))
         .collect())
+}
+
+fn parse_keepalive(text: &str) -> Result<Keepalive, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    Keepalive::new(interval).map_err(|e| e.to_string())
 }

@@ -218,9 +218,11 @@ async fn dial(
 ) -> Result<transport::Session, transport::TransportError> {
     if quic {
         let endpoint = transport::quic_client_endpoint(false).unwrap();
-        transport::connect_quic(&endpoint, addr, config.clone()).await
+        let keepalive = transport::Keepalive::default_for(transport::Transport::Quic);
+        transport::connect_quic(&endpoint, addr, config.clone(), keepalive).await
     } else {
-        transport::connect_tcp(addr, config.clone()).await
+        let keepalive = transport::Keepalive::default_for(transport::Transport::Tcp);
+        transport::connect_tcp(addr, config.clone(), keepalive).await
     }
 }
 
@@ -231,6 +233,7 @@ fn hello(host_id: &str) -> tunnel_proto::wire::Message {
         host_id: host_id.into(),
         node_name: "x".into(),
         labels: Default::default(),
+        keepalive_ms: None,
     })
 }
 
@@ -404,7 +407,8 @@ fn a_hostile_node_cannot_take_the_proxy_down() {
         for _ in 0..3 {
             held.push(hello_tunnel(&proxy, &config, &bad_id, false).await);
         }
-        let fifth = transport::connect_tcp(&proxy.web_addr, config.clone())
+        let keepalive = transport::Keepalive::default_for(transport::Transport::Tcp);
+        let fifth = transport::connect_tcp(&proxy.web_addr, config.clone(), keepalive)
             .await
             .unwrap();
         let mut control = transport::Framed::new(fifth.open().await.unwrap());

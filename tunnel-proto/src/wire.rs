@@ -133,6 +133,10 @@ pub struct Hello {
     pub host_id: String,
     pub node_name: String,
     pub labels: Labels,
+    /// How often the agent sends keep-alives on this tunnel when idle: the proxy probes a TCP
+    /// tunnel at the same interval instead of its own (an older agent sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +232,7 @@ mod tests {
                 host_id: "h".into(),
                 node_name: "pi".into(),
                 labels: Labels::from([("env".into(), "lab".into())]),
+                keepalive_ms: Some(25_000),
             }),
             Message::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,

@@ -20,10 +20,11 @@ use tunnel_proto::wire::{self, Message, WireError};
 
 pub use tunnel_proto::wire::ALPN_TUNNEL;
 
+mod keepalive;
+
+pub use self::keepalive::{Keepalive, KeepaliveError};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// QUIC and TCP keep-alives: a dead path is noticed within the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Flow-control windows large enough for bulk copies over long fat links.
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
@@ -83,6 +84,7 @@ struct YamuxHandle {
     open: mpsc::Sender<oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>>,
     inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
     closed: CancellationToken,
+    keepalive: keepalive::Requested,
 }
 
 impl Session {
@@ -135,6 +137,14 @@ impl Session {
         }
     }
 
+    /// Uses the agent's keep-alive on this end too (the proxy, once the hello says it): TCP
+    /// probes at the agent's interval. QUIC settled its idle timeout in the handshake already.
+    pub fn set_keepalive(&self, k: Keepalive) {
+        if let Inner::Yamux(h) = &self.inner {
+            h.keepalive.set(k);
+        }
+    }
+
     /// Closes the tunnel; the peer sees its streams end.
     pub fn close(&self, reason: &str) {
         match &self.inner {
@@ -177,21 +187,26 @@ impl Session {
     }
 
     /// Runs yamux over an established TLS stream.
-    pub fn from_tls<S>(
+    fn from_tls<S>(
         tls: S,
         remote: SocketAddr,
         peer_certs: Vec<CertificateDer<'static>>,
         server: bool,
     ) -> Self
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: TcpBacked + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mode = if server {
             yamux::Mode::Server
         } else {
             yamux::Mode::Client
         };
-        let conn = yamux::Connection::new(tls.compat(), yamux_config(), mode);
+        let keepalive = keepalive::Requested::default();
+        let io = Tuned {
+            io: tls,
+            keepalive: keepalive.clone(),
+        };
+        let conn = yamux::Connection::new(io.compat(), yamux_config(), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(256);
         let closed = CancellationToken::new();
@@ -202,6 +217,7 @@ impl Session {
                 open: open_tx,
                 inbound: Mutex::new(inbound_rx),
                 closed,
+                keepalive,
             })),
             peer_certs: Arc::new(peer_certs),
         }
@@ -299,6 +315,7 @@ pub fn accept_tls(tls: tokio_rustls::server::TlsStream<TcpStream>, remote: Socke
 pub async fn connect_tcp(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
+    keepalive: Keepalive,
 ) -> Result<Session, TransportError> {
     let fail = |reason: String| TransportError::Connect {
         addr: addr.to_string(),
@@ -309,7 +326,7 @@ pub async fn connect_tcp(
         .map_err(|_| fail("timed out".into()))?
         .map_err(|e| fail(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
-    set_tcp_keepalive(&tcp);
+    set_tcp_keepalive(&tcp, keepalive);
     let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
     let name = server_name(addr);
     let stream = tokio::time::timeout(
@@ -334,6 +351,7 @@ pub async fn connect_quic(
     endpoint: &quinn::Endpoint,
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
+    keepalive: Keepalive,
 ) -> Result<Session, TransportError> {
     let fail = |reason: String| TransportError::Connect {
         addr: addr.to_string(),
@@ -347,7 +365,11 @@ pub async fn connect_quic(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(MAX_STREAMS)));
+    let mut transport = transport_config(MAX_STREAMS);
+    transport
+        .keep_alive_interval(Some(keepalive.interval()))
+        .max_idle_timeout(Some(idle_timeout(keepalive.dead_after())));
+    config.transport_config(Arc::new(transport));
     let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
         .connect_with(config, target, host)
@@ -362,12 +384,17 @@ pub async fn connect_quic(
     Ok(Session::from_quic(conn))
 }
 
+fn idle_timeout(d: Duration) -> quinn::IdleTimeout {
+    d.try_into()
+        .expect("a keep-alive's bounds fit QUIC's idle timeout")
+}
+
 /// QUIC settings shared by both ends; `peer_streams`: how many bidirectional streams the peer
-/// may have open at once.
-pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+/// may have open at once. Neither end sends keep-alives here: the agent adds its own
+/// ([`connect_quic`]), and the proxy never sends one ([`keepalive`]).
+fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a small duration")))
+    t.keep_alive_interval(None)
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(u64::from(CONNECTION_WINDOW))
@@ -407,7 +434,13 @@ pub fn quic_server_endpoint(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // An agent opens one stream, its control stream: a second one is refused by QUIC flow
     // control itself, before a byte of it is buffered.
-    config.transport_config(Arc::new(transport_config(1)));
+    // The proxy's idle timeout is the longest an agent may ask for: the agent's smaller one is
+    // what both ends use.
+    let mut transport = transport_config(1);
+    transport.max_idle_timeout(Some(idle_timeout(
+        Keepalive::clamped(Keepalive::MAX).dead_after(),
+    )));
+    config.transport_config(Arc::new(transport));
 
     let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let derive = |label: &[u8]| hmac::sign(&root, label);
@@ -441,13 +474,92 @@ fn server_name(addr: &str) -> ServerName<'static> {
 }
 
 /// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.
-pub fn set_tcp_keepalive(tcp: &TcpStream) {
-    let sock = socket2::SockRef::from(tcp);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(KEEP_ALIVE)
-        .with_interval(KEEP_ALIVE)
-        .with_retries(3);
-    let _ = sock.set_tcp_keepalive(&ka);
+pub fn set_tcp_keepalive(tcp: &TcpStream, k: Keepalive) {
+    k.apply_tcp(socket2::SockRef::from(tcp));
+}
+
+/// A TLS stream over TCP, whose socket options can still be set.
+pub trait TcpBacked {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl TcpBacked for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl TcpBacked for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// A tunnel's TLS stream inside its yamux driver, applying a keep-alive asked for through
+/// [`Session::set_keepalive`] at its next read or write.
+struct Tuned<S> {
+    io: S,
+    keepalive: keepalive::Requested,
+}
+
+impl<S: TcpBacked> Tuned<S> {
+    fn tune(&self) {
+        if let Some(k) = self.keepalive.take() {
+            set_tcp_keepalive(self.io.tcp(), k);
+        }
+    }
+}
+
+impl<S: TcpBacked + AsyncRead + Unpin> AsyncRead for Tuned<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.tune();
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: TcpBacked + AsyncWrite + Unpin> AsyncWrite for Tuned<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.tune();
+        std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.tune();
+        std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Reads and writes [`Message`] frames on a stream.

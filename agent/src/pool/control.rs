@@ -1,28 +1,30 @@
 //! The agent's side of a tunnel's control session, without I/O: what the answer to the hello
-//! means, and, once welcomed, what each message from the proxy and each tick of the clock ask
-//! for (pings, heartbeats, the end of the tunnel). [`super::run_tunnel`] drives it.
+//! means, and, once welcomed, what each message from the proxy asks for (a new proxy list, the
+//! end of the tunnel). [`super::run_tunnel`] drives it.
+//!
+//! An idle control session is silent: keep-alives and noticing a dead proxy belong to the
+//! transport ([`burrow_tunnel::Keepalive`]), and the node speaks only when its labels change.
 
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tunnel_proto::api::Labels;
 use tunnel_proto::wire::{Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
 
 use super::membership::{DialFailure, MAX_RECONNECT_AFTER};
-use super::timing::Liveness;
 
-/// The first message of a tunnel.
-pub fn hello(host_id: &str, node_name: &str, labels: Labels) -> Message {
+/// The first message of a tunnel; `keepalive`: the interval this tunnel's transport uses.
+pub fn hello(host_id: &str, node_name: &str, labels: Labels, keepalive: Duration) -> Message {
     Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         version: tunnel_proto::VERSION.to_string(),
         host_id: host_id.to_string(),
         node_name: node_name.to_string(),
         labels,
+        keepalive_ms: Some(keepalive.as_millis().try_into().unwrap_or(u64::MAX)),
     })
 }
 
-/// A heartbeat: what the node says about itself every few seconds and when its labels change.
+/// A heartbeat: what the node says about itself when its labels change.
 pub fn heartbeat(node_name: &str, labels: Labels) -> Message {
     Message::Heartbeat(Heartbeat {
         node_name: node_name.to_string(),
@@ -59,8 +61,6 @@ pub enum End {
     Reconnect { reason: String, after: Duration },
     /// The proxy closed the tunnel.
     Goodbye { reason: String },
-    /// The proxy answered no ping for too long.
-    Dead,
     /// The proxy sent what it never sends on a control stream.
     Unexpected { kind: &'static str },
 }
@@ -87,16 +87,14 @@ pub enum Step {
 /// An open control session on the agent's side.
 pub struct AgentControl {
     node_name: String,
-    liveness: Liveness,
     return_window: Option<Duration>,
 }
 
 impl AgentControl {
     /// A session the proxy welcomed with `welcome`.
-    pub fn new(node_name: &str, welcome: &Welcome, now: Instant) -> Self {
+    pub fn new(node_name: &str, welcome: &Welcome) -> Self {
         Self {
             node_name: node_name.to_string(),
-            liveness: Liveness::new(now),
             return_window: welcome.return_window_ms.map(window),
         }
     }
@@ -106,12 +104,10 @@ impl AgentControl {
         self.return_window
     }
 
-    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Step {
+    pub fn handle_message(&mut self, msg: Message) -> Step {
         match msg {
-            Message::Pong { .. } => {
-                self.liveness.pong(now);
-                Step::Nothing
-            }
+            // The answer to a ping from before keep-alives moved to the transport.
+            Message::Pong { .. } => Step::Nothing,
             Message::Proxies {
                 proxies,
                 return_window_ms,
@@ -131,35 +127,8 @@ impl AgentControl {
     }
 
     /// The labels changed: the heartbeat that says so.
-    pub fn labels_changed(&mut self, now: Instant, labels: Labels) -> Message {
-        self.liveness.heartbeat_sent(now);
+    pub fn labels_changed(&self, labels: Labels) -> Message {
         heartbeat(&self.node_name, labels)
-    }
-
-    /// When [`Self::poll`] has something to do.
-    pub fn poll_timeout(&self) -> Instant {
-        self.liveness.next_wake()
-    }
-
-    /// The messages due at `now` (a ping, a heartbeat with `labels`), or the end of a tunnel
-    /// that stopped answering.
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        labels: impl FnOnce() -> Labels,
-    ) -> Result<Vec<Message>, End> {
-        let due = self.liveness.poll(now);
-        if due.dead {
-            return Err(End::Dead);
-        }
-        let mut out = Vec::new();
-        if let Some(seq) = due.ping {
-            out.push(Message::Ping { seq });
-        }
-        if due.heartbeat {
-            out.push(heartbeat(&self.node_name, labels()));
-        }
-        Ok(out)
     }
 }
 
@@ -233,93 +202,62 @@ mod tests {
 
     #[test]
     fn proxy_messages_feed_the_pool_or_end_the_tunnel() {
-        let now = Instant::now();
-        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), now);
-        assert_eq!(
-            c.handle_message(now, Message::Pong { seq: 1 }),
-            Step::Nothing
-        );
+        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION));
+        assert_eq!(c.handle_message(Message::Pong { seq: 1 }), Step::Nothing);
         let list = vec![ProxyEntry { id: "p2".into() }];
         let update = Message::Proxies {
             proxies: list.clone(),
             return_window_ms: None,
         };
-        assert_eq!(c.handle_message(now, update), Step::Proxies(list.clone()));
+        assert_eq!(c.handle_message(update), Step::Proxies(list.clone()));
         // The window comes with the welcome, and later updates replace it (capped at a minute).
         assert_eq!(c.return_window(), Some(Duration::from_millis(2048)));
         let update = Message::Proxies {
             proxies: list,
             return_window_ms: Some(u64::MAX),
         };
-        c.handle_message(now, update);
+        c.handle_message(update);
         assert_eq!(c.return_window(), Some(MAX_RECONNECT_AFTER));
-        let Step::End(end) = c.handle_message(
-            now,
-            Message::Reconnect {
-                reason: "restart".into(),
-                after_ms: 1500,
-            },
-        ) else {
+        let Step::End(end) = c.handle_message(Message::Reconnect {
+            reason: "restart".into(),
+            after_ms: 1500,
+        }) else {
             panic!("a reconnect advisory must end the tunnel");
         };
         assert_eq!(end.reconnect_after(), Some(Duration::from_millis(1500)));
         // A huge advisory is capped.
-        let Step::End(end) = c.handle_message(
-            now,
-            Message::Reconnect {
-                reason: "later".into(),
-                after_ms: u64::MAX,
-            },
-        ) else {
+        let Step::End(end) = c.handle_message(Message::Reconnect {
+            reason: "later".into(),
+            after_ms: u64::MAX,
+        }) else {
             panic!()
         };
         assert_eq!(end.reconnect_after(), Some(MAX_RECONNECT_AFTER));
         assert_eq!(
-            c.handle_message(now, Message::goodbye("bye")),
+            c.handle_message(Message::goodbye("bye")),
             Step::End(End::Goodbye {
                 reason: "bye".into()
             })
         );
         assert_eq!(
-            c.handle_message(now, welcome(PROTOCOL_VERSION)),
+            c.handle_message(welcome(PROTOCOL_VERSION)),
             Step::End(End::Unexpected { kind: "welcome" })
         );
     }
 
     #[test]
-    fn an_unanswered_control_session_pings_heartbeats_and_then_dies() {
-        let start = Instant::now();
-        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), start);
-        let mut sent = Vec::new();
-        let (end, now) = loop {
-            let now = c.poll_timeout();
-            assert!(now - start < Duration::from_secs(60), "never declared dead");
-            match c.poll(now, Labels::new) {
-                Ok(msgs) => sent.extend(msgs.iter().map(Message::kind)),
-                Err(end) => break (end, now),
-            }
-        };
-        assert_eq!(end, End::Dead);
-        assert_eq!(sent, ["ping", "ping", "ping"]);
-        assert_eq!(now - start, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn a_label_change_heartbeat_postpones_the_periodic_one() {
-        let start = Instant::now();
-        let mut c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION), start);
+    fn the_node_speaks_only_when_its_labels_change_and_says_its_keepalive() {
+        let c = AgentControl::new("n1", &welcome_of(PROTOCOL_VERSION));
         let mut labels = Labels::new();
         labels.insert("env".into(), "prod".into());
-        let Message::Heartbeat(hb) = c.labels_changed(start + Duration::from_secs(9), labels)
-        else {
+        let Message::Heartbeat(hb) = c.labels_changed(labels.clone()) else {
             panic!()
         };
         assert_eq!(hb.labels.get("env").map(String::as_str), Some("prod"));
         assert_eq!(hb.node_name, "n1");
-        c.handle_message(start + Duration::from_secs(9), Message::Pong { seq: 1 });
-        let at_10 = c
-            .poll(start + Duration::from_secs(10), Labels::new)
-            .unwrap();
-        assert!(!at_10.iter().any(|m| m.kind() == "heartbeat"), "{at_10:?}");
+        let Message::Hello(h) = hello("h1", "n1", labels, Duration::from_secs(25)) else {
+            panic!()
+        };
+        assert_eq!(h.keepalive_ms, Some(25_000));
     }
 }

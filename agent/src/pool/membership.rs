@@ -16,8 +16,11 @@ use super::TransportMode;
 use super::timing::Backoff;
 use burrow_tunnel::Transport;
 
-/// How often `auto` tries QUIC again while it runs on TCP.
+/// How soon `auto` first tries QUIC again while it runs on TCP; each retry that fails doubles
+/// the wait, up to [`QUIC_RETRY_MAX`]. A failed try costs a few KB of padded QUIC handshake
+/// packets: on a network that blocks UDP for good, that is 4 tries an hour.
 pub const QUIC_RETRY_EVERY: Duration = Duration::from_secs(10);
+pub const QUIC_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 /// The longest wait a proxy's reconnect advisory can ask for.
 pub const MAX_RECONNECT_AFTER: Duration = Duration::from_secs(60);
 /// When nothing is due, the driver still wakes this often.
@@ -103,7 +106,7 @@ pub enum Note {
     QuicBlocked,
     QuicBack,
     DialFailed { reason: String, retry_in: Duration },
-    QuicStillBlocked { reason: String },
+    QuicStillBlocked { reason: String, retry_in: Duration },
 }
 
 struct Held {
@@ -122,6 +125,7 @@ pub struct Membership {
     dialing: bool,
     quic_broken: bool,
     next_quic_retry: Instant,
+    quic_retry_after: Duration,
     tunnel_ids: u64,
     notes: Vec<Note>,
 }
@@ -138,6 +142,7 @@ impl Membership {
             dialing: false,
             quic_broken: false,
             next_quic_retry: now,
+            quic_retry_after: QUIC_RETRY_EVERY,
             tunnel_ids: 0,
             notes: Vec::new(),
         }
@@ -165,7 +170,7 @@ impl Membership {
         }
         self.dialing = true;
         if retry_quic {
-            self.next_quic_retry = now + QUIC_RETRY_EVERY;
+            self.next_quic_retry = now + self.quic_retry_after;
         }
         Some(DialPlan {
             // While UDP looks blocked, only the periodic retry tries QUIC.
@@ -198,6 +203,7 @@ impl Membership {
         if outcome.quic_failed && self.mode == TransportMode::Auto && !self.quic_broken {
             self.notes.push(Note::QuicBlocked);
             self.quic_broken = true;
+            self.quic_retry_after = QUIC_RETRY_EVERY;
             self.next_quic_retry = now + QUIC_RETRY_EVERY;
         }
         let landed = match outcome.result {
@@ -206,8 +212,11 @@ impl Membership {
                 reason,
             }) if code.is_permanent() => return Decision::GiveUp { reason },
             Err(failure) if outcome.plan.quic_retry => {
+                self.quic_retry_after = (self.quic_retry_after * 2).min(QUIC_RETRY_MAX);
+                self.next_quic_retry = now + self.quic_retry_after;
                 self.notes.push(Note::QuicStillBlocked {
                     reason: failure.to_string(),
+                    retry_in: self.quic_retry_after,
                 });
                 return Decision::Retry;
             }
@@ -228,6 +237,7 @@ impl Membership {
                 self.notes.push(Note::QuicBack);
             }
             self.quic_broken = false;
+            self.quic_retry_after = QUIC_RETRY_EVERY;
         }
         self.wanted = landed.proxies.into_iter().map(|p| p.id).collect();
         let replaces_tcp = self

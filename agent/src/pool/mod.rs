@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_tunnel::{self as transport, Framed, Session, TunnelStream};
+use burrow_tunnel::{self as transport, Framed, Keepalive, Session, Transport, TunnelStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use self::control::{AgentControl, End, Step};
 use self::membership::{
     Advice, Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note,
 };
-pub use self::timing::{Backoff, Due, Liveness};
+pub use self::timing::Backoff;
 
 mod control;
 mod membership;
@@ -53,6 +53,9 @@ pub struct PoolConfig {
     pub host_id: String,
     pub node_name: String,
     pub labels: watch::Receiver<Labels>,
+    /// The keep-alive of every tunnel; `None`: each transport's default
+    /// ([`Keepalive::default_for`]).
+    pub keepalive: Option<Keepalive>,
     /// What answers dial streams to port 3022: the node's SSH server.
     pub dials: Arc<dyn DialService>,
     /// The pool publishes how many tunnels it holds here.
@@ -227,8 +230,8 @@ fn log_notes(addr: &str, notes: Vec<Note>) {
             Note::QuicBack => {
                 tracing::info!("QUIC gets through again; moving tunnels back to QUIC")
             }
-            Note::QuicStillBlocked { reason } => {
-                tracing::debug!(%reason, "QUIC still does not get through")
+            Note::QuicStillBlocked { reason, retry_in } => {
+                tracing::debug!(%reason, ?retry_in, "QUIC still does not get through")
             }
             Note::DialFailed { reason, retry_in } => {
                 tracing::warn!(%addr, %reason, ?retry_in, "cannot open a tunnel")
@@ -292,16 +295,34 @@ async fn dial_with(
     quic: Option<&quinn::Endpoint>,
 ) -> Result<Dialed, DialFailure> {
     let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(e.to_string());
-    let session = match quic {
-        Some(endpoint) => transport::connect_quic(endpoint, &config.addr, config.tls.clone()).await,
-        None => transport::connect_tcp(&config.addr, config.tls.clone()).await,
-    }
-    .map_err(|e| failed(&e))?;
+    let keepalive = |t| config.keepalive.unwrap_or(Keepalive::default_for(t));
+    let (session, keepalive) = match quic {
+        Some(endpoint) => {
+            let k = keepalive(Transport::Quic);
+            (
+                transport::connect_quic(endpoint, &config.addr, config.tls.clone(), k).await,
+                k,
+            )
+        }
+        None => {
+            let k = keepalive(Transport::Tcp);
+            (
+                transport::connect_tcp(&config.addr, config.tls.clone(), k).await,
+                k,
+            )
+        }
+    };
+    let session = session.map_err(|e| failed(&e))?;
     let stream = session.open().await.map_err(|e| failed(&e))?;
     let mut control = Framed::new(stream);
     let labels = config.labels.borrow().clone();
     control
-        .write(&control::hello(&config.host_id, &config.node_name, labels))
+        .write(&control::hello(
+            &config.host_id,
+            &config.node_name,
+            labels,
+            keepalive.interval(),
+        ))
         .await
         .map_err(|e| failed(&e))?;
     let answer = match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
@@ -344,7 +365,7 @@ async fn run_tunnel(
         mut control,
         welcome,
     } = dialed;
-    let mut machine = AgentControl::new(&config.node_name, &welcome, Instant::now());
+    let mut machine = AgentControl::new(&config.node_name, &welcome);
     let proxy_id = welcome.proxy_id;
     let mut labels = config.labels.clone();
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
@@ -370,28 +391,15 @@ async fn run_tunnel(
                     break None;
                 }
                 let current = labels.borrow_and_update().clone();
-                if control.write(&machine.labels_changed(Instant::now(), current)).await.is_err() {
+                if control.write(&machine.labels_changed(current)).await.is_err() {
                     break None;
-                }
-                continue;
-            }
-            _ = tokio::time::sleep_until(machine.poll_timeout()) => {
-                match machine.poll(Instant::now(), || labels.borrow().clone()) {
-                    Err(end) => break Some(end),
-                    Ok(due) => {
-                        for msg in due {
-                            if control.write(&msg).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
                 }
                 continue;
             }
             msg = control.read() => msg,
         };
         match msg {
-            Ok(Some(msg)) => match machine.handle_message(Instant::now(), msg) {
+            Ok(Some(msg)) => match machine.handle_message(msg) {
                 Step::Nothing => {}
                 Step::Proxies(list) => {
                     let _ = events.send(PoolEvent::Proxies(list)).await;
@@ -416,9 +424,6 @@ async fn run_tunnel(
         }
         Some(End::Goodbye { reason }) => {
             tracing::warn!(%proxy_id, %reason, "the proxy closed the tunnel");
-        }
-        Some(End::Dead) => {
-            tracing::warn!(%proxy_id, "the tunnel stopped answering pings; closing it");
         }
         Some(End::Unexpected { kind }) => {
             tracing::warn!(%proxy_id, message = kind, "unexpected message on the control stream; closing the tunnel");

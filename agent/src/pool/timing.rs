@@ -1,16 +1,10 @@
-//! The pool's timing decisions, as plain structs with `now` passed in (tested under a paused
-//! clock): reconnect backoff with full jitter, and when a tunnel pings, heartbeats and counts as
-//! dead.
+//! The pool's reconnect backoff, with full jitter. (When a tunnel counts as dead is the
+//! transport's business: [`burrow_tunnel::Keepalive`].)
 
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use tokio::time::Instant;
 
-const PING_EVERY: Duration = Duration::from_secs(3);
-/// A tunnel that answers no ping for this long is dead.
-const PONG_DEADLINE: Duration = Duration::from_secs(10);
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -51,65 +45,6 @@ impl Backoff {
     /// Back to the smallest ceiling (after a success).
     pub fn reset(&mut self) {
         *self = Self::new(self.min, self.max);
-    }
-}
-
-/// When a tunnel pings and heartbeats, and when it counts as dead. Pure timing, so it is tested
-/// with a paused clock.
-#[derive(Debug)]
-pub struct Liveness {
-    last_pong: Instant,
-    next_ping: Instant,
-    next_heartbeat: Instant,
-    seq: u64,
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Due {
-    pub ping: Option<u64>,
-    pub heartbeat: bool,
-    pub dead: bool,
-}
-
-impl Liveness {
-    pub fn new(now: Instant) -> Self {
-        Self {
-            last_pong: now,
-            next_ping: now + PING_EVERY,
-            next_heartbeat: now + HEARTBEAT_EVERY,
-            seq: 0,
-        }
-    }
-
-    pub fn next_wake(&self) -> Instant {
-        self.next_ping.min(self.next_heartbeat)
-    }
-
-    pub fn pong(&mut self, now: Instant) {
-        self.last_pong = now;
-    }
-
-    /// A heartbeat was just sent (for another reason, like changed labels).
-    pub fn heartbeat_sent(&mut self, now: Instant) {
-        self.next_heartbeat = now + HEARTBEAT_EVERY;
-    }
-
-    pub fn poll(&mut self, now: Instant) -> Due {
-        let mut due = Due::default();
-        if now.duration_since(self.last_pong) >= PONG_DEADLINE {
-            due.dead = true;
-            return due;
-        }
-        if now >= self.next_ping {
-            self.seq += 1;
-            due.ping = Some(self.seq);
-            self.next_ping = now + PING_EVERY;
-        }
-        if now >= self.next_heartbeat {
-            due.heartbeat = true;
-            self.next_heartbeat = now + HEARTBEAT_EVERY;
-        }
-        due
     }
 }
 
@@ -166,36 +101,5 @@ mod tests {
             in_last_10 > 200,
             "only {in_last_10} of 1000 wait more than 20s"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn liveness_pings_heartbeats_and_notices_a_dead_tunnel_within_seconds() {
-        let start = Instant::now();
-        let mut l = Liveness::new(start);
-        let mut pings = 0;
-        let mut heartbeats = 0;
-        // Pongs answer every ping: 35 s of healthy tunnel.
-        while Instant::now() < start + Duration::from_secs(35) {
-            tokio::time::sleep_until(l.next_wake()).await;
-            let due = l.poll(Instant::now());
-            assert!(!due.dead);
-            if due.ping.is_some() {
-                pings += 1;
-                l.pong(Instant::now());
-            }
-            heartbeats += usize::from(due.heartbeat);
-        }
-        assert_eq!(pings, 12, "a ping every 3s");
-        assert_eq!(heartbeats, 3, "a heartbeat every 10s");
-        // Then the peer goes silent: dead within the pong deadline plus one ping period.
-        let silent_from = Instant::now();
-        loop {
-            tokio::time::sleep_until(l.next_wake()).await;
-            if l.poll(Instant::now()).dead {
-                break;
-            }
-        }
-        let noticed = Instant::now() - silent_from;
-        assert!(noticed <= PONG_DEADLINE + PING_EVERY, "{noticed:?}");
     }
 }

@@ -12,9 +12,9 @@ use tunnel_proto::wire::{AuditEvent, Hello, Message, PROTOCOL_VERSION, ProxyEntr
 
 use crate::nodelimits::{self, NodeBudget, PRESENCE_MIN_INTERVAL, short};
 
-/// A tunnel whose control stream is silent this long (agents ping every few seconds) is dead.
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(20);
-/// Presence is rewritten at most this often when nothing changed.
+/// Presence is rewritten this often while the tunnel is up, whether or not the node says
+/// anything: an idle agent sends no messages, and its tunnel's transport (keep-alives, idle
+/// timeout) is what says it is still there.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
 /// How long a node is told to wait before it comes back to a proxy that shuts down.
 pub const RECONNECT_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -52,8 +52,6 @@ pub enum TunnelError {
     /// Sent to the node as a typed refusal.
     #[error("{reason}")]
     Refused { code: Refusal, reason: String },
-    #[error("the agent went silent")]
-    Silent,
     #[error("the node floods its control stream")]
     Flood,
     #[error("the node keeps opening streams nobody asked for")]
@@ -138,7 +136,7 @@ pub struct ProxyControl {
     presence: Presence,
     budget: NodeBudget,
     last_written: Instant,
-    last_heard: Instant,
+    /// The node said something the presence record does not show yet.
     dirty: bool,
 }
 
@@ -149,7 +147,6 @@ impl ProxyControl {
             presence,
             budget: NodeBudget::new(now),
             last_written: now,
-            last_heard: now,
             dirty: false,
         }
     }
@@ -166,12 +163,12 @@ impl ProxyControl {
     }
 
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<Action, TunnelError> {
-        self.last_heard = now;
         if !self.budget.message(now) {
             return Err(TunnelError::Flood);
         }
         let host_id = &self.presence.host_id;
         match msg {
+            // Agents before keep-alives moved to the transport still ping.
             Message::Ping { seq } => Ok(Action::Send(Message::Pong { seq })),
             Message::Heartbeat(hb) => {
                 // The name is the certificate's; a heartbeat cannot rename the node.
@@ -188,11 +185,9 @@ impl ProxyControl {
                     self.presence.version = version;
                     self.dirty = true;
                 }
-                // Backend writes a node causes are bounded, whatever it sends.
-                let since = now.duration_since(self.last_written);
-                if (self.dirty && since >= PRESENCE_MIN_INTERVAL) || since >= PRESENCE_REFRESH {
-                    self.last_written = now;
-                    self.dirty = false;
+                // Backend writes a node causes are bounded, whatever it sends: a change within
+                // the interval is written when it ends (see `poll`).
+                if self.write_due(now) {
                     return Ok(Action::WritePresence);
                 }
                 Ok(Action::Nothing)
@@ -224,18 +219,30 @@ impl ProxyControl {
         }
     }
 
-    /// When [`Self::poll`] must run if the node sends nothing.
+    /// When the presence record is next due: a change as soon as the write interval allows,
+    /// else the refresh.
     pub fn poll_timeout(&self) -> Instant {
-        self.last_heard + SILENCE_LIMIT
+        self.last_written
+            + if self.dirty {
+                PRESENCE_MIN_INTERVAL
+            } else {
+                PRESENCE_REFRESH
+            }
     }
 
-    /// Whether the node went silent for too long.
-    pub fn poll(&self, now: Instant) -> Result<(), TunnelError> {
-        if now >= self.poll_timeout() {
-            Err(TunnelError::Silent)
-        } else {
-            Ok(())
+    /// Whether the presence record is due at `now` ([`Self::poll_timeout`]); if so it counts
+    /// as written.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        self.write_due(now)
+    }
+
+    fn write_due(&mut self, now: Instant) -> bool {
+        if now < self.poll_timeout() {
+            return false;
         }
+        self.last_written = now;
+        self.dirty = false;
+        true
     }
 
     /// The cluster's live proxies or the return window changed: the update to push.
@@ -268,6 +275,7 @@ mod tests {
             host_id: host_id.into(),
             node_name: "n1".into(),
             labels: Labels::from([("env".to_string(), "prod".to_string())]),
+            keepalive_ms: None,
         }
     }
 
@@ -419,6 +427,29 @@ mod tests {
     }
 
     #[test]
+    fn presence_of_a_silent_node_is_refreshed_and_a_late_change_written_when_due() {
+        let start = Instant::now();
+        let mut c = ProxyControl::new(presence(), start);
+        // The node says nothing at all: presence is still rewritten every refresh.
+        assert_eq!(c.poll_timeout(), start + PRESENCE_REFRESH);
+        assert!(!c.poll(start + PRESENCE_REFRESH / 2));
+        let refresh = start + PRESENCE_REFRESH;
+        assert!(c.poll(refresh));
+        assert!(!c.poll(refresh), "written twice for one refresh");
+        assert_eq!(c.poll_timeout(), refresh + PRESENCE_REFRESH);
+        // A label change right after a write waits for the interval, then is written by the
+        // timer even if the node says nothing more.
+        let soon = refresh + Duration::from_secs(1);
+        assert_eq!(
+            c.handle_message(soon, heartbeat("z")).unwrap(),
+            Action::Nothing
+        );
+        assert_eq!(c.poll_timeout(), refresh + PRESENCE_MIN_INTERVAL);
+        assert!(c.poll(c.poll_timeout()));
+        assert_eq!(c.presence(7).labels["env"], "z");
+    }
+
+    #[test]
     fn a_flood_or_unwanted_streams_end_the_tunnel() {
         let now = Instant::now();
         let mut c = ProxyControl::new(presence(), now);
@@ -431,18 +462,6 @@ mod tests {
             .map(|_| c.handle_unwanted_stream())
             .find_map(Result::err);
         assert!(matches!(closed, Some(TunnelError::UnwantedStreams)));
-    }
-
-    #[test]
-    fn a_silent_node_is_dropped_and_any_message_keeps_it() {
-        let start = Instant::now();
-        let mut c = ProxyControl::new(presence(), start);
-        assert!(c.poll(start + SILENCE_LIMIT / 2).is_ok());
-        c.handle_message(start + SILENCE_LIMIT / 2, Message::Ping { seq: 1 })
-            .unwrap();
-        assert!(c.poll(start + SILENCE_LIMIT).is_ok());
-        assert_eq!(c.poll_timeout(), start + SILENCE_LIMIT * 3 / 2);
-        assert!(matches!(c.poll(c.poll_timeout()), Err(TunnelError::Silent)));
     }
 
     #[test]

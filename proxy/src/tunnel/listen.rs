@@ -75,7 +75,10 @@ pub async fn serve_tcp(
         let server = server.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            burrow_tunnel::set_tcp_keepalive(&tcp);
+            burrow_tunnel::set_tcp_keepalive(
+                &tcp,
+                burrow_tunnel::Keepalive::default_for(burrow_tunnel::Transport::Tcp),
+            );
             let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await;
             drop(place);
             match handshake {

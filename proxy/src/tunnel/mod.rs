@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burrow_tunnel::{Framed, Session, TunnelStream};
+use burrow_tunnel::{Framed, Keepalive, Session, TunnelStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -345,6 +345,9 @@ impl TunnelServer {
             }
             Err(e) => return Err(e),
         };
+        if let Some(ms) = hello.keepalive_ms {
+            session.set_keepalive(Keepalive::clamped(Duration::from_millis(ms)));
+        }
         let mut pushed = self.pushed.subscribe();
         let Pushed {
             proxies,
@@ -448,8 +451,11 @@ impl TunnelServer {
                     }
                     None => return Ok(()),
                 },
+                // The tunnel is up, so the node is: its transport's keep-alives say so.
                 _ = tokio::time::sleep_until(machine.poll_timeout().into()) => {
-                    machine.poll(Instant::now())?;
+                    if machine.poll(Instant::now()) {
+                        self.write_presence(machine.presence(unix_now())).await;
+                    }
                     continue;
                 }
                 msg = control.read() => match msg? {

@@ -166,7 +166,10 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
         request_timeout,
     } = c;
     let _ = tcp.set_nodelay(true);
-    burrow_tunnel::set_tcp_keepalive(&tcp);
+    burrow_tunnel::set_tcp_keepalive(
+        &tcp,
+        burrow_tunnel::Keepalive::default_for(burrow_tunnel::Transport::Tcp),
+    );
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

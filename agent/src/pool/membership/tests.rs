@@ -187,20 +187,30 @@ fn blocked_udp_falls_back_to_tcp_and_quic_replaces_each_tcp_tunnel_when_it_retur
             quic_retry: true
         }
     );
-    // Still blocked: nothing changes, no backoff grows, the retry comes again later.
-    let blocked = DialOutcome {
-        plan: retry,
-        result: Err(DialFailure::Failed("no QUIC answer".into())),
-        quic_failed: true,
+    // Still blocked: the tunnel stays on TCP and each retry waits twice as long as the last,
+    // up to the cap (a network that blocks UDP for good is not probed every 10 s).
+    let mut waits = Vec::new();
+    let retry = loop {
+        let blocked = DialOutcome {
+            plan: retry,
+            result: Err(DialFailure::Failed("no QUIC answer".into())),
+            quic_failed: true,
+        };
+        assert_eq!(m.handle_dialed(now, blocked), Decision::Retry);
+        assert!(matches!(
+            m.take_notes()[..],
+            [Note::QuicStillBlocked { .. }]
+        ));
+        let next = m.poll_timeout(now);
+        waits.push((next - now).as_secs());
+        now = next;
+        let retry = m.poll_dial(now).unwrap();
+        assert!(retry.quic_retry);
+        if waits.len() == 8 {
+            break retry;
+        }
     };
-    assert_eq!(m.handle_dialed(now, blocked), Decision::Retry);
-    assert!(matches!(
-        m.take_notes()[..],
-        [Note::QuicStillBlocked { .. }]
-    ));
-    now = m.poll_timeout(now);
-    let retry = m.poll_dial(now).unwrap();
-    assert!(retry.quic_retry);
+    assert_eq!(waits, [20, 40, 80, 160, 320, 640, 900, 900]);
     // QUIC gets through: the QUIC tunnel replaces the TCP one to the same proxy.
     assert_eq!(
         m.handle_dialed(now, landed(retry, "a", Transport::Quic, &["a"])),
