@@ -72,8 +72,8 @@ pub struct StartArgs {
     #[arg(long, value_enum, value_name = "MODE")]
     pub transport: Option<TransportMode>,
     /// How often an idle tunnel sends a keep-alive (e.g. 25s, 2m; 5s to 30m): shorter than the
-    /// NAT's idle timeout, and the proxy counts as dead 20s after one goes unanswered
-    /// [default: 25s over QUIC, 40s over TCP].
+    /// NAT's idle timeout. A dead proxy is noticed within twice this plus 10s over QUIC, this
+    /// plus 20s over TCP [default: 25s over QUIC, 40s over TCP: a minute either way].
     #[arg(long, value_name = "DURATION")]
     pub keepalive: Option<String>,
     /// Do not verify the proxy's web certificate when joining (development only: a token can be
@@ -299,9 +299,10 @@ proxy: proxy.example.com:3080
 transport: auto
 
 # How often an idle tunnel sends a keep-alive, 5s to 30m: keep it under the idle timeout of the
-# NAT in front of this node. A dead proxy or path is noticed 20s after one goes unanswered. Each
-# costs about 120 bytes with its answer, per proxy: 25s is about 17 KB an hour over QUIC.
-# Default: 25s over QUIC (NATs forget UDP after about 30s), 40s over TCP.
+# NAT in front of this node. A dead proxy or path is noticed within twice this plus 10s over
+# QUIC, this plus 20s over TCP. Each costs about 120 bytes with its answer, per proxy: 25s is
+# about 17 KB an hour over QUIC. Default: 25s over QUIC (NATs forget UDP after about 30s), 40s
+# over TCP; a dead proxy is noticed within a minute either way.
 #keepalive: 25s
 
 # Also serve SSH on a local address, besides the tunnels ("off" by default).

@@ -7,6 +7,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 /// How long a daemon may take to print a line we wait for. Generous: CI machines are slow.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -164,6 +166,8 @@ pub struct Proxy {
     pub daemon: Daemon,
     pub data_dir: PathBuf,
     pub web_addr: String,
+    /// The network namespace it runs in (`burrowctl` runs there too); `None`: this host's.
+    pub netns: Option<String>,
 }
 
 impl Proxy {
@@ -180,6 +184,17 @@ impl Proxy {
 
     /// Starts several proxies at the same moment, then waits until each serves.
     pub fn start_many(specs: &[(&Path, &[&str])]) -> Vec<Proxy> {
+        Self::start_many_in(None, specs)
+    }
+
+    /// Starts a proxy inside network namespace `ns` (its addresses given in `extra`).
+    pub fn start_in(ns: &str, data_dir: &Path, extra: &[&str]) -> Proxy {
+        Self::start_many_in(Some(ns), &[(data_dir, extra)])
+            .pop()
+            .unwrap()
+    }
+
+    fn start_many_in(ns: Option<&str>, specs: &[(&Path, &[&str])]) -> Vec<Proxy> {
         let daemons: Vec<Daemon> = specs
             .iter()
             .map(|(data_dir, extra)| {
@@ -192,6 +207,9 @@ impl Proxy {
                     cmd.args(["--ssh-listen", "127.0.0.1:0"]);
                 }
                 cmd.args(*extra);
+                if let Some(ns) = ns {
+                    cmd = netns::in_netns(ns, &cmd);
+                }
                 Daemon::spawn(cmd, "burrow-proxy")
             })
             .collect();
@@ -207,6 +225,7 @@ impl Proxy {
                     daemon,
                     data_dir: data_dir.to_path_buf(),
                     web_addr,
+                    netns: ns.map(str::to_string),
                 }
             })
             .collect()
@@ -219,12 +238,12 @@ impl Proxy {
 
     /// Runs `burrowctl` against this proxy the way an admin on the proxy host would.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        bin("burrowctl")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(args)
-            .output()
-            .unwrap()
+        let mut cmd = bin("burrowctl");
+        cmd.arg("--data-dir").arg(&self.data_dir).args(args);
+        if let Some(ns) = &self.netns {
+            cmd = netns::in_netns(ns, &cmd);
+        }
+        cmd.output().unwrap()
     }
 
     /// Runs `burrowctl ... --format json` and parses stdout; panics if it failed.

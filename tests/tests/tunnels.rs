@@ -217,7 +217,7 @@ async fn dial(
     quic: bool,
 ) -> Result<transport::Session, transport::TransportError> {
     if quic {
-        let endpoint = transport::quic_client_endpoint(false).unwrap();
+        let endpoint = transport::quic_client_endpoint().unwrap();
         let keepalive = transport::Keepalive::default_for(transport::Transport::Quic);
         transport::connect_quic(&endpoint, addr, config.clone(), keepalive).await
     } else {

@@ -3,9 +3,10 @@
 //! Only the agent, the side behind NAT, sends keep-alives, and only what the transport itself
 //! offers: a QUIC PING every interval (quinn's keep-alive), or a TCP keep-alive probe (the
 //! kernel's, no payload) on a connection idle for the interval. Each costs about a hundred bytes
-//! with its acknowledgement. A peer that stops answering is dead [`Keepalive::dead_after`] the
-//! last packet heard from it: QUIC's idle timeout (the agent's value wins, being the smaller one
-//! both ends advertise), TCP's probe count and user timeout. The proxy learns the agent's interval
+//! with its acknowledgement. A peer that stops answering counts as dead within
+//! [`Keepalive::dead_after`] of the last packet heard from it: QUIC's idle timeout (the agent's
+//! value wins, being the smaller one both ends advertise), TCP's probe count and user timeout.
+//! The proxy learns the agent's interval
 //! from its hello and uses it for its own TCP probes, so a link configured for a long interval
 //! is not probed more often from the other end.
 
@@ -35,9 +36,12 @@ impl Keepalive {
     /// NATs keep TCP mappings for minutes to hours; this is what bounds noticing a dead proxy to
     /// a minute ([`Self::dead_after`]).
     pub const TCP_DEFAULT: Duration = Duration::from_secs(40);
-    /// How long after a keep-alive goes unanswered the peer counts as dead: QUIC retransmits
-    /// its PING in that time, TCP sends [`TCP_PROBES`] probes.
-    pub const GRACE: Duration = Duration::from_secs(20);
+    /// TCP: how long after a probe goes unanswered the peer counts as dead ([`TCP_PROBES`] more
+    /// probes).
+    pub const TCP_GRACE: Duration = Duration::from_secs(20);
+    /// QUIC: how much longer than the interval the idle timeout is, so that a keep-alive lost
+    /// and retransmitted (a few PTOs on a lossy cellular link) still arrives in time.
+    pub const QUIC_SLACK: Duration = Duration::from_secs(10);
 
     pub fn new(interval: Duration) -> Result<Self, KeepaliveError> {
         if (Self::MIN..=Self::MAX).contains(&interval) {
@@ -67,9 +71,20 @@ impl Keepalive {
         self.interval
     }
 
-    /// How long after the last packet heard from it a silent peer counts as dead.
-    pub fn dead_after(self) -> Duration {
-        self.interval + Self::GRACE
+    /// QUIC's idle timeout for this interval.
+    pub fn quic_idle_timeout(self) -> Duration {
+        self.interval + Self::QUIC_SLACK
+    }
+
+    /// At most how long after the last packet heard from it a silent peer counts as dead. QUIC
+    /// restarts its idle timer when it sends the first keep-alive after hearing from the peer
+    /// (RFC 9000, 10.1), so a dead peer is noticed an interval plus the idle timeout after the
+    /// last packet; TCP gives up [`Self::TCP_GRACE`] after its first unanswered probe.
+    pub fn dead_after(self, transport: Transport) -> Duration {
+        match transport {
+            Transport::Quic => self.interval + self.quic_idle_timeout(),
+            Transport::Tcp => self.interval + Self::TCP_GRACE,
+        }
     }
 
     /// Sets the kernel's keep-alive probes and user timeout on a tunnel's TCP socket.
@@ -83,17 +98,18 @@ impl Keepalive {
         }
         // Unacknowledged data (a session's bytes on a dead path) is bounded by the same time as
         // an idle connection; without it Linux retries for about fifteen minutes.
-        if let Err(e) = socket.set_tcp_user_timeout(Some(self.dead_after())) {
+        if let Err(e) = socket.set_tcp_user_timeout(Some(self.dead_after(Transport::Tcp))) {
             tracing::debug!(error = %e, "cannot set the TCP user timeout");
         }
     }
 }
 
 /// TCP probes after the first unanswered one: `TCP_PROBES` of them `TCP_PROBE_EVERY` apart fill
-/// [`Keepalive::GRACE`].
+/// [`Keepalive::TCP_GRACE`].
 const TCP_PROBE_EVERY: Duration = Duration::from_secs(5);
 const TCP_PROBES: u32 = 4;
-const _: () = assert!(TCP_PROBE_EVERY.as_secs() * TCP_PROBES as u64 == Keepalive::GRACE.as_secs());
+const _: () =
+    assert!(TCP_PROBE_EVERY.as_secs() * TCP_PROBES as u64 == Keepalive::TCP_GRACE.as_secs());
 
 /// A keep-alive asked of a TLS + yamux tunnel's socket, which its driver task owns: applied by
 /// the socket's wrapper at its next read or write (the proxy writes its welcome right after).
@@ -128,8 +144,11 @@ mod tests {
     fn defaults_fit_nat_and_notice_a_dead_peer_within_a_minute() {
         for t in [Transport::Quic, Transport::Tcp] {
             let k = Keepalive::default_for(t);
-            assert!(k.dead_after() <= Duration::from_secs(60), "{t}: {k:?}");
+            assert!(k.dead_after(t) <= Duration::from_secs(60), "{t}: {k:?}");
         }
+        // An idle QUIC connection must not time out between two keep-alives.
+        let k = Keepalive::default_for(Transport::Quic);
+        assert!(k.quic_idle_timeout() > k.interval());
         assert!(Keepalive::default_for(Transport::Quic).interval() < Duration::from_secs(30));
     }
 

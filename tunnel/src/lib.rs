@@ -368,7 +368,7 @@ pub async fn connect_quic(
     let mut transport = transport_config(MAX_STREAMS);
     transport
         .keep_alive_interval(Some(keepalive.interval()))
-        .max_idle_timeout(Some(idle_timeout(keepalive.dead_after())));
+        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
     config.transport_config(Arc::new(transport));
     let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
@@ -403,15 +403,28 @@ fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     t
 }
 
-/// A client endpoint on an ephemeral UDP port, for every QUIC tunnel of one agent.
-pub fn quic_client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if ipv6 {
-        "[::]:0".parse()
-    } else {
-        "0.0.0.0:0".parse()
-    }
-    .expect("valid");
-    quinn::Endpoint::client(bind)
+/// A client endpoint on an ephemeral UDP port, for every QUIC tunnel of one agent: one
+/// dual-stack socket, so that proxies on IPv4 and IPv6 addresses are both reached (and a path
+/// that changes family still has a socket), or IPv4 only where the host has no IPv6.
+pub fn quic_client_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let socket = match dual_stack_udp() {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::debug!(error = %e, "no IPv6 UDP socket; QUIC over IPv4 only");
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?
+        }
+    };
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+fn dual_stack_udp() -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+    Ok(socket.into())
 }
 
 /// How many bytes of secret [`quic_server_endpoint`] takes.
@@ -438,7 +451,7 @@ pub fn quic_server_endpoint(
     // what both ends use.
     let mut transport = transport_config(1);
     transport.max_idle_timeout(Some(idle_timeout(
-        Keepalive::clamped(Keepalive::MAX).dead_after(),
+        Keepalive::clamped(Keepalive::MAX).quic_idle_timeout(),
     )));
     config.transport_config(Arc::new(transport));
 

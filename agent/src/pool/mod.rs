@@ -123,7 +123,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
     let config = Arc::new(config);
     let endpoint = match config.mode {
         TransportMode::Tcp => None,
-        _ => Some(transport::quic_client_endpoint(false)?),
+        _ => Some(transport::quic_client_endpoint()?),
     };
     let (events_tx, mut events) = mpsc::channel::<PoolEvent>(64);
     let mut pool = Membership::new(config.mode, Instant::now());
@@ -406,7 +406,14 @@ async fn run_tunnel(
                 }
                 Step::End(end) => break Some(end),
             },
-            Ok(None) => break None,
+            Ok(None) => {
+                let reason = session.close_reason();
+                let reason = reason
+                    .as_deref()
+                    .unwrap_or("the proxy ended the control stream");
+                tracing::warn!(%proxy_id, %reason, "the tunnel closed");
+                break None;
+            }
             Err(e) => {
                 // The tunnel's own reason ("reset by peer", "timed out") says more than the
                 // stream's "connection lost".

@@ -1,0 +1,276 @@
+//! A test bed in network namespaces: an agent's host on a private network behind a NAT router,
+//! and the "internet" where the proxies and the users are.
+//!
+//! ```text
+//!  agent ns                 router ns                          public ns
+//!  192.168.77.2 --- lan 192.168.77.1 | wan 203.0.113.2 --- 203.0.113.1 (proxies, ssh users)
+//!  fd77::2          fd77::1          | 2001:db8:113::2      2001:db8:113::1
+//! ```
+//!
+//! The router masquerades IPv4 from the private network (random source ports, so a forgotten
+//! mapping comes back as a new one), routes IPv6 without NAT, and forwards nothing new from the
+//! outside in (a stateful firewall, as home routers and carriers do). Every address lives only
+//! inside these namespaces (documentation and private ranges), so no packet leaves them. The bed
+//! is torn down on drop. [`NatBed::create`] says why it cannot run where namespaces or nftables
+//! are not allowed, for the test to skip with that message.
+
+use std::process::{Command, Stdio};
+
+pub const PUBLIC_IP: &str = "203.0.113.1";
+pub const ROUTER_WAN_IP: &str = "203.0.113.2";
+/// The router's outside address after [`NatBed::change_public_address`].
+pub const ROUTER_WAN_IP_2: &str = "203.0.113.3";
+pub const AGENT_IP: &str = "192.168.77.2";
+pub const PUBLIC_IP6: &str = "2001:db8:113::1";
+
+pub struct NatBed {
+    pub public: String,
+    pub router: String,
+    pub agent: String,
+}
+
+/// `cmd` run inside namespace `ns` (program, arguments and environment kept).
+pub fn in_netns(ns: &str, cmd: &Command) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        c.current_dir(dir);
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The router's rules. `block` is where tests add drops (UDP, everything); `forward` lets only
+/// what the inside started come back in.
+const RULES: &str = "
+table inet bed {
+  chain block { }
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    jump block
+    ct state established,related accept
+    iifname \"lan\" accept
+  }
+  chain postrouting {
+    type nat hook postrouting priority 100;
+    oifname \"wan\" meta nfproto ipv4 masquerade random
+  }
+}
+";
+
+impl NatBed {
+    /// Builds the bed, or says why it cannot (not root, no namespaces, no nftables).
+    pub fn create() -> Result<NatBed, String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        if !nix::unistd::geteuid().is_root() {
+            return Err("network namespaces need root".into());
+        }
+        for tool in ["ip", "nft", "conntrack"] {
+            if Command::new(tool).arg("-V").output().is_err() {
+                return Err(format!(
+                    "{tool} is not installed: run ./scripts/install-deps.sh"
+                ));
+            }
+        }
+        let id = format!(
+            "bt{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let bed = NatBed {
+            public: format!("{id}p"),
+            router: format!("{id}r"),
+            agent: format!("{id}a"),
+        };
+        for ns in [&bed.public, &bed.router, &bed.agent] {
+            run(&["ip", "netns", "add", ns])?;
+        }
+        bed.build()?;
+        Ok(bed)
+    }
+
+    fn build(&self) -> Result<(), String> {
+        let (p, r, a) = (&self.public, &self.router, &self.agent);
+        let ip = |ns: &str, rest: &str| {
+            let mut args = vec!["ip", "-n", ns];
+            args.extend(rest.split_whitespace());
+            run(&args)
+        };
+        for ns in [p, r, a] {
+            ip(ns, "link set lo up")?;
+        }
+        // Each veth pair is created in its first namespace, its peer moved to the second.
+        ip(
+            p,
+            &format!("link add pub type veth peer name wan netns {r}"),
+        )?;
+        ip(
+            a,
+            &format!("link add eth0 type veth peer name lan netns {r}"),
+        )?;
+        ip(p, &format!("addr add {PUBLIC_IP}/24 dev pub"))?;
+        ip(p, &format!("addr add {PUBLIC_IP6}/64 dev pub nodad"))?;
+        ip(r, &format!("addr add {ROUTER_WAN_IP}/24 dev wan"))?;
+        ip(r, "addr add 2001:db8:113::2/64 dev wan nodad")?;
+        ip(r, "addr add 192.168.77.1/24 dev lan")?;
+        ip(r, "addr add fd77::1/64 dev lan nodad")?;
+        ip(a, &format!("addr add {AGENT_IP}/24 dev eth0"))?;
+        ip(a, "addr add fd77::2/64 dev eth0 nodad")?;
+        for (ns, dev) in [(p, "pub"), (r, "wan"), (r, "lan"), (a, "eth0")] {
+            ip(ns, &format!("link set {dev} up"))?;
+        }
+        ip(a, "route add default via 192.168.77.1")?;
+        ip(a, "-6 route add default via fd77::1")?;
+        // The public side knows the way to the agent's IPv6 prefix (it is routed, not hidden);
+        // its IPv4 network stays unreachable behind the NAT.
+        ip(p, "-6 route add fd77::/64 via 2001:db8:113::2")?;
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(&["ip", "netns", "exec", r, "sysctl", "-q", "-w", key])?;
+        }
+        self.nft(RULES)
+    }
+
+    fn nft(&self, script: &str) -> Result<(), String> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.router, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Drops every UDP packet the router would forward (QUIC blocked), or stops doing so.
+    pub fn block_udp(&self, blocked: bool) {
+        self.set_block(blocked.then_some("meta l4proto udp drop"));
+    }
+
+    /// Drops everything the router would forward (the link is down), or stops doing so.
+    pub fn link_down(&self, down: bool) {
+        self.set_block(down.then_some("drop"));
+    }
+
+    fn set_block(&self, rule: Option<&str>) {
+        let mut script = "flush chain inet bed block\n".to_string();
+        if let Some(rule) = rule {
+            script += &format!("add rule inet bed block {rule}\n");
+        }
+        self.nft(&script).unwrap();
+    }
+
+    /// The router forgets every NAT mapping (as a NAT does after its idle timeout).
+    pub fn forget_mappings(&self) {
+        // conntrack exits 1 when there was nothing to delete.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.router, "conntrack", "-F"])
+            .output();
+    }
+
+    /// The agent's IPv6 address is replaced by another in the same prefix (a device renumbered,
+    /// or moving between networks without NAT).
+    pub fn change_agent_address6(&self) {
+        let a = &self.agent;
+        run(&[
+            "ip",
+            "-n",
+            a,
+            "addr",
+            "add",
+            "fd77::3/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+        run(&["ip", "-n", a, "addr", "del", "fd77::2/64", "dev", "eth0"]).unwrap();
+    }
+
+    /// The router's outside address changes (a phone moving to another cell): its mappings go
+    /// with the old address.
+    pub fn change_public_address(&self) {
+        let r = &self.router;
+        // Without this, removing the old (primary) address takes the new one with it.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            r,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.wan.promote_secondaries=1",
+        ])
+        .unwrap();
+        run(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{ROUTER_WAN_IP_2}/24"),
+            "dev",
+            "wan",
+        ])
+        .unwrap();
+        run(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "del",
+            &format!("{ROUTER_WAN_IP}/24"),
+            "dev",
+            "wan",
+        ])
+        .unwrap();
+        self.forget_mappings();
+    }
+}
+
+impl Drop for NatBed {
+    fn drop(&mut self) {
+        for ns in [&self.agent, &self.router, &self.public] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}

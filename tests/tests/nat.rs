@@ -1,0 +1,429 @@
+//! The agent on a real network: behind a NAT router in network namespaces (`burrow_tests::netns`),
+//! with the proxy and the users on the other side. Skipped, with the reason, where namespaces
+//! cannot be made (not root, no nftables).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use burrow_tests::netns::{self, NatBed, ROUTER_WAN_IP};
+use burrow_tests::*;
+
+const WEB: &str = "203.0.113.1:3080";
+const SSH: &str = "203.0.113.1:3023";
+/// The same proxy on the public side's IPv6 address.
+const WEB6: &str = "[2001:db8:113::1]:3080";
+const SSH6: &str = "[2001:db8:113::1]:3023";
+
+struct World {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    proxy: Proxy,
+    login: String,
+    web: &'static str,
+    ssh: &'static str,
+    /// Last, so that it is torn down after the daemons in it stopped.
+    bed: NatBed,
+}
+
+impl World {
+    /// A proxy on the public side, a user certificate and an ssh config; `None` (after saying
+    /// why) where the bed cannot be built.
+    fn new() -> Option<World> {
+        Self::on(WEB, SSH)
+    }
+
+    /// The proxy on IPv6 only: the agent's path to it is IPv6 end to end (no NAT).
+    fn ipv6() -> Option<World> {
+        Self::on(WEB6, SSH6)
+    }
+
+    fn on(web: &'static str, ssh: &'static str) -> Option<World> {
+        let bed = match NatBed::create() {
+            Ok(bed) => bed,
+            Err(why) => {
+                eprintln!("skipping: {why}");
+                return None;
+            }
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let proxy = Proxy::start_in(
+            &bed.public,
+            &dir.join("proxy"),
+            &["--web-listen", web, "--ssh-listen", ssh],
+        );
+        let login = text(&Command::new("id").arg("-un").output().unwrap().stdout)
+            .trim()
+            .to_string();
+        let signed = proxy.ctl(&[
+            "auth",
+            "sign",
+            "--user",
+            "alice",
+            "--logins",
+            &login,
+            "--ttl",
+            "1h",
+            "--out",
+            dir.join("alice").to_str().unwrap(),
+        ]);
+        assert!(signed.status.success(), "{}", text(&signed.stderr));
+        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
+        assert!(known.status.success());
+        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
+        std::fs::write(
+            dir.join("ssh_config"),
+            format!(
+                "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile {}\n  IdentitiesOnly yes\n  ConnectTimeout 20\n  ServerAliveInterval 5\n  LogLevel ERROR\n",
+                dir.join("known_hosts").display(),
+                dir.join("alice").display()
+            ),
+        )
+        .unwrap();
+        Some(World {
+            bed,
+            _tmp: tmp,
+            dir,
+            proxy,
+            login,
+            web,
+            ssh,
+        })
+    }
+
+    /// An agent in the private network, joined and holding its tunnel.
+    fn agent(&self, name: &str, extra: &[&str]) -> Daemon {
+        let token = self.proxy.node_token(&[]);
+        let mut cmd = bin("burrow-agent");
+        cmd.args(["start", "--proxy", self.web, "--ca-pin", &self.proxy.pin()])
+            .args(["--nodename", name, "--token", &token])
+            .arg("--data-dir")
+            .arg(self.dir.join(name))
+            .args(extra);
+        let mut agent = Daemon::spawn(netns::in_netns(&self.bed.agent, &cmd), "burrow-agent");
+        agent.wait_for("tunnel up");
+        agent
+    }
+
+    /// `ssh -J` from the public side to `node`, running `command`.
+    fn ssh(&self, node: &str, command: &str) -> Output {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(self.dir.join("ssh_config"))
+            .args(["-J", &format!("alice@{}", self.ssh), "-p", "3022"])
+            .arg(format!("{}@{node}", self.login))
+            .arg(command);
+        netns::in_netns(&self.bed.public, &cmd).output().unwrap()
+    }
+
+    fn transports(&self, data: &Path) -> Option<serde_json::Value> {
+        nodes(&self.proxy)
+            .get(&host_id(data))
+            .map(|n| n["transports"].clone())
+    }
+
+    fn wait_for_transport(&self, data: &Path, want: &str, agent: &Daemon) {
+        eventually(WAIT, || {
+            (self.transports(data)? == serde_json::json!([want])).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "wanted a {want} tunnel, nodes ls shows {:?}\n{}",
+                self.transports(data),
+                agent.log()
+            )
+        });
+    }
+}
+
+fn echo_ok(out: &Output, want: &str) {
+    assert!(
+        out.status.success() && text(&out.stdout).trim() == want,
+        "ssh exited {:?}: stdout {:?}, stderr {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn behind_nat_the_agent_joins_and_serves_ssh_and_nothing_gets_in() {
+    let Some(w) = World::new() else { return };
+    let _agent = w.agent("edge", &["--ssh-listen", "0.0.0.0:3022"]);
+    // The proxy sees the router's outside address, never the agent's own.
+    let log = w.proxy.daemon.log();
+    assert!(
+        log.contains(&format!("peer={ROUTER_WAN_IP}:")),
+        "the tunnel did not come through the NAT: {log}"
+    );
+    assert!(!log.contains(netns::AGENT_IP), "{log}");
+    echo_ok(&w.ssh("edge", "echo through-the-nat"), "through-the-nat");
+
+    // Nothing from the public side reaches into the private network, not even the agent's own
+    // SSH listener with a route to it: the router forwards nothing new inwards.
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &w.bed.public,
+            "route",
+            "add",
+            "192.168.77.0/24",
+            "via",
+        ])
+        .arg(ROUTER_WAN_IP)
+        .status()
+        .unwrap();
+    assert!(route.success());
+    let probe = format!(
+        "import socket; s = socket.socket(); s.settimeout(3)\n\
+         try:\n  s.connect(('{}', 3022)); print('open')\n\
+         except OSError as e:\n  print('closed', e)",
+        netns::AGENT_IP
+    );
+    let mut python = Command::new("python3");
+    python.args(["-c", &probe]);
+    let out = netns::in_netns(&w.bed.public, &python).output().unwrap();
+    assert!(
+        text(&out.stdout).starts_with("closed"),
+        "the private network was reachable from outside: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // ... while from inside, the listener is there (the probe above could fail only one way).
+    let inside = netns::in_netns(&w.bed.agent, &python).output().unwrap();
+    assert!(text(&inside.stdout).starts_with("open"), "{inside:?}");
+}
+
+#[test]
+fn udp_dropped_at_the_router_moves_the_agent_to_tcp_and_back_to_quic() {
+    let Some(w) = World::new() else { return };
+    w.bed.block_udp(true);
+    let data = w.dir.join("edge");
+    let mut agent = w.agent("edge", &["--transport", "auto"]);
+    agent.wait_for("QUIC does not get through");
+    w.wait_for_transport(&data, "tcp", &agent);
+    echo_ok(&w.ssh("edge", "echo over-tcp"), "over-tcp");
+
+    w.bed.block_udp(false);
+    agent.wait_for("QUIC gets through again");
+    w.wait_for_transport(&data, "quic", &agent);
+    echo_ok(&w.ssh("edge", "echo over-quic"), "over-quic");
+}
+
+/// The router forgets its mappings; the agent's next packet leaves from another port. Over QUIC
+/// the proxy follows the connection to its new address (the tunnel is never lost); over TCP the
+/// proxy resets the unknown connection and the agent dials again. Either way a dial made
+/// afterwards works, once the agent's next keep-alive (5 s here) has gone out.
+fn forgotten_mappings(transport: &str) {
+    let Some(w) = World::new() else { return };
+    let data = w.dir.join("edge");
+    let agent = w.agent("edge", &["--transport", transport, "--keepalive", "5s"]);
+    w.wait_for_transport(&data, transport, &agent);
+    echo_ok(&w.ssh("edge", "echo before"), "before");
+    w.bed.forget_mappings();
+    let after = eventually(Duration::from_secs(60), || {
+        let out = w.ssh("edge", "echo after");
+        out.status.success().then_some(out)
+    })
+    .unwrap_or_else(|| panic!("no dial got through after the NAT forgot\n{}", agent.log()));
+    echo_ok(&after, "after");
+    w.wait_for_transport(&data, transport, &agent);
+    let log = agent.log();
+    let tunnels_up = log.matches("tunnel up").count();
+    if transport == "quic" {
+        assert_eq!(tunnels_up, 1, "the QUIC tunnel was lost:\n{log}");
+    } else {
+        assert!(tunnels_up >= 2, "the TCP tunnel never redialed:\n{log}");
+    }
+}
+
+#[test]
+fn a_nat_that_forgets_its_mappings_loses_no_quic_tunnel() {
+    forgotten_mappings("quic");
+}
+
+#[test]
+fn a_nat_that_forgets_its_mappings_costs_a_tcp_tunnel_one_redial() {
+    forgotten_mappings("tcp");
+}
+
+/// Starts `ssh` printing a numbered line every 0.2 s for 8 s, and returns once the first line
+/// came through.
+fn start_counting_session(
+    w: &World,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-F")
+        .arg(w.dir.join("ssh_config"))
+        .args(["-J", &format!("alice@{}", w.ssh), "-p", "3022"])
+        .arg(format!("{}@edge", w.login))
+        .arg("for i in $(seq 1 40); do echo $i; sleep 0.2; done");
+    let mut child = netns::in_netns(&w.bed.public, &cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), "1", "the session did not start");
+    (child, out)
+}
+
+#[test]
+fn a_new_public_address_keeps_an_ssh_session_going_over_quic() {
+    use std::io::Read;
+    let Some(w) = World::new() else { return };
+    let agent = w.agent("edge", &["--transport", "quic"]);
+    let (mut child, mut out) = start_counting_session(&w);
+    // The phone moves to another cell: the router's outside address is replaced mid-session.
+    w.bed.change_public_address();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let lines: Vec<&str> = rest.lines().collect();
+    let want: Vec<String> = (2..=40).map(|i| i.to_string()).collect();
+    assert!(
+        status.success() && lines == want,
+        "the session did not survive the move: exit {status:?}, got {lines:?}, stderr {stderr}\n{}",
+        agent.log()
+    );
+    // The same tunnel carried it: the agent never dialed again.
+    assert_eq!(
+        agent.log().matches("tunnel up").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn a_new_public_address_makes_a_tcp_agent_dial_again_at_once() {
+    let Some(w) = World::new() else { return };
+    let agent = w.agent("edge", &["--transport", "tcp"]);
+    let (mut child, _out) = start_counting_session(&w);
+    w.bed.change_public_address();
+    // The session's next bytes leave from the new address; the proxy resets the connection it
+    // does not know, and the agent dials again without waiting for a keep-alive.
+    let redialed = eventually(Duration::from_secs(20), || {
+        (agent.log().matches("tunnel up").count() >= 2).then_some(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(redialed.is_some(), "no new tunnel:\n{}", agent.log());
+    echo_ok(&w.ssh("edge", "echo moved"), "moved");
+    let log = w.proxy.daemon.log();
+    assert!(
+        log.contains(&format!("peer={}:", netns::ROUTER_WAN_IP_2)),
+        "the new tunnel does not come from the new address: {log}"
+    );
+}
+
+#[test]
+fn over_ipv6_quic_works_falls_back_to_tcp_and_keeps_a_session_across_an_address_change() {
+    use std::io::Read;
+    let Some(w) = World::ipv6() else { return };
+    let data = w.dir.join("edge");
+    // A short keep-alive, so that the blocked path below is noticed within 25 s.
+    let mut agent = w.agent("edge", &["--transport", "auto", "--keepalive", "5s"]);
+    w.wait_for_transport(&data, "quic", &agent);
+    assert!(
+        !agent.log().contains("QUIC does not get through"),
+        "{}",
+        agent.log()
+    );
+    echo_ok(&w.ssh("edge", "echo over-ipv6"), "over-ipv6");
+
+    // The device gets a new IPv6 address mid-session (no NAT: its own address changes): the
+    // QUIC tunnel follows it and the session goes on.
+    let (mut child, mut out) = start_counting_session(&w);
+    w.bed.change_agent_address6();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let want: Vec<String> = (2..=40).map(|i| i.to_string()).collect();
+    assert!(
+        status.success() && rest.lines().collect::<Vec<_>>() == want,
+        "the session did not survive the new address: {status:?} {rest:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.log().matches("tunnel up").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+
+    // UDP blocked on the IPv6 path: the agent falls back to TCP, as over IPv4.
+    w.bed.block_udp(true);
+    agent.wait_for("the tunnel closed");
+    agent.wait_for("QUIC does not get through");
+    w.wait_for_transport(&data, "tcp", &agent);
+    echo_ok(&w.ssh("edge", "echo ipv6-tcp"), "ipv6-tcp");
+}
+
+/// The path dies, with the default keep-alives: an outage of 30 s is ridden out (QUIC keeps its
+/// tunnel; TCP may have to dial again), a path dead for good is noticed (within a minute by
+/// design), and the agent is back as soon as the link is.
+fn dead_path(transport: &str) {
+    let Some(w) = World::new() else { return };
+    let data = w.dir.join("edge");
+    let agent = w.agent("edge", &["--transport", transport]);
+    w.bed.link_down(true);
+    std::thread::sleep(Duration::from_secs(30));
+    w.bed.link_down(false);
+    let back = eventually(Duration::from_secs(60), || {
+        let out = w.ssh("edge", "echo back");
+        out.status.success().then_some(out)
+    })
+    .unwrap_or_else(|| panic!("no SSH after the link came back\n{}", agent.log()));
+    echo_ok(&back, "back");
+    if transport == "quic" {
+        assert_eq!(
+            agent.log().matches("tunnel up").count(),
+            1,
+            "{}",
+            agent.log()
+        );
+    }
+    let before = agent.log().matches("tunnel up").count();
+
+    w.bed.link_down(true);
+    let noticed = eventually(Duration::from_secs(90), || {
+        agent.log().contains("tunnel down").then_some(())
+    });
+    w.bed.link_down(false);
+    assert!(
+        noticed.is_some(),
+        "a dead path was never noticed\n{}",
+        agent.log()
+    );
+    eventually(WAIT, || {
+        (agent.log().matches("tunnel up").count() > before).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agent did not come back\n{}", agent.log()));
+    w.wait_for_transport(&data, transport, &agent);
+    echo_ok(&w.ssh("edge", "echo again"), "again");
+}
+
+#[test]
+fn a_dead_quic_path_is_noticed_and_a_short_outage_is_ridden_out() {
+    dead_path("quic");
+}
+
+#[test]
+fn a_dead_tcp_path_is_noticed_and_the_agent_comes_back() {
+    dead_path("tcp");
+}
