@@ -122,6 +122,14 @@ impl NatBed {
             run(&args)
         };
         for ns in [p, r, a] {
+            // No duplicate address detection: an address (link-local ones included, which
+            // neighbour discovery needs) is usable the moment it is added.
+            for key in [
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ] {
+                run(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", key])?;
+            }
             ip(ns, "link set lo up")?;
         }
         // Each veth pair is created in its first namespace, its peer moved to the second.
@@ -152,7 +160,26 @@ impl NatBed {
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             run(&["ip", "netns", "exec", r, "sysctl", "-q", "-w", key])?;
         }
-        self.nft(RULES)
+        self.nft(RULES)?;
+        self.wait_for_addresses()
+    }
+
+    /// Waits (bounded) until no IPv6 address in the bed is still tentative.
+    fn wait_for_addresses(&self) -> Result<(), String> {
+        for _ in 0..100 {
+            let tentative = [&self.public, &self.router, &self.agent].iter().any(|ns| {
+                Command::new("ip")
+                    .args(["-n", ns, "-6", "addr", "show", "tentative"])
+                    .output()
+                    .map(|o| !o.stdout.is_empty())
+                    .unwrap_or(true)
+            });
+            if !tentative {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err("IPv6 addresses in the bed stay tentative".into())
     }
 
     fn nft(&self, script: &str) -> Result<(), String> {
