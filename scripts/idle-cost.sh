@@ -14,6 +14,7 @@
 # Needs: tcpdump and ss (run as root for the capture); python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 root=$PWD
 command="scripts/idle-cost.sh $*"
 minutes=10
@@ -41,37 +42,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_for() { # FILE PATTERN SECONDS
-  local deadline=$((SECONDS + $3))
-  while [ $SECONDS -lt "$deadline" ]; do
-    grep -q "$2" "$1" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "timed out waiting for '$2' in $1:" >&2
-  tail -20 "$1" >&2
-  return 1
-}
-
-# A free loopback port for TCP and UDP, below the ephemeral range.
-free_port() {
-  python3 - <<'PY'
-import random, socket
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-for _ in range(2000):
-    port = random.randrange(10000, max(low, 11000))
-    try:
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            with socket.socket(socket.AF_INET, kind) as s:
-                s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    print(port)
-    break
-else:
-    raise SystemExit("no free loopback port below the ephemeral range")
-PY
-}
 
 port=$(free_port)
 "$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen "127.0.0.1:$port" \

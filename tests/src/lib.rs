@@ -328,6 +328,20 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     }
 }
 
+/// Writes an ssh_config for the tests' OpenSSH client: `key` (with its certificate beside it),
+/// strict host key checking against `known_hosts` only, no prompts, bounded waits.
+pub fn write_ssh_config(path: &Path, known_hosts: &Path, key: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile {}\n  IdentitiesOnly yes\n  ConnectTimeout 20\n  ServerAliveInterval 5\n  LogLevel ERROR\n",
+            known_hosts.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+}
+
 /// A loopback port nothing listens on, free for TCP and UDP, for a daemon to bind later.
 ///
 /// Picked below the kernel's ephemeral range (`ip_local_port_range`): a port the kernel handed

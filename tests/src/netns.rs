@@ -212,6 +212,13 @@ impl NatBed {
         self.set_block(blocked.then_some("meta l4proto udp drop"));
     }
 
+    /// Drops `percent` % of what the router forwards, at random, both ways (`None`: no loss).
+    /// (Delay would need `sch_netem`, which not every kernel here has.)
+    pub fn lose(&self, percent: Option<u32>) {
+        let rule = percent.map(|p| format!("numgen random mod 100 < {p} drop"));
+        self.set_block(rule.as_deref());
+    }
+
     /// Drops everything the router would forward (the link is down), or stops doing so.
     pub fn link_down(&self, down: bool) {
         self.set_block(down.then_some("drop"));

@@ -72,15 +72,11 @@ impl World {
         let known = proxy.ctl(&["auth", "export", "--type", "host"]);
         assert!(known.status.success());
         std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
-        std::fs::write(
-            dir.join("ssh_config"),
-            format!(
-                "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile {}\n  IdentitiesOnly yes\n  ConnectTimeout 20\n  ServerAliveInterval 5\n  LogLevel ERROR\n",
-                dir.join("known_hosts").display(),
-                dir.join("alice").display()
-            ),
-        )
-        .unwrap();
+        write_ssh_config(
+            &dir.join("ssh_config"),
+            &dir.join("known_hosts"),
+            &dir.join("alice"),
+        );
         Some(World {
             bed,
             _tmp: tmp,
@@ -107,14 +103,18 @@ impl World {
     }
 
     /// `ssh -J` from the public side to `node`, running `command`.
-    fn ssh(&self, node: &str, command: &str) -> Output {
+    fn ssh_command(&self, node: &str, command: &str) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.arg("-F")
             .arg(self.dir.join("ssh_config"))
             .args(["-J", &format!("alice@{}", self.ssh), "-p", "3022"])
             .arg(format!("{}@{node}", self.login))
             .arg(command);
-        netns::in_netns(&self.bed.public, &cmd).output().unwrap()
+        netns::in_netns(&self.bed.public, &cmd)
+    }
+
+    fn ssh(&self, node: &str, command: &str) -> Output {
+        self.ssh_command(node, command).output().unwrap()
     }
 
     fn transports(&self, data: &Path) -> Option<serde_json::Value> {
@@ -257,13 +257,8 @@ fn start_counting_session(
     std::io::BufReader<std::process::ChildStdout>,
 ) {
     use std::io::BufRead;
-    let mut cmd = Command::new("ssh");
-    cmd.arg("-F")
-        .arg(w.dir.join("ssh_config"))
-        .args(["-J", &format!("alice@{}", w.ssh), "-p", "3022"])
-        .arg(format!("{}@edge", w.login))
-        .arg("for i in $(seq 1 40); do echo $i; sleep 0.2; done");
-    let mut child = netns::in_netns(&w.bed.public, &cmd)
+    let mut child = w
+        .ssh_command("edge", "for i in $(seq 1 40); do echo $i; sleep 0.2; done")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -426,4 +421,45 @@ fn a_dead_quic_path_is_noticed_and_a_short_outage_is_ridden_out() {
 #[test]
 fn a_dead_tcp_path_is_noticed_and_the_agent_comes_back() {
     dead_path("tcp");
+}
+
+/// 5 % of packets lost both ways: SSH sessions work and carry every byte, and the tunnel does
+/// not flap (the keep-alives' retransmissions get through well within the idle timeout).
+fn lossy_link(transport: &str) {
+    let Some(w) = World::new() else { return };
+    let agent = w.agent("edge", &["--transport", transport]);
+    w.bed.lose(Some(5));
+    for round in 0..3 {
+        // 256 KiB from the node through the lossy link, every byte there.
+        let out = w.ssh("edge", "head -c 262144 /dev/zero");
+        assert!(
+            out.status.success()
+                && out.stdout.len() == 262_144
+                && out.stdout.iter().all(|b| *b == 0),
+            "round {round}: exit {:?}, {} bytes, {}\n{}",
+            out.status.code(),
+            out.stdout.len(),
+            text(&out.stderr),
+            agent.log()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(30));
+    echo_ok(&w.ssh("edge", "echo still-here"), "still-here");
+    w.bed.lose(None);
+    assert_eq!(
+        agent.log().matches("tunnel up").count(),
+        1,
+        "the tunnel flapped:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn five_percent_loss_neither_breaks_sessions_nor_flaps_a_quic_tunnel() {
+    lossy_link("quic");
+}
+
+#[test]
+fn five_percent_loss_neither_breaks_sessions_nor_flaps_a_tcp_tunnel() {
+    lossy_link("tcp");
 }

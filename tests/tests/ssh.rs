@@ -74,15 +74,7 @@ impl Setup {
     /// An ssh_config using `key` and `known_hosts`; -J passes -F on to the jump's ssh.
     fn config(&self, key: &str, known_hosts: &str) -> PathBuf {
         let path = self.dir.join(format!("ssh_config-{key}-{known_hosts}"));
-        std::fs::write(
-            &path,
-            format!(
-                "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile {}\n  IdentitiesOnly yes\n  ConnectTimeout 20\n  ServerAliveInterval 5\n  LogLevel ERROR\n",
-                self.dir.join(known_hosts).display(),
-                self.dir.join(key).display()
-            ),
-        )
-        .unwrap();
+        write_ssh_config(&path, &self.dir.join(known_hosts), &self.dir.join(key));
         path
     }
 
