@@ -10,6 +10,7 @@
 #   --smoke    seconds-long run: 20 agents, 8 MiB, nothing written (what CI runs)
 #   --no-write print only; do not append to BENCHMARKS.md
 # Needs: openssh-client and openssh-server (sshd for the OpenSSH baseline; run as root for it).
+# AGENT_BIN=PATH runs the SSH bulk rows with that agent binary (a static cross build, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -259,7 +260,7 @@ done
 # ---- SSH bulk: Burrow (proxy + tunnel) vs an OpenSSH jump host ----------------------------------
 bulk_burrow() { # TRANSPORT
   local node_dir=$work/node-$1
-  "$bin/burrow-agent" start --proxy "127.0.0.1:$proxy_port" --ca-pin "$pin" --token "$token" \
+  "${AGENT_BIN:-$bin/burrow-agent}" start --proxy "127.0.0.1:$proxy_port" --ca-pin "$pin" --token "$token" \
     --nodename "bulk-$1" --data-dir "$node_dir" --transport "$1" 2>"$work/agent-$1.log" &
   local agent_pid=$!
   pids+=("$agent_pid")
