@@ -271,6 +271,23 @@ impl Proxy {
             .to_string()
     }
 
+    /// `burrowctl auth sign`: a key at `out` with a user certificate for `logins`, valid `ttl`.
+    pub fn sign_user(&self, user: &str, logins: &str, ttl: &str, out: &Path) {
+        let signed = self.ctl(&[
+            "auth",
+            "sign",
+            "--user",
+            user,
+            "--logins",
+            logins,
+            "--ttl",
+            ttl,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(signed.status.success(), "{}", text(&signed.stderr));
+    }
+
     /// Creates a node token and returns its value.
     pub fn node_token(&self, extra: &[&str]) -> String {
         let mut args = vec!["tokens", "add", "--type", "node"];

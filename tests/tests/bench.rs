@@ -91,19 +91,7 @@ fn simulated_agents_answer_dials_through_the_jump_host_with_an_echo() {
     assert_eq!(names, ["bench-0", "bench-1", "bench-2"]);
 
     let key = dir.path().join("alice");
-    let signed = proxy.ctl(&[
-        "auth",
-        "sign",
-        "--user",
-        "alice",
-        "--logins",
-        "bench",
-        "--ttl",
-        "10m",
-        "--out",
-        key.to_str().unwrap(),
-    ]);
-    assert!(signed.status.success(), "{}", text(&signed.stderr));
+    proxy.sign_user("alice", "bench", "10m", &key);
     let known = proxy.ctl(&["auth", "export", "--type", "host"]);
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, &known.stdout).unwrap();

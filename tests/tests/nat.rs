@@ -56,19 +56,7 @@ impl World {
         let login = text(&Command::new("id").arg("-un").output().unwrap().stdout)
             .trim()
             .to_string();
-        let signed = proxy.ctl(&[
-            "auth",
-            "sign",
-            "--user",
-            "alice",
-            "--logins",
-            &login,
-            "--ttl",
-            "1h",
-            "--out",
-            dir.join("alice").to_str().unwrap(),
-        ]);
-        assert!(signed.status.success(), "{}", text(&signed.stderr));
+        proxy.sign_user("alice", &login, "1h", &dir.join("alice"));
         let known = proxy.ctl(&["auth", "export", "--type", "host"]);
         assert!(known.status.success());
         std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();

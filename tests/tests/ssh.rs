@@ -56,19 +56,7 @@ impl Setup {
     }
 
     fn sign(&self, user: &str, logins: &str, ttl: &str, out: &str) {
-        let out = self.proxy.ctl(&[
-            "auth",
-            "sign",
-            "--user",
-            user,
-            "--logins",
-            logins,
-            "--ttl",
-            ttl,
-            "--out",
-            self.dir.join(out).to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        self.proxy.sign_user(user, logins, ttl, &self.dir.join(out));
     }
 
     /// An ssh_config using `key` and `known_hosts`; -J passes -F on to the jump's ssh.
