@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The agent's footprint on a small device: resident memory idle and at its peak during SSH bulk
+# transfers (256 MiB each way), and CPU while idle, for one agent per transport holding a tunnel
+# to one proxy on 127.0.0.1.
+#
+# Usage: scripts/agent-footprint.sh [AGENT_BINARY] [--idle-seconds N]
+#   AGENT_BINARY  default: the static x86_64 build (./cross/build.sh --agent-only
+#                 x86_64-unknown-linux-musl), as shipped
+# Needs: openssh-client; run as root (the sessions log in as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+agent=target/x86_64-unknown-linux-musl/release/burrow-agent
+idle=60
+while [ $# -gt 0 ]; do
+  case $1 in
+    --idle-seconds) idle=$2; shift 2 ;;
+    *) agent=$1; shift ;;
+  esac
+done
+[ -x "$agent" ] || { echo "no agent at $agent: run ./cross/build.sh --agent-only x86_64-unknown-linux-musl" >&2; exit 1; }
+cargo build --quiet -p burrow-proxy -p burrowctl
+bin=target/debug
+
+work=$(mktemp -d /tmp/burrow-footprint.XXXXXX)
+pids=()
+cleanup() {
+  {
+    for p in "${pids[@]}"; do kill "$p" || true; done
+    wait || true
+  } 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(free_port)
+ssh_port=$(free_port)
+"$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen "127.0.0.1:$port" \
+  --ssh-listen "127.0.0.1:$ssh_port" --cluster-name footprint 2>"$work/proxy.log" &
+pids+=($!)
+wait_for "$work/proxy.log" "web API listening" 30
+ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
+token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+ctl auth sign --user alice --logins root --ttl 1h --out "$work/alice" >/dev/null
+ctl auth export --type host >"$work/known_hosts"
+printf 'Host *\n  UserKnownHostsFile %s\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile %s\n  IdentitiesOnly yes\n  LogLevel ERROR\n' \
+  "$work/known_hosts" "$work/alice" >"$work/ssh_config"
+
+declare -A pid
+for t in quic tcp; do
+  "$agent" start --proxy "127.0.0.1:$port" --token "$token" --ca-pin "$pin" \
+    --data-dir "$work/agent-$t" --nodename "fp-$t" --transport "$t" 2>"$work/agent-$t.log" &
+  pid[$t]=$!
+  pids+=($!)
+done
+for t in quic tcp; do wait_for "$work/agent-$t.log" "tunnel up" 30; done
+sleep 5
+
+kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A rss t0
+for t in quic tcp; do rss[$t]=$(kb "${pid[$t]}" VmRSS); t0[$t]=$(ticks "${pid[$t]}"); done
+sleep "$idle"
+hz=$(getconf CLK_TCK)
+printf '%-6s %-16s %-22s %-20s %s\n' agent "idle RSS" "idle CPU ($idle s)" "peak RSS (bulk)" "binary"
+for t in quic tcp; do
+  cpu=$(awk -v d=$(($(ticks "${pid[$t]}") - ${t0[$t]})) -v hz="$hz" -v s="$idle" \
+    'BEGIN { printf "%.3f %% of a core", 100 * d / hz / s }')
+  ssh_to="ssh -F $work/ssh_config -J alice@127.0.0.1:$ssh_port -p 3022 root@fp-$t"
+  head -c 268435456 /dev/zero | $ssh_to 'cat > /dev/null'
+  got=$($ssh_to 'head -c 268435456 /dev/zero' | wc -c)
+  [ "$got" -eq 268435456 ] || { echo "bulk through $t lost bytes: $got" >&2; exit 1; }
+  printf '%-6s %-16s %-22s %-20s %s\n' "$t" "${rss[$t]} kB" "$cpu" "$(kb "${pid[$t]}" VmHWM) kB" "$agent ($(stat -c %s "$agent") bytes)"
+done
