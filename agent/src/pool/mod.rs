@@ -295,24 +295,21 @@ async fn dial_with(
     quic: Option<&quinn::Endpoint>,
 ) -> Result<Dialed, DialFailure> {
     let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(e.to_string());
-    let keepalive = |t| config.keepalive.unwrap_or(Keepalive::default_for(t));
-    let (session, keepalive) = match quic {
-        Some(endpoint) => {
-            let k = keepalive(Transport::Quic);
-            (
-                transport::connect_quic(endpoint, &config.addr, config.tls.clone(), k).await,
-                k,
-            )
-        }
-        None => {
-            let k = keepalive(Transport::Tcp);
-            (
-                transport::connect_tcp(&config.addr, config.tls.clone(), k).await,
-                k,
-            )
-        }
+    let over = if quic.is_some() {
+        Transport::Quic
+    } else {
+        Transport::Tcp
     };
-    let session = session.map_err(|e| failed(&e))?;
+    let keepalive = config
+        .keepalive
+        .unwrap_or_else(|| Keepalive::default_for(over));
+    let session = match quic {
+        Some(endpoint) => {
+            transport::connect_quic(endpoint, &config.addr, config.tls.clone(), keepalive).await
+        }
+        None => transport::connect_tcp(&config.addr, config.tls.clone(), keepalive).await,
+    }
+    .map_err(|e| failed(&e))?;
     let stream = session.open().await.map_err(|e| failed(&e))?;
     let mut control = Framed::new(stream);
     let labels = config.labels.borrow().clone();
@@ -351,8 +348,8 @@ async fn dial_with(
     }
 }
 
-/// Owns one tunnel: drives its control session (pings, heartbeats, proxy lists, audit events
-/// going up) and serves its dial streams.
+/// Owns one tunnel: drives its control session (heartbeats when labels change, proxy lists,
+/// audit events going up; keep-alives are the transport's) and serves its dial streams.
 async fn run_tunnel(
     config: Arc<PoolConfig>,
     dialed: Dialed,
