@@ -22,30 +22,10 @@ done
 cargo build --quiet -p burrow-proxy -p burrowctl
 bin=target/debug
 
-work=$(mktemp -d /tmp/burrow-footprint.XXXXXX)
-pids=()
-cleanup() {
-  {
-    for p in "${pids[@]}"; do kill "$p" || true; done
-    wait || true
-  } 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+scratch_dir burrow-footprint
 
-port=$(free_port)
-ssh_port=$(free_port)
-"$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen "127.0.0.1:$port" \
-  --ssh-listen "127.0.0.1:$ssh_port" --cluster-name footprint 2>"$work/proxy.log" &
-pids+=($!)
-wait_for "$work/proxy.log" "web API listening" 30
-ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
-token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
-ctl auth sign --user alice --logins root --ttl 1h --out "$work/alice" >/dev/null
-ctl auth export --type host >"$work/known_hosts"
-printf 'Host *\n  UserKnownHostsFile %s\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityFile %s\n  IdentitiesOnly yes\n  LogLevel ERROR\n' \
-  "$work/known_hosts" "$work/alice" >"$work/ssh_config"
+start_scratch_proxy footprint
+user_ssh_config alice root
 
 declare -A pid
 for t in quic tcp; do

@@ -42,16 +42,7 @@ else
   bin=$root/target/release
 fi
 
-work=$(mktemp -d /tmp/burrow-bench.XXXXXX)
-pids=()
-cleanup() {
-  {
-    for p in "${pids[@]}"; do kill -9 "$p" || true; done
-    wait || true
-  } 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+scratch_dir burrow-bench
 
 results=()
 row() { # NAME VALUE BASELINE RATIO
@@ -103,17 +94,7 @@ echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
 printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
 
 login=$(id -un)
-ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key" >/dev/null
-ctl auth export --type host >"$work/known_hosts"
-cat >"$work/ssh_config" <<CONFIG
-Host *
-  UserKnownHostsFile $work/known_hosts
-  StrictHostKeyChecking yes
-  IdentityFile $work/key
-  IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-CONFIG
+user_ssh_config "$login" "$login"
 
 # The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
 openssh_servers=false

@@ -32,25 +32,9 @@ command -v tcpdump >/dev/null || { echo "tcpdump is not installed: run ./scripts
 cargo build --quiet --bins
 bin=$root/target/debug
 
-work=$(mktemp -d /tmp/burrow-idle.XXXXXX)
-pids=()
-cleanup() {
-  {
-    for p in "${pids[@]}"; do kill "$p" || true; done
-    wait || true
-  } 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+scratch_dir burrow-idle
 
-port=$(free_port)
-"$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen "127.0.0.1:$port" \
-  --ssh-listen "127.0.0.1:$(free_port)" --cluster-name idle 2>"$work/proxy.log" &
-pids+=($!)
-wait_for "$work/proxy.log" "web API listening" 30
-ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
-token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+start_scratch_proxy idle
 
 # name transport keepalive (empty: the default)
 agents=("quic-default quic " "tcp-default tcp " "quic-5s quic 5s" "tcp-5s tcp 5s")

@@ -32,3 +32,47 @@ else:
     raise SystemExit("no free loopback port below the ephemeral range")
 PY
 }
+
+# A scratch directory $work, removed on exit, and $pids, the background processes killed then.
+scratch_dir() { # PREFIX
+  work=$(mktemp -d "/tmp/$1.XXXXXX")
+  pids=()
+  trap scratch_cleanup EXIT
+}
+scratch_cleanup() {
+  {
+    for p in "${pids[@]}"; do kill -9 "$p" || true; done
+    wait || true
+  } 2>/dev/null
+  rm -rf "$work"
+}
+
+# A proxy from $bin on free loopback ports with its data in $work/proxy; sets $port (web and
+# tunnels), $ssh_port, a one-hour node $token, the cluster's $pin, and `ctl` (burrowctl on it).
+start_scratch_proxy() { # CLUSTER_NAME
+  port=$(free_port)
+  ssh_port=$(free_port)
+  "$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen "127.0.0.1:$port" \
+    --ssh-listen "127.0.0.1:$ssh_port" --cluster-name "$1" 2>"$work/proxy.log" &
+  pids+=($!)
+  wait_for "$work/proxy.log" "web API listening" 30
+  ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
+  token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+  pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+}
+
+# A user key with a certificate for LOGINS ($work/key), the cluster's host CA as
+# $work/known_hosts, and $work/ssh_config using both, strictly and without prompts. Needs `ctl`.
+user_ssh_config() { # USER LOGINS
+  ctl auth sign --user "$1" --logins "$2" --ttl 1h --out "$work/key" >/dev/null
+  ctl auth export --type host >"$work/known_hosts"
+  cat >"$work/ssh_config" <<CONFIG
+Host *
+  UserKnownHostsFile $work/known_hosts
+  StrictHostKeyChecking yes
+  IdentityFile $work/key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+}

@@ -187,7 +187,7 @@ impl ProxyControl {
                 }
                 // Backend writes a node causes are bounded, whatever it sends: a change within
                 // the interval is written when it ends (see `poll`).
-                if self.write_due(now) {
+                if self.poll(now) {
                     return Ok(Action::WritePresence);
                 }
                 Ok(Action::Nothing)
@@ -233,10 +233,6 @@ impl ProxyControl {
     /// Whether the presence record is due at `now` ([`Self::poll_timeout`]); if so it counts
     /// as written.
     pub fn poll(&mut self, now: Instant) -> bool {
-        self.write_due(now)
-    }
-
-    fn write_due(&mut self, now: Instant) -> bool {
         if now < self.poll_timeout() {
             return false;
         }
