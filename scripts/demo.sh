@@ -6,6 +6,7 @@
 # (pass --keep to leave the cluster running until Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 keep=false
 [ "${1:-}" = "--keep" ] && keep=true
@@ -23,19 +24,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_for() { # FILE PATTERN: up to 10 s
-  for _ in $(seq 1 100); do
-    grep -q "$2" "$1" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 echo "==> starting a proxy (cluster 'demo', data in $work/proxy)"
 "$bin/burrow-proxy" start --data-dir "$work/proxy" --web-listen 127.0.0.1:0 --cluster-name demo \
   --ssh-listen 127.0.0.1:0 2>"$work/proxy.log" &
 pids+=($!)
-wait_for "$work/proxy.log" "web API listening" || { cat "$work/proxy.log"; echo "the proxy did not start"; exit 1; }
+wait_for "$work/proxy.log" "web API listening" 10 || { cat "$work/proxy.log"; echo "the proxy did not start"; exit 1; }
 ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
 
 echo "==> burrowctl status"
@@ -53,7 +46,7 @@ echo "==> burrow-agent start --token $work/agent/token --proxy $proxy_addr --ca-
 "$bin/burrow-agent" start --token "$work/agent/token" --proxy "$proxy_addr" --ca-pin "$pin" \
   --data-dir "$work/agent" --nodename demo-node 2>"$work/agent.log" &
 pids+=($!)
-wait_for "$work/agent.log" "tunnel up" || true
+wait_for "$work/agent.log" "tunnel up" 10 || true
 cat "$work/agent.log"
 grep -q "joined the cluster" "$work/agent.log" || { echo "the agent did not join"; exit 1; }
 grep -q "tunnel up" "$work/agent.log" || { echo "the agent opened no tunnel"; exit 1; }
@@ -64,16 +57,7 @@ ctl nodes ls
 login=$(id -un)
 ssh_addr=$(sed -n 's/.*SSH jump host listening on \([0-9.:]*\).*/\1/p' "$work/proxy.log" | head -1)
 echo "==> burrowctl auth sign --user $login --logins $login --ttl 1h --out $work/key"
-ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$work/key"
-ctl auth export --type host >"$work/known_hosts"
-cat >"$work/ssh_config" <<CONFIG
-Host *
-  UserKnownHostsFile $work/known_hosts
-  StrictHostKeyChecking yes
-  IdentityFile $work/key
-  IdentitiesOnly yes
-  BatchMode yes
-CONFIG
+user_ssh_config "$login" "$login"
 echo "==> ssh -F $work/ssh_config -J $login@$ssh_addr -p 3022 $login@demo-node"
 ssh -F "$work/ssh_config" -J "$login@$ssh_addr" -p 3022 "$login@demo-node" \
   'echo "hello from $(hostname) as $(whoami), through the tunnel"'
