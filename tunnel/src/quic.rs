@@ -1,0 +1,142 @@
+//! QUIC tunnels (quinn): the agent's client endpoint and dials, the proxy's server endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keepalive::Keepalive;
+use crate::{
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW, Session, TransportError,
+};
+
+/// Dials a QUIC tunnel from `endpoint`.
+pub async fn connect_quic(
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    keepalive: Keepalive,
+) -> Result<Session, TransportError> {
+    let fail = |reason: String| TransportError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("no address".into()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = transport_config(MAX_STREAMS);
+    transport
+        .keep_alive_interval(Some(keepalive.interval()))
+        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
+    config.transport_config(Arc::new(transport));
+    let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
+    let connecting = endpoint
+        .connect_with(config, target, host)
+        .map_err(|e| fail(e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| fail("no QUIC answer (is UDP blocked?)".into()))?
+        .map_err(|e| TransportError::Handshake {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(Session::from_quic(conn))
+}
+
+fn idle_timeout(d: Duration) -> quinn::IdleTimeout {
+    d.try_into()
+        .expect("a keep-alive's bounds fit QUIC's idle timeout")
+}
+
+/// QUIC settings shared by both ends; `peer_streams`: how many bidirectional streams the peer
+/// may have open at once. Neither end sends keep-alives here: the agent adds its own
+/// ([`connect_quic`]), and the proxy never sends one ([`keepalive`]).
+fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(None)
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .max_concurrent_bidi_streams(peer_streams.into())
+        .max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// A client endpoint on an ephemeral UDP port, for every QUIC tunnel of one agent: one
+/// dual-stack socket, so that proxies on IPv4 and IPv6 addresses are both reached (and a path
+/// that changes family still has a socket), or IPv4 only where the host has no IPv6.
+pub fn quic_client_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let socket = match dual_stack_udp() {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::debug!(error = %e, "no IPv6 UDP socket; QUIC over IPv4 only");
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?
+        }
+    };
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+fn dual_stack_udp() -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+    Ok(socket.into())
+}
+
+/// How many bytes of secret [`quic_server_endpoint`] takes.
+pub const QUIC_SECRET_LEN: usize = 64;
+
+/// A server endpoint for QUIC tunnels on `addr`.
+///
+/// `secret` is kept by the proxy across restarts: it keys the endpoint's stateless resets and its
+/// connection IDs, so that after a crash and restart the new process recognises the old
+/// connections' IDs and answers an agent's next packet with a reset the agent can verify. The
+/// agent then reconnects at once instead of after its idle timeout.
+pub fn quic_server_endpoint(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    secret: &[u8; QUIC_SECRET_LEN],
+) -> std::io::Result<quinn::Endpoint> {
+    use ring::hmac;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::other(format!("QUIC needs TLS 1.3: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // An agent opens one stream, its control stream: a second one is refused by QUIC flow
+    // control itself, before a byte of it is buffered.
+    // The proxy's idle timeout is the longest an agent may ask for: the agent's smaller one is
+    // what both ends use.
+    let mut transport = transport_config(1);
+    transport.max_idle_timeout(Some(idle_timeout(
+        Keepalive::clamped(Keepalive::MAX).quic_idle_timeout(),
+    )));
+    config.transport_config(Arc::new(transport));
+
+    let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let derive = |label: &[u8]| hmac::sign(&root, label);
+    let reset_key = hmac::Key::new(
+        hmac::HMAC_SHA256,
+        derive(b"burrow quic stateless reset").as_ref(),
+    );
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derive(b"burrow quic connection id").as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // A fleet whose proxy restarted sends one packet per agent within a keep-alive: answer them
+    // all within seconds (quinn's default, one reset per 20 ms, takes minutes for 10,000). A reset
+    // is always smaller than the packet that incited it, so this amplifies nothing.
+    endpoint.min_reset_interval(Duration::from_micros(100));
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
+}
