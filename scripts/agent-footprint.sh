@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The agent's footprint on a small device: resident memory idle and at its peak during SSH bulk
 # transfers (256 MiB each way), and CPU while idle, for one agent per transport holding a tunnel
-# to one proxy on 127.0.0.1.
+# to one proxy on 127.0.0.1; then the idle RSS of one agent holding three tunnels (TCP) to three
+# proxies on etcd behind a haproxy round-robin balancer.
 #
 # Usage: scripts/agent-footprint.sh [AGENT_BINARY] [--idle-seconds N]
 #   AGENT_BINARY  default: the static x86_64 build (./cross/build.sh --agent-only
 #                 x86_64-unknown-linux-musl), as shipped
-# Needs: openssh-client; run as root (the sessions log in as root).
+# Needs: openssh-client, etcd, haproxy; run as root (the sessions log in as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -53,3 +54,18 @@ for t in quic tcp; do
   [ "$got" -eq 268435456 ] || { echo "bulk through $t lost bytes: $got" >&2; exit 1; }
   printf '%-6s %-16s %-22s %-20s %s\n' "$t" "${rss[$t]} kB" "$cpu" "$(kb "${pid[$t]}" VmHWM) kB" "$agent ($(stat -c %s "$agent") bytes)"
 done
+
+# Three tunnels: one agent given only a round-robin balancer in front of three proxies on etcd,
+# as a fleet runs. Over TCP only: the balancer (haproxy) carries no UDP.
+start_scratch_cluster footprint3 3
+"$agent" start --proxy "$lb" --token "$token" --ca-pin "$pin" --data-dir "$work/agent-3" \
+  --nodename fp-3 --transport tcp 2>"$work/agent-3.log" &
+three=$!
+pids+=($three)
+for _ in $(seq 600); do
+  [ "$(grep -c 'tunnel up' "$work/agent-3.log")" -ge 3 ] && break
+  sleep 0.1
+done
+[ "$(grep -c 'tunnel up' "$work/agent-3.log")" -ge 3 ] || { echo "the agent holds fewer than three tunnels:" >&2; tail "$work/agent-3.log" >&2; exit 1; }
+sleep "$idle"
+printf '%-6s %-16s (three tunnels, behind a balancer, after %s s idle)\n' tcp "$(kb "$three" VmRSS) kB" "$idle"

@@ -76,3 +76,50 @@ Host *
   LogLevel ERROR
 CONFIG
 }
+
+# COUNT proxies from $bin on one etcd, behind a haproxy round-robin balancer at $lb (their public
+# address), as a fleet's agents see a cluster; their data in $work/proxyN. Sets $lb, $ssh_port
+# (proxy 0's jump host), a one-hour node $token, the cluster's $pin, and `ctl` (on proxy 0).
+# Needs etcd and haproxy (./scripts/install-deps.sh).
+start_scratch_cluster() { # CLUSTER_NAME COUNT
+  local client peer i haproxy_cfg
+  client=$(free_port); peer=$(free_port)
+  etcd --name scratch --data-dir "$work/etcd" --listen-metrics-urls '' \
+    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "scratch=http://127.0.0.1:$peer" 2>"$work/etcd.log" &
+  pids+=($!)
+  wait_for "$work/etcd.log" "ready to serve client requests" 30
+  lb=127.0.0.1:$(free_port)
+  haproxy_cfg=$work/haproxy.cfg
+  printf 'global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch\nfrontend tunnels\n  bind %s\n  default_backend proxies\nbackend proxies\n  balance roundrobin\n' "$lb" >"$haproxy_cfg"
+  local web=()
+  for i in $(seq 0 $(($2 - 1))); do
+    web[i]=127.0.0.1:$(free_port)
+    printf '  server p%s %s check inter 500ms fall 1 rise 1\n' "$i" "${web[i]}" >>"$haproxy_cfg"
+  done
+  haproxy -db -f "$haproxy_cfg" 2>"$work/haproxy.log" &
+  pids+=($!)
+  for i in $(seq 0 $(($2 - 1))); do
+    local jump=$(free_port)
+    [ "$i" = 0 ] && ssh_port=$jump
+    "$bin/burrow-proxy" start --data-dir "$work/proxy$i" --web-listen "${web[i]}" \
+      --ssh-listen "127.0.0.1:$jump" --cluster-name "$1" --storage etcd \
+      --etcd-endpoint "http://127.0.0.1:$client" --public-addr "$lb" 2>"$work/proxy$i.log" &
+    pids+=($!)
+    # The first creates the cluster; the others then find it in etcd.
+    wait_for "$work/proxy$i.log" "web API listening" 30
+  done
+  # Until the balancer's health checks see them all: readiness probes through it reach each.
+  local seen=""
+  for i in $(seq 200); do
+    seen=$(printf '%s\n%s\n' "$seen" "$(curl -sk --max-time 2 "https://$lb/readyz" |
+      sed -n 's/.*"proxy_id": *"\([^"]*\)".*/\1/p')" | sort -u | grep . || true)
+    [ "$(printf '%s\n' "$seen" | grep -c .)" -ge "$2" ] && break
+    sleep 0.1
+  done
+  [ "$(printf '%s\n' "$seen" | grep -c .)" -ge "$2" ] || { echo "the balancer does not reach all $2 proxies" >&2; return 1; }
+  ctl() { "$bin/burrowctl" --data-dir "$work/proxy0" "$@"; }
+  token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+  pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+}

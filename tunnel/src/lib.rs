@@ -7,6 +7,7 @@
 //! | `quic` | QUIC endpoints (the agent's client, the proxy's server) and dials |
 //! | `tcp` | TLS + yamux: the driver task, dials and accepts, TCP keep-alive probes |
 //! | `keepalive` | the keep-alive interval and what follows from it (idle timeouts, probes) |
+//! | `udp` | the agent's UDP socket: quinn's, without receive offload |
 //! | `framed` | control [`Message`](tunnel_proto::wire::Message) frames on a stream |
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ mod framed;
 mod keepalive;
 mod quic;
 mod tcp;
+mod udp;
 
 pub use self::framed::{FrameError, Framed};
 pub use self::keepalive::{Keepalive, KeepaliveError};

@@ -79,7 +79,13 @@ pub fn quic_client_endpoint() -> std::io::Result<quinn::Endpoint> {
     };
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    let socket = crate::udp::without_gro(socket, runtime.as_ref())?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )
 }
 
 fn dual_stack_udp() -> std::io::Result<std::net::UdpSocket> {

@@ -35,12 +35,15 @@ use tunnel_proto::wire::AuditEvent;
 
 pub use self::policy::{Grant, PermitOpen, check_certificate};
 
-/// Connections that have not logged in yet, at once, per agent (the tunnels and the local
-/// listener together; sshd's MaxStartups default is 10:30:100).
-const MAX_STARTUPS: usize = 32;
 use self::process::{Login, ProcessGroup, PtySpec};
 use self::start::Start;
 use crate::identity::Identity;
+
+/// Connections that have not logged in yet, at once, per agent (the tunnels and the local
+/// listener together; sshd's MaxStartups default is 10:30:100).
+const MAX_STARTUPS: usize = 32;
+/// Messages (each up to a 32 KB packet) that queue for one SSH connection's session loop.
+const CHANNEL_QUEUE: usize = 16;
 
 /// What every SSH connection on this node shares.
 pub struct SshContext {
@@ -63,7 +66,10 @@ impl SshContext {
             .iter()
             .map(|k| PublicKey::from_openssh(k.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let config = burrow_sshd::server_config(key, cert);
+        let mut config = burrow_sshd::server_config(key, cert);
+        // Output waits in russh's queue when the client's window is full: at most this many
+        // 32 KB packets per connection (russh's default, 100, is 3 MB on a small device).
+        config.channel_buffer_size = CHANNEL_QUEUE;
         Ok(Self {
             config: Arc::new(config),
             user_cas,

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 type Chunk = (Option<u32>, Vec<u8>);
 
 /// Most output bytes a session holds in memory when the client reads slower than the program
-/// writes.
-const OUTPUT_BUDGET: usize = 8 * 1024 * 1024;
+/// writes (beyond russh's own queue, `CHANNEL_QUEUE` packets). The client's SSH window (2 MB for
+/// OpenSSH) is what keeps a link busy; this only decouples the program from the session loop.
+const OUTPUT_BUDGET: usize = 256 * 1024;
 
 /// Forwards output to the client in order. Readers hand chunks over without waiting for the SSH
 /// session (whose loop may be busy pushing input the program has not read yet: waiting there
