@@ -213,7 +213,7 @@ impl NatBed {
     }
 
     /// Drops `percent` % of what the router forwards, at random, both ways (`None`: no loss).
-    /// (Delay would need `sch_netem`, which not every kernel here has.)
+    /// (For delay, see [`NatBed::delay`]: `sch_netem` is not in every kernel here.)
     pub fn lose(&self, percent: Option<u32>) {
         let rule = percent.map(|p| format!("numgen random mod 100 < {p} drop"));
         self.set_block(rule.as_deref());
@@ -298,6 +298,91 @@ impl NatBed {
         ])
         .unwrap();
         self.forget_mappings();
+    }
+}
+
+/// Holds every IPv4 packet to and from the agent's host for a while: a delay line (`netem delay`
+/// without `sch_netem`, which not every kernel here has) made of a TUN device in the agent's
+/// namespace and a small program that writes each packet back into it when its time comes. The
+/// packets keep their order. Gone, with its routes, when dropped.
+pub struct DelayLine {
+    _program: crate::Daemon,
+}
+
+/// The delay line's program: reads packets from a TUN device and writes each back after `delay`
+/// seconds; exits after `lifetime` seconds at the latest.
+const DELAY_PROGRAM: &str = r#"
+import collections, fcntl, os, select, struct, sys, time
+name, delay, lifetime = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+print("ready", file=sys.stderr, flush=True)
+held, end = collections.deque(), time.monotonic() + lifetime
+while time.monotonic() < end:
+    wait = max(0.0, held[0][0] - time.monotonic()) if held else 1.0
+    if select.select([fd], [], [], min(wait, 1.0))[0]:
+        held.append((time.monotonic() + delay, os.read(fd, 65536)))
+    while held and held[0][0] <= time.monotonic():
+        os.write(fd, held.popleft()[1])
+"#;
+
+impl NatBed {
+    /// Delays every IPv4 packet the agent's host sends or receives by `one_way` (so a round trip
+    /// takes twice that more), until the returned line is dropped.
+    ///
+    /// Policy routing in the agent's namespace sends what arrives from the router, and what the
+    /// host sends out, through the TUN device; what comes back out of the device takes the
+    /// ordinary routes (delivered locally, or forwarded to the router).
+    pub fn delay(&self, one_way: std::time::Duration) -> Result<DelayLine, String> {
+        let a = &self.agent;
+        let sysctl = |key: &str| run(&["ip", "netns", "exec", a, "sysctl", "-q", "-w", key]);
+        // Packets come back out of the device with addresses routed elsewhere: no reverse-path
+        // check; the namespace forwards what leaves the device towards the router; and no early
+        // demultiplexing, which hands a packet for a connected socket straight to it, past the
+        // rules below.
+        for key in [
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.ip_early_demux=0",
+        ] {
+            sysctl(key)?;
+        }
+        let mut program = crate::Daemon::spawn(
+            in_netns(
+                a,
+                Command::new("python3").args([
+                    "-c",
+                    DELAY_PROGRAM,
+                    "delay0",
+                    &one_way.as_secs_f64().to_string(),
+                    "900",
+                ]),
+            ),
+            "delay line",
+        );
+        program.try_wait_for("ready")?;
+        let ip = |rest: &str| {
+            let mut args = vec!["ip", "-n", a];
+            args.extend(rest.split_whitespace());
+            run(&args)
+        };
+        // What the host sent comes back out of the device with the host's own address.
+        sysctl("net.ipv4.conf.delay0.rp_filter=0")?;
+        sysctl("net.ipv4.conf.delay0.accept_local=1")?;
+        ip("link set delay0 up")?;
+        ip(&format!(
+            "route add default dev delay0 src {AGENT_IP} table 100"
+        ))?;
+        ip("route add default dev delay0 table 101")?;
+        // Arriving from the router: into the line (before the local table would deliver it).
+        ip("rule add pref 10 iif eth0 lookup 101")?;
+        ip("rule add pref 20 lookup local")?;
+        ip("rule del pref 0")?;
+        // Sent by this host to anywhere but itself: into the line.
+        ip("rule add pref 30 iif lo lookup 100")?;
+        Ok(DelayLine { _program: program })
     }
 }
 
