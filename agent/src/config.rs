@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burrow_tunnel::Keepalive;
+use burrow_tunnel::{Keepalive, Window};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use tunnel_proto::api::Labels;
@@ -76,6 +76,11 @@ pub struct StartArgs {
     /// plus 20s over TCP [default: 25s over QUIC, 40s over TCP: a minute either way].
     #[arg(long, value_name = "DURATION")]
     pub keepalive: Option<String>,
+    /// How much one stream of a QUIC tunnel may have in flight towards this node (e.g. 512KiB,
+    /// 4MiB; 64KiB to 16MiB); the tunnel as a whole, four times that. More is only faster on a
+    /// link whose bandwidth times round trip is larger [default: 2MiB, OpenSSH's channel window].
+    #[arg(long, value_name = "SIZE")]
+    pub window: Option<String>,
     /// Do not verify the proxy's web certificate when joining (development only: a token can be
     /// stolen by whoever answers at the proxy's address).
     #[arg(long)]
@@ -105,6 +110,7 @@ pub struct FileConfig {
     pub commands: Vec<CommandLabel>,
     pub transport: Option<TransportMode>,
     pub keepalive: Option<String>,
+    pub window: Option<String>,
     pub ssh_listen: Option<String>,
     /// Where `ssh -L` may connect from this node (sshd's PermitOpen).
     #[serde(default)]
@@ -139,6 +145,8 @@ pub struct AgentConfig {
     pub transport: TransportMode,
     /// `None`: each transport's default.
     pub keepalive: Option<Keepalive>,
+    /// The flow-control window of QUIC tunnels.
+    pub window: Window,
     /// A local SSH listener besides the tunnels; `None`: off.
     pub ssh_listen: Option<std::net::SocketAddr>,
     /// Where `direct-tcpip` may connect.
@@ -234,6 +242,12 @@ impl AgentConfig {
             .or(file.keepalive)
             .map(|text| parse_keepalive(&text))
             .transpose()?;
+        let window = args
+            .window
+            .or(file.window)
+            .map(|text| parse_window(&text))
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             data_dir,
             token,
@@ -244,6 +258,7 @@ impl AgentConfig {
             commands,
             transport: args.transport.or(file.transport).unwrap_or_default(),
             keepalive,
+            window,
             ssh_listen,
             permit_open,
             insecure: args.insecure || file.insecure,
@@ -257,6 +272,24 @@ fn parse_keepalive(text: &str) -> Result<Keepalive, ConfigError> {
     let fail = |why: String| ConfigError::new(format!("keepalive {text:?}: {why}"));
     let interval = humantime::parse_duration(text).map_err(|e| fail(e.to_string()))?;
     Keepalive::new(interval).map_err(|e| fail(e.to_string()))
+}
+
+/// A size in bytes, KiB or MiB ("65536", "512KiB", "4MiB"; "K" and "M" are read as KiB and MiB).
+fn parse_window(text: &str) -> Result<Window, ConfigError> {
+    let fail = |why: &dyn std::fmt::Display| ConfigError::new(format!("window {text:?}: {why}"));
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        _ => return Err(fail(&"expected a size such as 512KiB or 2MiB")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| fail(&"expected a size such as 512KiB or 2MiB"))?;
+    Window::new(n.saturating_mul(scale)).map_err(|e| fail(&e))
 }
 
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -305,6 +338,12 @@ transport: auto
 # over TCP; a dead proxy is noticed within a minute either way.
 #keepalive: 25s
 
+# How much one stream of a QUIC tunnel may have in flight towards this node (64KiB to 16MiB);
+# the tunnel as a whole, four times that. It bounds what the node may have to buffer; more is
+# only faster where bandwidth times round trip is larger (2MiB carries 160 Mbit/s at 100 ms).
+# Default: 2MiB, OpenSSH's channel window. TLS + yamux tunnels size their windows themselves.
+#window: 2MiB
+
 # Also serve SSH on a local address, besides the tunnels ("off" by default).
 #ssh_listen: 0.0.0.0:3022
 
@@ -350,6 +389,38 @@ mod tests {
             TokenSource::DefaultFile(PathBuf::from("/var/lib/burrow/token"))
         );
         assert!(cfg.ca_pins.is_empty());
+    }
+
+    #[test]
+    fn window_sizes_read_in_bytes_kib_or_mib_from_the_flag_over_the_file() {
+        let w = |t: &str| parse_window(t).map(|w| w.stream());
+        assert_eq!(w("65536").unwrap(), 65536);
+        assert_eq!(w("512KiB").unwrap(), 512 * 1024);
+        assert_eq!(w("4 MiB").unwrap(), 4 * 1024 * 1024);
+        assert_eq!(w("2m").unwrap(), 2 * 1024 * 1024);
+        for bad in ["", "lots", "2GiB", "1.5MiB", "-1", "99999999999999999999"] {
+            assert!(w(bad).is_err(), "{bad:?}");
+        }
+        let e = w("32KiB").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "window \"32KiB\": 32768 bytes is outside 64 KiB to 16 MiB"
+        );
+        let file = parse("proxy: a:1\nnodename: n\nwindow: 256KiB\n").unwrap();
+        let cfg = AgentConfig::merge(StartArgs::default(), file).unwrap();
+        assert_eq!(cfg.window.stream(), 256 * 1024);
+        let file = parse("proxy: a:1\nnodename: n\nwindow: 256KiB\n").unwrap();
+        let args = StartArgs {
+            window: Some("1MiB".into()),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::merge(args, file).unwrap();
+        assert_eq!(cfg.window.stream(), 1024 * 1024);
+        let cfg = AgentConfig::merge(
+            StartArgs::default(),
+            parse("proxy: a:1\nnodename: n\n").unwrap(),
+        );
+        assert_eq!(cfg.unwrap().window, Window::DEFAULT);
     }
 
     #[test]

@@ -174,6 +174,7 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
             node_name: identity.node_name.clone(),
             labels,
             keepalive: args.keepalive,
+            window: burrow_tunnel::Window::DEFAULT,
             dials: service.clone(),
             held: held_tx,
         };

@@ -398,8 +398,10 @@ pub struct Etcd {
     daemon: Option<Daemon>,
     pub url: String,
     data_dir: PathBuf,
+    host: String,
     client_port: u16,
     peer_port: u16,
+    netns: Option<String>,
 }
 
 impl Etcd {
@@ -407,13 +409,7 @@ impl Etcd {
         let mut last_error = String::new();
         for _ in 0..3 {
             let (client_port, peer_port) = (closed_port(), closed_port());
-            let mut etcd = Etcd {
-                daemon: None,
-                url: format!("http://127.0.0.1:{client_port}"),
-                data_dir: dir.join("etcd"),
-                client_port,
-                peer_port,
-            };
+            let mut etcd = Etcd::at(dir, None, "127.0.0.1", client_port, peer_port);
             match etcd.spawn() {
                 Ok(()) => return etcd,
                 // Another process took a port between picking and binding: pick again.
@@ -423,6 +419,27 @@ impl Etcd {
         panic!("etcd did not start: {last_error}");
     }
 
+    /// Starts etcd inside network namespace `ns`, on `host`'s ports 2379 and 2380 (the namespace
+    /// is the test's own: nothing else holds them).
+    pub fn start_in(ns: &str, dir: &Path, host: &str) -> Etcd {
+        let mut etcd = Etcd::at(dir, Some(ns), host, 2379, 2380);
+        etcd.spawn()
+            .unwrap_or_else(|e| panic!("etcd did not start in {ns}: {e}"));
+        etcd
+    }
+
+    fn at(dir: &Path, ns: Option<&str>, host: &str, client_port: u16, peer_port: u16) -> Etcd {
+        Etcd {
+            daemon: None,
+            url: format!("http://{host}:{client_port}"),
+            data_dir: dir.join("etcd"),
+            host: host.to_string(),
+            client_port,
+            peer_port,
+            netns: ns.map(str::to_string),
+        }
+    }
+
     fn spawn(&mut self) -> Result<(), String> {
         let which = Command::new("sh").args(["-c", "command -v etcd"]).output();
         if !which.is_ok_and(|o| o.status.success()) {
@@ -430,8 +447,8 @@ impl Etcd {
                 "etcd is not installed: run ./scripts/install-deps.sh (Debian package etcd-server)"
             );
         }
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.host, self.client_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg("test")
@@ -452,6 +469,9 @@ impl Etcd {
             .args(["--initial-cluster", &format!("test={peer}")])
             // Keep test runs small: no metrics listener, quick snapshots of a tiny store.
             .args(["--listen-metrics-urls", "", "--snapshot-count", "1000"]);
+        if let Some(ns) = &self.netns {
+            cmd = netns::in_netns(ns, &cmd);
+        }
         let mut daemon = Daemon::spawn(cmd, "etcd");
         daemon.try_wait_for("ready to serve client requests")?;
         self.daemon = Some(daemon);
@@ -542,14 +562,22 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub fn start(dir: &Path, backends: &[&str]) -> Haproxy {
+        let addr = format!("127.0.0.1:{}", closed_port());
+        Self::start_at(None, dir, &addr, backends)
+    }
+
+    /// A balancer on `addr` inside network namespace `ns`.
+    pub fn start_in(ns: &str, dir: &Path, addr: &str, backends: &[&str]) -> Haproxy {
+        Self::start_at(Some(ns), dir, addr, backends)
+    }
+
+    fn start_at(ns: Option<&str>, dir: &Path, addr: &str, backends: &[&str]) -> Haproxy {
         let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect(
                 "haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)",
             );
-        let port = closed_port();
-        let addr = format!("127.0.0.1:{port}");
         let mut cfg = format!(
             "global\n  maxconn 4096\n\
              defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch\n\
@@ -561,21 +589,33 @@ impl Haproxy {
                 "  server p{i} {b} check inter 500ms fall 1 rise 1\n"
             ));
         }
-        let path = dir.join(format!("haproxy-{port}.cfg"));
+        let path = dir.join(format!("haproxy-{}.cfg", addr.replace([':', '.'], "-")));
         std::fs::write(&path, cfg).unwrap();
         let mut cmd = Command::new(haproxy);
         cmd.arg("-db").arg("-f").arg(&path);
+        if let Some(ns) = ns {
+            cmd = netns::in_netns(ns, &cmd);
+        }
         let mut daemon = Daemon::spawn(cmd, "haproxy");
         eventually(WAIT, || {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("haproxy exited ({status}):\n{}", daemon.log());
             }
-            std::net::TcpStream::connect(&addr).ok()
+            match ns {
+                None => std::net::TcpStream::connect(addr).ok().map(drop),
+                // Listening, as `ss` inside the namespace sees it.
+                Some(ns) => Command::new("ip")
+                    .args(["netns", "exec", ns, "ss", "-Hltn", "src", addr])
+                    .output()
+                    .ok()
+                    .filter(|o| !o.stdout.is_empty())
+                    .map(drop),
+            }
         })
         .expect("haproxy listens");
         Haproxy {
             _daemon: daemon,
-            addr,
+            addr: addr.to_string(),
         }
     }
 }

@@ -5,6 +5,10 @@
 //!  agent ns                 router ns                          public ns
 //!  192.168.77.2 --- lan 192.168.77.1 | wan 203.0.113.2 --- 203.0.113.1 (proxies, ssh users)
 //!  fd77::2          fd77::1          | 2001:db8:113::2      2001:db8:113::1
+//!                                                               198.51.100.1
+//!                                                                    |  (NatBed::add_site)
+//!                                                               198.51.100.2 (site ns: a proxy
+//!                                                                             elsewhere)
 //! ```
 //!
 //! The router masquerades IPv4 from the private network (random source ports, so a forgotten
@@ -22,11 +26,15 @@ pub const ROUTER_WAN_IP: &str = "203.0.113.2";
 pub const ROUTER_WAN_IP_2: &str = "203.0.113.3";
 pub const AGENT_IP: &str = "192.168.77.2";
 pub const PUBLIC_IP6: &str = "2001:db8:113::1";
+/// A second site's address, behind its own link from the public side ([`NatBed::add_site`]).
+pub const SITE_IP: &str = "198.51.100.2";
 
 pub struct NatBed {
     pub public: String,
     pub router: String,
     pub agent: String,
+    /// A second site on the public side, once [`NatBed::add_site`] made it.
+    pub site: String,
 }
 
 /// `cmd` run inside namespace `ns` (program, arguments and environment kept).
@@ -59,6 +67,32 @@ fn run(args: &[&str]) -> Result<(), String> {
         Err(format!(
             "`{}` failed: {}",
             args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Loads an nftables `script` in namespace `ns`.
+fn nft_in(ns: &str, script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
@@ -106,6 +140,7 @@ impl NatBed {
             public: format!("{id}p"),
             router: format!("{id}r"),
             agent: format!("{id}a"),
+            site: format!("{id}s"),
         };
         for ns in [&bed.public, &bed.router, &bed.agent] {
             run(&["ip", "netns", "add", ns])?;
@@ -183,28 +218,7 @@ impl NatBed {
     }
 
     fn nft(&self, script: &str) -> Result<(), String> {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.router, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "nft: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        nft_in(&self.router, script)
     }
 
     /// Drops every UDP packet the router would forward (QUIC blocked), or stops doing so.
@@ -315,16 +329,25 @@ const DELAY_PROGRAM: &str = r#"
 import collections, fcntl, os, select, struct, sys, time
 name, delay, lifetime = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
-fd = os.open("/dev/net/tun", os.O_RDWR)
+fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
 print("ready", file=sys.stderr, flush=True)
 held, end = collections.deque(), time.monotonic() + lifetime
 while time.monotonic() < end:
-    wait = max(0.0, held[0][0] - time.monotonic()) if held else 1.0
-    if select.select([fd], [], [], min(wait, 1.0))[0]:
-        held.append((time.monotonic() + delay, os.read(fd, 65536)))
-    while held and held[0][0] <= time.monotonic():
-        os.write(fd, held.popleft()[1])
+    wait = min(1.0, max(0.0, held[0][0] - time.monotonic())) if held else 1.0
+    if select.select([fd], [], [], wait)[0]:
+        due = time.monotonic() + delay
+        for _ in range(10000):
+            try:
+                held.append((due, os.read(fd, 65536)))
+            except BlockingIOError:
+                break
+    now = time.monotonic()
+    while held and held[0][0] <= now:
+        try:
+            os.write(fd, held.popleft()[1])
+        except OSError:
+            pass  # the kernel's queue is full: a drop, as on a congested link
 "#;
 
 impl NatBed {
@@ -386,9 +409,46 @@ impl NatBed {
     }
 }
 
+impl NatBed {
+    /// A second site (a data centre elsewhere) joined to the public side by a link of its own:
+    /// [`SITE_IP`] there, 198.51.100.1 on the public side, and routes both ways.
+    pub fn add_site(&self) -> Result<(), String> {
+        let (p, site) = (&self.public, &self.site);
+        run(&["ip", "netns", "add", site])?;
+        let ip = |ns: &str, rest: &str| {
+            let mut args = vec!["ip", "-n", ns];
+            args.extend(rest.split_whitespace());
+            run(&args)
+        };
+        ip(site, "link set lo up")?;
+        ip(
+            site,
+            &format!("link add eth0 type veth peer name site netns {p}"),
+        )?;
+        ip(site, &format!("addr add {SITE_IP}/24 dev eth0"))?;
+        ip(p, "addr add 198.51.100.1/24 dev site")?;
+        ip(site, "link set eth0 up")?;
+        ip(p, "link set site up")?;
+        ip(site, "route add default via 198.51.100.1")
+    }
+
+    /// The link between the public side and the second site drops everything, or stops doing
+    /// so (what the site's programs see is silence, not an error).
+    pub fn site_link_down(&self, down: bool) {
+        let mut script = "table inet site\ndelete table inet site\n".to_string();
+        if down {
+            script += "table inet site {\n\
+                       chain input { type filter hook input priority 0; iifname \"site\" drop; }\n\
+                       chain output { type filter hook output priority 0; oifname \"site\" drop; }\n\
+                       }\n";
+        }
+        nft_in(&self.public, &script).unwrap();
+    }
+}
+
 impl Drop for NatBed {
     fn drop(&mut self) {
-        for ns in [&self.agent, &self.router, &self.public] {
+        for ns in [&self.site, &self.agent, &self.router, &self.public] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }

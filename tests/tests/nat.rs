@@ -2,6 +2,7 @@
 //! with the proxy and the users on the other side. Skipped, with the reason, where namespaces
 //! cannot be made (not root, no nftables).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -14,6 +15,10 @@ const SSH: &str = "203.0.113.1:3023";
 /// The same proxy on the public side's IPv6 address.
 const WEB6: &str = "[2001:db8:113::1]:3080";
 const SSH6: &str = "[2001:db8:113::1]:3023";
+/// With two sites: the near proxy's web port behind the balancer at [`WEB`], and the far one's.
+const NEAR_WEB: &str = "203.0.113.1:3081";
+const FAR_WEB: &str = "198.51.100.2:3080";
+const FAR_SSH: &str = "198.51.100.2:3023";
 
 struct World {
     _tmp: tempfile::TempDir,
@@ -22,8 +27,16 @@ struct World {
     login: String,
     web: &'static str,
     ssh: &'static str,
+    /// With [`World::two_sites`]: etcd, the balancer and the second site's proxy.
+    _site: Option<Site>,
     /// Last, so that it is torn down after the daemons in it stopped.
     bed: NatBed,
+}
+
+struct Site {
+    _etcd: Etcd,
+    _balancer: Haproxy,
+    _far: Proxy,
 }
 
 impl World {
@@ -39,20 +52,72 @@ impl World {
     }
 
     fn on(web: &'static str, ssh: &'static str) -> Option<World> {
-        let bed = match NatBed::create() {
-            Ok(bed) => bed,
-            Err(why) => {
-                eprintln!("skipping: {why}");
-                return None;
-            }
-        };
+        let bed = Self::bed()?;
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
         let proxy = Proxy::start_in(
             &bed.public,
-            &dir.join("proxy"),
+            &tmp.path().join("proxy"),
             &["--web-listen", web, "--ssh-listen", ssh],
         );
+        Some(Self::with(bed, tmp, proxy, web, ssh, None))
+    }
+
+    /// Two proxies on one etcd behind a round-robin balancer at [`WEB`]: one on the public side
+    /// (its jump host at [`SSH`]), one at a second site with a link of its own.
+    fn two_sites() -> Option<World> {
+        let bed = Self::bed()?;
+        bed.add_site().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start_in(&bed.public, tmp.path(), netns::PUBLIC_IP);
+        // etcd on the public side is off loopback: plain http there is allowed by config only.
+        let config = tmp.path().join("proxy.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "storage:\n  type: etcd\n  endpoints: [\"{}\"]\n  allow_plaintext: true\n",
+                etcd.url
+            ),
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let cluster = ["--config", config, "--public-addr", WEB];
+        let near_args = [
+            &["--web-listen", NEAR_WEB, "--ssh-listen", SSH][..],
+            &cluster,
+        ]
+        .concat();
+        let proxy = Proxy::start_in(&bed.public, &tmp.path().join("proxy"), &near_args);
+        let far_args = [
+            &["--web-listen", FAR_WEB, "--ssh-listen", FAR_SSH][..],
+            &cluster,
+        ]
+        .concat();
+        let far = Proxy::start_in(&bed.site, &tmp.path().join("proxy-far"), &far_args);
+        let balancer = Haproxy::start_in(&bed.public, tmp.path(), WEB, &[NEAR_WEB, FAR_WEB]);
+        let site = Site {
+            _etcd: etcd,
+            _balancer: balancer,
+            _far: far,
+        };
+        Some(Self::with(bed, tmp, proxy, WEB, SSH, Some(site)))
+    }
+
+    /// The bed, or `None` after saying why it cannot be built here.
+    fn bed() -> Option<NatBed> {
+        NatBed::create()
+            .inspect_err(|why| eprintln!("skipping: {why}"))
+            .ok()
+    }
+
+    fn with(
+        bed: NatBed,
+        tmp: tempfile::TempDir,
+        proxy: Proxy,
+        web: &'static str,
+        ssh: &'static str,
+        site: Option<Site>,
+    ) -> World {
+        let dir = tmp.path().to_path_buf();
         let login = text(&Command::new("id").arg("-un").output().unwrap().stdout)
             .trim()
             .to_string();
@@ -65,7 +130,7 @@ impl World {
             &dir.join("known_hosts"),
             &dir.join("alice"),
         );
-        Some(World {
+        World {
             bed,
             _tmp: tmp,
             dir,
@@ -73,7 +138,32 @@ impl World {
             login,
             web,
             ssh,
-        })
+            _site: site,
+        }
+    }
+
+    /// The proxies `nodes ls` says the node with data in `data` holds tunnels to.
+    fn tunnels_of(&self, data: &Path) -> BTreeSet<String> {
+        nodes(&self.proxy)
+            .get(&host_id(data))
+            .and_then(|n| n["proxies"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Every proxy's id and web address, as `proxies ls` lists them.
+    fn proxies(&self) -> Vec<(String, String)> {
+        self.proxy.ctl_json(&["proxies", "ls"])["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let field = |k: &str| p[k].as_str().unwrap().to_string();
+                (field("id"), field("web_addr"))
+            })
+            .collect()
     }
 
     /// An agent in the private network, joined and holding its tunnel.
@@ -238,15 +328,20 @@ fn a_nat_that_forgets_its_mappings_costs_a_tcp_tunnel_one_redial() {
 
 /// Starts `ssh` printing a numbered line every 0.2 s for 8 s, and returns once the first line
 /// came through.
+/// An SSH session to "edge" that prints 1 to `lines`, one every 0.2 s; returns once "1" came.
 fn start_counting_session(
     w: &World,
+    lines: u32,
 ) -> (
     std::process::Child,
     std::io::BufReader<std::process::ChildStdout>,
 ) {
     use std::io::BufRead;
     let mut child = w
-        .ssh_command("edge", "for i in $(seq 1 40); do echo $i; sleep 0.2; done")
+        .ssh_command(
+            "edge",
+            &format!("for i in $(seq 1 {lines}); do echo $i; sleep 0.2; done"),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -263,7 +358,7 @@ fn a_new_public_address_keeps_an_ssh_session_going_over_quic() {
     use std::io::Read;
     let Some(w) = World::new() else { return };
     let agent = w.agent("edge", &["--transport", "quic"]);
-    let (mut child, mut out) = start_counting_session(&w);
+    let (mut child, mut out) = start_counting_session(&w, 40);
     // The phone moves to another cell: the router's outside address is replaced mid-session.
     w.bed.change_public_address();
     let mut rest = String::new();
@@ -296,7 +391,7 @@ fn a_new_public_address_keeps_an_ssh_session_going_over_quic() {
 fn a_new_public_address_makes_a_tcp_agent_dial_again_at_once() {
     let Some(w) = World::new() else { return };
     let agent = w.agent("edge", &["--transport", "tcp"]);
-    let (mut child, _out) = start_counting_session(&w);
+    let (mut child, _out) = start_counting_session(&w, 40);
     w.bed.change_public_address();
     // The session's next bytes leave from the new address; the proxy resets the connection it
     // does not know, and the agent dials again without waiting for a keep-alive.
@@ -331,7 +426,7 @@ fn over_ipv6_quic_works_falls_back_to_tcp_and_keeps_a_session_across_an_address_
 
     // The device gets a new IPv6 address mid-session (no NAT: its own address changes): the
     // QUIC tunnel follows it and the session goes on.
-    let (mut child, mut out) = start_counting_session(&w);
+    let (mut child, mut out) = start_counting_session(&w, 40);
     w.bed.change_agent_address6();
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
@@ -481,4 +576,77 @@ fn five_percent_loss_and_a_200ms_round_trip_neither_break_sessions_nor_flap_a_qu
 #[test]
 fn five_percent_loss_and_a_200ms_round_trip_neither_break_sessions_nor_flap_a_tcp_tunnel() {
     lossy_link("tcp");
+}
+
+/// The link to one of two proxies (at a second site) is down for 30 s, long enough for that proxy
+/// to lose its registration: a session through the other proxy never notices, `nodes ls` says
+/// the node is reachable through the near proxy only, and once the link is back the agent holds a
+/// tunnel to both again.
+#[test]
+fn a_30s_outage_of_one_proxys_site_drops_no_session_through_the_other_and_heals() {
+    use std::io::Read;
+    let Some(w) = World::two_sites() else { return };
+    let proxies = eventually(WAIT, || Some(w.proxies()).filter(|p| p.len() == 2))
+        .expect("proxies ls shows both proxies");
+    let all: BTreeSet<String> = proxies.iter().map(|(id, _)| id.clone()).collect();
+    let near = proxies
+        .iter()
+        .find(|(_, web)| web == NEAR_WEB)
+        .map(|(id, _)| id.clone());
+    let data = w.dir.join("edge");
+    // Behind a TCP balancer: TCP tunnels.
+    let agent = w.agent("edge", &["--transport", "tcp"]);
+    eventually(WAIT, || (w.tunnels_of(&data) == all).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "wanted tunnels to {all:?}, nodes ls shows {:?}\n{}",
+            w.tunnels_of(&data),
+            agent.log()
+        )
+    });
+    // 40 s of counting through the near proxy's jump host, across the whole outage.
+    let (mut child, mut out) = start_counting_session(&w, 200);
+    let outage = Duration::from_secs(30);
+    let down = std::time::Instant::now();
+    w.bed.site_link_down(true);
+    // The far proxy's registration (a 15 s lease) runs out within the outage.
+    let alone = eventually(outage - Duration::from_secs(2), || {
+        let held = w.tunnels_of(&data);
+        (held.len() == 1).then_some(held)
+    });
+    std::thread::sleep(outage.saturating_sub(down.elapsed()));
+    w.bed.site_link_down(false);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let lines: Vec<&str> = rest.lines().collect();
+    let want: Vec<String> = (2..=200).map(|i| i.to_string()).collect();
+    assert!(
+        status.success() && lines == want,
+        "the session through the near proxy broke: exit {status:?}, got {} lines, stderr {stderr}\n{}",
+        lines.len(),
+        agent.log()
+    );
+    let alone = alone.expect("nodes ls never showed the far proxy gone during the outage");
+    assert_eq!(
+        alone.iter().next().cloned(),
+        near,
+        "during the outage the node is reachable through the near proxy"
+    );
+    eventually(Duration::from_secs(60), || {
+        (w.tunnels_of(&data) == all).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "after the outage: wanted tunnels to {all:?}, nodes ls shows {:?}\n{}",
+            w.tunnels_of(&data),
+            agent.log()
+        )
+    });
 }

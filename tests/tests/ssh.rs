@@ -27,6 +27,11 @@ fn current_login() -> String {
 
 impl Setup {
     fn new() -> Setup {
+        Self::with_agent(&[])
+    }
+
+    /// A proxy, a node "node1" started with `agent_args`, and alice's certificate and config.
+    fn with_agent(agent_args: &[&str]) -> Setup {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
@@ -35,7 +40,7 @@ impl Setup {
             .wait_for("SSH jump host listening on ")
             .trim()
             .to_string();
-        let agent = start_agent(&proxy, &dir.join("agent"), "node1", &[]);
+        let agent = start_agent(&proxy, &dir.join("agent"), "node1", agent_args);
         let host_id = host_id(&dir.join("agent"));
         let login = current_login();
         let setup = Setup {
@@ -340,6 +345,63 @@ fn scp_carries_50_mb_there_and_back_and_l_forwards_a_port() {
     assert_eq!(
         &echoed.expect("bytes through ssh -L"),
         b"through the tunnel"
+    );
+}
+
+/// The smallest flow-control window a node may ask for still carries a transfer each way, byte
+/// for byte; one below it is refused before the agent starts.
+#[test]
+fn a_64_kib_quic_window_carries_8_mib_each_way_and_a_smaller_one_is_refused() {
+    let s = Setup::with_agent(&["--transport", "quic", "--window", "64KiB"]);
+    let cfg = s.config("alice", "known_hosts");
+    let node = format!("{}@node1", s.login);
+    let eight = 8 * 1024 * 1024;
+    // ssh with its input and output in files (8 MiB would fill a pipe nobody reads yet).
+    let transfer = |command: &str, input: &Path, output: &Path| {
+        let mut child = Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-J", &s.jump(), "-p", "3022", &node, command])
+            .stdin(std::fs::File::open(input).unwrap())
+            .stdout(std::fs::File::create(output).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = eventually(Duration::from_secs(60), || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        assert!(status.is_some_and(|s| s.success()), "{command}: {status:?}");
+        std::fs::read(output).unwrap()
+    };
+    let (nothing, src, out) = (s.dir.join("empty"), s.dir.join("eight"), s.dir.join("out"));
+    std::fs::write(&nothing, b"").unwrap();
+    std::fs::write(&src, vec![b'y'; eight]).unwrap();
+    let down = transfer("head -c 8388608 /dev/zero | tr '\\0' x", &nothing, &out);
+    assert!(
+        down.len() == eight && down.iter().all(|b| *b == b'x'),
+        "node -> client: {} bytes",
+        down.len()
+    );
+    // Every byte there (8 MiB of them), and nothing but what was sent.
+    let up = transfer("wc -c", &src, &out);
+    assert_eq!(text(&up).trim(), "8388608", "client -> node");
+    let up = transfer("tr -d y | wc -c", &src, &out);
+    assert_eq!(text(&up).trim(), "0", "client -> node");
+
+    let refused = agent_run(&[
+        "--proxy",
+        "127.0.0.1:1",
+        "--nodename",
+        "n",
+        "--window",
+        "32KiB",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("window \"32KiB\": 32768 bytes is outside 64 KiB to 16 MiB"),
+        "{}",
+        text(&refused.stderr)
     );
 }
 

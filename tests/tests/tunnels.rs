@@ -219,7 +219,8 @@ async fn dial(
     if quic {
         let endpoint = transport::quic_client_endpoint().unwrap();
         let keepalive = transport::Keepalive::default_for(transport::Transport::Quic);
-        transport::connect_quic(&endpoint, addr, config.clone(), keepalive).await
+        let window = transport::Window::DEFAULT;
+        transport::connect_quic(&endpoint, addr, config.clone(), keepalive, window).await
     } else {
         let keepalive = transport::Keepalive::default_for(transport::Transport::Tcp);
         transport::connect_tcp(addr, config.clone(), keepalive).await

@@ -8,6 +8,7 @@
 //! | `tcp` | TLS + yamux: the driver task, dials and accepts, TCP keep-alive probes |
 //! | `keepalive` | the keep-alive interval and what follows from it (idle timeouts, probes) |
 //! | `udp` | the agent's UDP socket: quinn's, without receive offload |
+//! | `window` | the agent's flow-control window on a QUIC tunnel |
 //! | `framed` | control [`Message`](tunnel_proto::wire::Message) frames on a stream |
 
 use std::net::SocketAddr;
@@ -27,11 +28,13 @@ mod keepalive;
 mod quic;
 mod tcp;
 mod udp;
+mod window;
 
 pub use self::framed::{FrameError, Framed};
 pub use self::keepalive::{Keepalive, KeepaliveError};
 pub use self::quic::{QUIC_SECRET_LEN, connect_quic, quic_client_endpoint, quic_server_endpoint};
 pub use self::tcp::{TcpBacked, accept_tls, connect_tcp, set_tcp_keepalive};
+pub use self::window::{Window, WindowError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control windows large enough for bulk copies over long fat links.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::keepalive::Keepalive;
+use crate::window::Window;
 use crate::{
     CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW, Session, TransportError,
 };
@@ -15,6 +16,7 @@ pub async fn connect_quic(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
     keepalive: Keepalive,
+    window: Window,
 ) -> Result<Session, TransportError> {
     let fail = |reason: String| TransportError::Connect {
         addr: addr.to_string(),
@@ -31,7 +33,10 @@ pub async fn connect_quic(
     let mut transport = transport_config(MAX_STREAMS);
     transport
         .keep_alive_interval(Some(keepalive.interval()))
-        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
+        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())))
+        .stream_receive_window(window.stream().into())
+        .receive_window(window.tunnel().into())
+        .send_window(window.tunnel().into());
     config.transport_config(Arc::new(transport));
     let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
@@ -52,8 +57,8 @@ fn idle_timeout(d: Duration) -> quinn::IdleTimeout {
         .expect("a keep-alive's bounds fit QUIC's idle timeout")
 }
 
-/// QUIC settings shared by both ends; `peer_streams`: how many bidirectional streams the peer
-/// may have open at once. Neither end sends keep-alives here: the agent adds its own
+/// QUIC settings shared by both ends (the agent then sizes its windows for a device,
+/// [`Window`]); `peer_streams`: how many bidirectional streams the peer may have open at once. Neither end sends keep-alives here: the agent adds its own
 /// ([`connect_quic`]), and the proxy never sends one ([`keepalive`]).
 fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

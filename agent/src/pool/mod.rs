@@ -14,7 +14,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_tunnel::{self as transport, Framed, Keepalive, Session, Transport, TunnelStream};
+use burrow_tunnel::{
+    self as transport, Framed, Keepalive, Session, Transport, TunnelStream, Window,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +58,8 @@ pub struct PoolConfig {
     /// The keep-alive of every tunnel; `None`: each transport's default
     /// ([`Keepalive::default_for`]).
     pub keepalive: Option<Keepalive>,
+    /// The flow-control window of QUIC tunnels.
+    pub window: Window,
     /// What answers dial streams to port 3022: the node's SSH server.
     pub dials: Arc<dyn DialService>,
     /// The pool publishes how many tunnels it holds here.
@@ -305,7 +309,8 @@ async fn dial_with(
         .unwrap_or_else(|| Keepalive::default_for(over));
     let session = match quic {
         Some(endpoint) => {
-            transport::connect_quic(endpoint, &config.addr, config.tls.clone(), keepalive).await
+            let (tls, window) = (config.tls.clone(), config.window);
+            transport::connect_quic(endpoint, &config.addr, tls, keepalive, window).await
         }
         None => transport::connect_tcp(&config.addr, config.tls.clone(), keepalive).await,
     }
