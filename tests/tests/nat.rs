@@ -326,16 +326,15 @@ fn a_nat_that_forgets_its_mappings_costs_a_tcp_tunnel_one_redial() {
     forgotten_mappings("tcp");
 }
 
-/// Starts `ssh` printing a numbered line every 0.2 s for 8 s, and returns once the first line
-/// came through.
-/// An SSH session to "edge" that prints 1 to `lines`, one every 0.2 s; returns once "1" came.
-fn start_counting_session(
-    w: &World,
+/// An SSH session to "edge" printing 1 to `lines`, one every 0.2 s.
+struct Counting {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
     lines: u32,
-) -> (
-    std::process::Child,
-    std::io::BufReader<std::process::ChildStdout>,
-) {
+}
+
+/// Starts a [`Counting`] session and returns once "1" came through.
+fn start_counting_session(w: &World, lines: u32) -> Counting {
     use std::io::BufRead;
     let mut child = w
         .ssh_command(
@@ -350,34 +349,51 @@ fn start_counting_session(
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
     assert_eq!(first.trim(), "1", "the session did not start");
-    (child, out)
+    Counting { child, out, lines }
+}
+
+impl Counting {
+    /// Waits for the session's end: `Ok` if it exited 0 having printed every line after "1" in
+    /// order, else `Err` saying what came.
+    fn finish(mut self) -> Result<(), String> {
+        use std::io::Read;
+        let mut rest = String::new();
+        let _ = self.out.read_to_string(&mut rest);
+        let status = self.child.wait().unwrap();
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let want: Vec<String> = (2..=self.lines).map(|i| i.to_string()).collect();
+        if status.success() && rest.lines().eq(want.iter().map(String::as_str)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "exit {status:?}, {} lines after the first ({rest:?}), stderr {stderr}",
+                rest.lines().count()
+            ))
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
 fn a_new_public_address_keeps_an_ssh_session_going_over_quic() {
-    use std::io::Read;
     let Some(w) = World::new() else { return };
     let agent = w.agent("edge", &["--transport", "quic"]);
-    let (mut child, mut out) = start_counting_session(&w, 40);
+    let session = start_counting_session(&w, 40);
     // The phone moves to another cell: the router's outside address is replaced mid-session.
     w.bed.change_public_address();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let lines: Vec<&str> = rest.lines().collect();
-    let want: Vec<String> = (2..=40).map(|i| i.to_string()).collect();
-    assert!(
-        status.success() && lines == want,
-        "the session did not survive the move: exit {status:?}, got {lines:?}, stderr {stderr}\n{}",
-        agent.log()
-    );
+    if let Err(what) = session.finish() {
+        panic!(
+            "the session did not survive the move: {what}\n{}",
+            agent.log()
+        );
+    }
     // The same tunnel carried it: the agent never dialed again.
     assert_eq!(
         agent.log().matches("tunnel up").count(),
@@ -391,15 +407,14 @@ fn a_new_public_address_keeps_an_ssh_session_going_over_quic() {
 fn a_new_public_address_makes_a_tcp_agent_dial_again_at_once() {
     let Some(w) = World::new() else { return };
     let agent = w.agent("edge", &["--transport", "tcp"]);
-    let (mut child, _out) = start_counting_session(&w, 40);
+    let session = start_counting_session(&w, 40);
     w.bed.change_public_address();
     // The session's next bytes leave from the new address; the proxy resets the connection it
     // does not know, and the agent dials again without waiting for a keep-alive.
     let redialed = eventually(Duration::from_secs(20), || {
         (agent.log().matches("tunnel up").count() >= 2).then_some(())
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    session.kill();
     assert!(redialed.is_some(), "no new tunnel:\n{}", agent.log());
     echo_ok(&w.ssh("edge", "echo moved"), "moved");
     let log = w.proxy.daemon.log();
@@ -411,7 +426,6 @@ fn a_new_public_address_makes_a_tcp_agent_dial_again_at_once() {
 
 #[test]
 fn over_ipv6_quic_works_falls_back_to_tcp_and_keeps_a_session_across_an_address_change() {
-    use std::io::Read;
     let Some(w) = World::ipv6() else { return };
     let data = w.dir.join("edge");
     // A short keep-alive, so that the blocked path below is noticed within 25 s.
@@ -426,17 +440,14 @@ fn over_ipv6_quic_works_falls_back_to_tcp_and_keeps_a_session_across_an_address_
 
     // The device gets a new IPv6 address mid-session (no NAT: its own address changes): the
     // QUIC tunnel follows it and the session goes on.
-    let (mut child, mut out) = start_counting_session(&w, 40);
+    let session = start_counting_session(&w, 40);
     w.bed.change_agent_address6();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let want: Vec<String> = (2..=40).map(|i| i.to_string()).collect();
-    assert!(
-        status.success() && rest.lines().collect::<Vec<_>>() == want,
-        "the session did not survive the new address: {status:?} {rest:?}\n{}",
-        agent.log()
-    );
+    if let Err(what) = session.finish() {
+        panic!(
+            "the session did not survive the new address: {what}\n{}",
+            agent.log()
+        );
+    }
     assert_eq!(
         agent.log().matches("tunnel up").count(),
         1,
@@ -584,7 +595,6 @@ fn five_percent_loss_and_a_200ms_round_trip_neither_break_sessions_nor_flap_a_tc
 /// tunnel to both again.
 #[test]
 fn a_30s_outage_of_one_proxys_site_drops_no_session_through_the_other_and_heals() {
-    use std::io::Read;
     let Some(w) = World::two_sites() else { return };
     let proxies = eventually(WAIT, || Some(w.proxies()).filter(|p| p.len() == 2))
         .expect("proxies ls shows both proxies");
@@ -604,7 +614,7 @@ fn a_30s_outage_of_one_proxys_site_drops_no_session_through_the_other_and_heals(
         )
     });
     // 40 s of counting through the near proxy's jump host, across the whole outage.
-    let (mut child, mut out) = start_counting_session(&w, 200);
+    let session = start_counting_session(&w, 200);
     let outage = Duration::from_secs(30);
     let down = std::time::Instant::now();
     w.bed.site_link_down(true);
@@ -615,24 +625,12 @@ fn a_30s_outage_of_one_proxys_site_drops_no_session_through_the_other_and_heals(
     });
     std::thread::sleep(outage.saturating_sub(down.elapsed()));
     w.bed.site_link_down(false);
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let lines: Vec<&str> = rest.lines().collect();
-    let want: Vec<String> = (2..=200).map(|i| i.to_string()).collect();
-    assert!(
-        status.success() && lines == want,
-        "the session through the near proxy broke: exit {status:?}, got {} lines, stderr {stderr}\n{}",
-        lines.len(),
-        agent.log()
-    );
+    if let Err(what) = session.finish() {
+        panic!(
+            "the session through the near proxy broke: {what}\n{}",
+            agent.log()
+        );
+    }
     let alone = alone.expect("nodes ls never showed the far proxy gone during the outage");
     assert_eq!(
         alone.iter().next().cloned(),
