@@ -375,7 +375,12 @@ impl NatBed {
         let mut program = crate::Daemon::spawn(
             in_netns(
                 a,
-                Command::new("python3").args([
+                // Ahead of the tests' own load: a delay line that is not scheduled adds delay and
+                // drops that are not the ones a test asked for.
+                Command::new("nice").args([
+                    "-n",
+                    "-10",
+                    "python3",
                     "-c",
                     DELAY_PROGRAM,
                     "delay0",
@@ -394,7 +399,8 @@ impl NatBed {
         // What the host sent comes back out of the device with the host's own address.
         sysctl("net.ipv4.conf.delay0.rp_filter=0")?;
         sysctl("net.ipv4.conf.delay0.accept_local=1")?;
-        ip("link set delay0 up")?;
+        // Room for a burst, as netem's 1,000-packet queue has.
+        ip("link set delay0 up txqueuelen 1000")?;
         ip(&format!(
             "route add default dev delay0 src {AGENT_IP} table 100"
         ))?;
