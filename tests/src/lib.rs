@@ -553,6 +553,21 @@ pub fn nodes(proxy: &Proxy) -> std::collections::BTreeMap<String, serde_json::Va
         .collect()
 }
 
+/// The proxies `nodes ls` (through `proxy`) says `host_id` holds tunnels to.
+pub fn tunnels_of(proxy: &Proxy, host_id: &str) -> std::collections::BTreeSet<String> {
+    nodes(proxy)
+        .get(host_id)
+        .map(|n| {
+            n["proxies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A real haproxy balancing TCP round-robin over `backends`, on a loopback port picked at run
 /// time.
 pub struct Haproxy {

@@ -72,6 +72,18 @@ fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// `ip -n NS REST...` (REST split on whitespace).
+fn ip(ns: &str, rest: &str) -> Result<(), String> {
+    let mut args = vec!["ip", "-n", ns];
+    args.extend(rest.split_whitespace());
+    run(&args)
+}
+
+/// Sets `key=value` with sysctl inside namespace `ns`.
+fn sysctl(ns: &str, key: &str) -> Result<(), String> {
+    run(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", key])
+}
+
 /// Loads an nftables `script` in namespace `ns`.
 fn nft_in(ns: &str, script: &str) -> Result<(), String> {
     use std::io::Write;
@@ -151,11 +163,6 @@ impl NatBed {
 
     fn build(&self) -> Result<(), String> {
         let (p, r, a) = (&self.public, &self.router, &self.agent);
-        let ip = |ns: &str, rest: &str| {
-            let mut args = vec!["ip", "-n", ns];
-            args.extend(rest.split_whitespace());
-            run(&args)
-        };
         for ns in [p, r, a] {
             // No duplicate address detection: an address (link-local ones included, which
             // neighbour discovery needs) is usable the moment it is added.
@@ -163,7 +170,7 @@ impl NatBed {
                 "net.ipv6.conf.default.accept_dad=0",
                 "net.ipv6.conf.all.accept_dad=0",
             ] {
-                run(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", key])?;
+                sysctl(ns, key)?;
             }
             ip(ns, "link set lo up")?;
         }
@@ -193,7 +200,7 @@ impl NatBed {
         // its IPv4 network stays unreachable behind the NAT.
         ip(p, "-6 route add fd77::/64 via 2001:db8:113::2")?;
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-            run(&["ip", "netns", "exec", r, "sysctl", "-q", "-w", key])?;
+            sysctl(r, key)?;
         }
         self.nft(RULES)?;
         self.wait_for_addresses()
@@ -257,20 +264,8 @@ impl NatBed {
     /// The agent's IPv6 address is replaced by another in the same prefix (a device renumbered,
     /// or moving between networks without NAT).
     pub fn change_agent_address6(&self) {
-        let a = &self.agent;
-        run(&[
-            "ip",
-            "-n",
-            a,
-            "addr",
-            "add",
-            "fd77::3/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .unwrap();
-        run(&["ip", "-n", a, "addr", "del", "fd77::2/64", "dev", "eth0"]).unwrap();
+        ip(&self.agent, "addr add fd77::3/64 dev eth0 nodad").unwrap();
+        ip(&self.agent, "addr del fd77::2/64 dev eth0").unwrap();
     }
 
     /// The router's outside address changes (a phone moving to another cell): its mappings go
@@ -278,39 +273,9 @@ impl NatBed {
     pub fn change_public_address(&self) {
         let r = &self.router;
         // Without this, removing the old (primary) address takes the new one with it.
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            r,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.conf.wan.promote_secondaries=1",
-        ])
-        .unwrap();
-        run(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            &format!("{ROUTER_WAN_IP_2}/24"),
-            "dev",
-            "wan",
-        ])
-        .unwrap();
-        run(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "del",
-            &format!("{ROUTER_WAN_IP}/24"),
-            "dev",
-            "wan",
-        ])
-        .unwrap();
+        sysctl(r, "net.ipv4.conf.wan.promote_secondaries=1").unwrap();
+        ip(r, &format!("addr add {ROUTER_WAN_IP_2}/24 dev wan")).unwrap();
+        ip(r, &format!("addr del {ROUTER_WAN_IP}/24 dev wan")).unwrap();
         self.forget_mappings();
     }
 }
@@ -359,7 +324,6 @@ impl NatBed {
     /// ordinary routes (delivered locally, or forwarded to the router).
     pub fn delay(&self, one_way: std::time::Duration) -> Result<DelayLine, String> {
         let a = &self.agent;
-        let sysctl = |key: &str| run(&["ip", "netns", "exec", a, "sysctl", "-q", "-w", key]);
         // Packets come back out of the device with addresses routed elsewhere: no reverse-path
         // check; the namespace forwards what leaves the device towards the router; and no early
         // demultiplexing, which hands a packet for a connected socket straight to it, past the
@@ -370,7 +334,7 @@ impl NatBed {
             "net.ipv4.ip_forward=1",
             "net.ipv4.ip_early_demux=0",
         ] {
-            sysctl(key)?;
+            sysctl(a, key)?;
         }
         let mut program = crate::Daemon::spawn(
             in_netns(
@@ -391,26 +355,22 @@ impl NatBed {
             "delay line",
         );
         program.try_wait_for("ready")?;
-        let ip = |rest: &str| {
-            let mut args = vec!["ip", "-n", a];
-            args.extend(rest.split_whitespace());
-            run(&args)
-        };
         // What the host sent comes back out of the device with the host's own address.
-        sysctl("net.ipv4.conf.delay0.rp_filter=0")?;
-        sysctl("net.ipv4.conf.delay0.accept_local=1")?;
+        sysctl(a, "net.ipv4.conf.delay0.rp_filter=0")?;
+        sysctl(a, "net.ipv4.conf.delay0.accept_local=1")?;
         // Room for a burst, as netem's 1,000-packet queue has.
-        ip("link set delay0 up txqueuelen 1000")?;
-        ip(&format!(
-            "route add default dev delay0 src {AGENT_IP} table 100"
-        ))?;
-        ip("route add default dev delay0 table 101")?;
+        ip(a, "link set delay0 up txqueuelen 1000")?;
+        ip(
+            a,
+            &format!("route add default dev delay0 src {AGENT_IP} table 100"),
+        )?;
+        ip(a, "route add default dev delay0 table 101")?;
         // Arriving from the router: into the line (before the local table would deliver it).
-        ip("rule add pref 10 iif eth0 lookup 101")?;
-        ip("rule add pref 20 lookup local")?;
-        ip("rule del pref 0")?;
+        ip(a, "rule add pref 10 iif eth0 lookup 101")?;
+        ip(a, "rule add pref 20 lookup local")?;
+        ip(a, "rule del pref 0")?;
         // Sent by this host to anywhere but itself: into the line.
-        ip("rule add pref 30 iif lo lookup 100")?;
+        ip(a, "rule add pref 30 iif lo lookup 100")?;
         Ok(DelayLine { _program: program })
     }
 }
@@ -421,11 +381,6 @@ impl NatBed {
     pub fn add_site(&self) -> Result<(), String> {
         let (p, site) = (&self.public, &self.site);
         run(&["ip", "netns", "add", site])?;
-        let ip = |ns: &str, rest: &str| {
-            let mut args = vec!["ip", "-n", ns];
-            args.extend(rest.split_whitespace());
-            run(&args)
-        };
         ip(site, "link set lo up")?;
         ip(
             site,

@@ -91,17 +91,7 @@ impl Cluster {
 
     /// The proxies `nodes ls` says `host` holds tunnels to.
     fn tunnels_of(&self, host: &str) -> BTreeSet<String> {
-        nodes(self.any())
-            .get(host)
-            .map(|n| {
-                n["proxies"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
+        tunnels_of(self.any(), host)
     }
 
     fn wait_for_tunnels(&self, host: &str, want: &BTreeSet<String>) {

@@ -123,12 +123,18 @@ impl Setup {
 
 /// Runs a command with a 60 s limit; a hang fails the test instead of hanging the suite.
 fn run_bounded(cmd: &mut Command) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    finish_bounded(child)
+}
+
+/// Waits at most 60 s for `child` to exit (killing it then, and failing), and collects what it
+/// wrote to the pipes it has.
+fn finish_bounded(mut child: std::process::Child) -> Output {
     let done = eventually(Duration::from_secs(60), || child.try_wait().ok().flatten());
     if done.is_none() {
         let _ = child.kill();
@@ -358,20 +364,17 @@ fn a_64_kib_quic_window_carries_8_mib_each_way_and_a_smaller_one_is_refused() {
     let eight = 8 * 1024 * 1024;
     // ssh with its input and output in files (8 MiB would fill a pipe nobody reads yet).
     let transfer = |command: &str, input: &Path, output: &Path| {
-        let mut child = Command::new("ssh")
+        let child = Command::new("ssh")
             .arg("-F")
             .arg(&cfg)
             .args(["-J", &s.jump(), "-p", "3022", &node, command])
             .stdin(std::fs::File::open(input).unwrap())
             .stdout(std::fs::File::create(output).unwrap())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let status = eventually(Duration::from_secs(60), || child.try_wait().ok().flatten());
-        if status.is_none() {
-            let _ = child.kill();
-        }
-        assert!(status.is_some_and(|s| s.success()), "{command}: {status:?}");
+        let done = finish_bounded(child);
+        assert!(done.status.success(), "{command}: {}", text(&done.stderr));
         std::fs::read(output).unwrap()
     };
     let (nothing, src, out) = (s.dir.join("empty"), s.dir.join("eight"), s.dir.join("out"));

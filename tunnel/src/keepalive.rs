@@ -36,7 +36,7 @@ impl Keepalive {
     /// NATs keep TCP mappings for minutes to hours; this is what bounds noticing a dead proxy to
     /// a minute ([`Self::dead_after`]).
     pub const TCP_DEFAULT: Duration = Duration::from_secs(40);
-    /// TCP: how long after a probe goes unanswered the peer counts as dead ([`TCP_PROBES`] more
+    /// TCP: how long after a probe goes unanswered the peer counts as dead (`TCP_PROBES` more
     /// probes).
     pub const TCP_GRACE: Duration = Duration::from_secs(20);
     /// QUIC: how much longer than the interval the idle timeout is, so that a keep-alive lost

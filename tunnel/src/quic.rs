@@ -30,13 +30,10 @@ pub async fn connect_quic(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| fail(format!("QUIC needs TLS 1.3: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = transport_config(MAX_STREAMS);
+    let mut transport = transport_config(MAX_STREAMS, window.stream(), window.tunnel());
     transport
         .keep_alive_interval(Some(keepalive.interval()))
-        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())))
-        .stream_receive_window(window.stream().into())
-        .receive_window(window.tunnel().into())
-        .send_window(window.tunnel().into());
+        .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
     config.transport_config(Arc::new(transport));
     let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
@@ -57,15 +54,21 @@ fn idle_timeout(d: Duration) -> quinn::IdleTimeout {
         .expect("a keep-alive's bounds fit QUIC's idle timeout")
 }
 
-/// QUIC settings shared by both ends (the agent then sizes its windows for a device,
-/// [`Window`]); `peer_streams`: how many bidirectional streams the peer may have open at once. Neither end sends keep-alives here: the agent adds its own
-/// ([`connect_quic`]), and the proxy never sends one ([`keepalive`]).
-fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+/// QUIC settings both ends share. `peer_streams`: how many bidirectional streams the peer may
+/// have open at once; `stream_window`: what one stream may have in flight towards this end;
+/// `tunnel_window`: the same for the whole connection, and the most this end keeps
+/// unacknowledged (the proxy's are a server's, the agent's a device's: [`Window`]). Neither end
+/// sends keep-alives here: the agent adds its own ([`connect_quic`]), the proxy sends none.
+fn transport_config(
+    peer_streams: u32,
+    stream_window: u32,
+    tunnel_window: u32,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(None)
-        .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONNECTION_WINDOW.into())
-        .send_window(u64::from(CONNECTION_WINDOW))
+        .stream_receive_window(stream_window.into())
+        .receive_window(tunnel_window.into())
+        .send_window(tunnel_window.into())
         .max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into());
     t
@@ -123,7 +126,7 @@ pub fn quic_server_endpoint(
     // control itself, before a byte of it is buffered.
     // The proxy's idle timeout is the longest an agent may ask for: the agent's smaller one is
     // what both ends use.
-    let mut transport = transport_config(1);
+    let mut transport = transport_config(1, STREAM_WINDOW, CONNECTION_WINDOW);
     transport.max_idle_timeout(Some(idle_timeout(
         Keepalive::clamped(Keepalive::MAX).quic_idle_timeout(),
     )));
