@@ -44,7 +44,12 @@ pub fn bin_dir() -> &'static Path {
 
 pub fn bin(name: &str) -> Command {
     let mut cmd = Command::new(bin_dir().join(name));
-    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    // BURROW_TEST_LOG (`RUST_LOG`'s syntax) turns up the daemons' logs when chasing a failure.
+    match std::env::var("BURROW_TEST_LOG") {
+        Ok(filter) => cmd.env("RUST_LOG", filter),
+        Err(_) => cmd.env_remove("RUST_LOG"),
+    };
+    cmd.env("NO_COLOR", "1");
     cmd
 }
 

@@ -355,6 +355,22 @@ impl NatBed {
             "delay line",
         );
         program.try_wait_for("ready")?;
+        // The rule below sends what arrives on eth0 into the line before the local table is
+        // read, and ARP asks the same routing whether the host owns an address: to ARP the
+        // agent's address is "forward via delay0", so the host stops answering the router's
+        // probes for it. Once the router's neighbour entry expires (15-45 s), every packet towards
+        // the agent would be dropped until the agent itself sent an ARP request: a silence of
+        // seconds in one direction that no network test asked for. The router knows the agent's
+        // link address for good instead.
+        let mac = Command::new("ip")
+            .args(["netns", "exec", a, "cat", "/sys/class/net/eth0/address"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
+        ip(
+            &self.router,
+            &format!("neigh replace {AGENT_IP} lladdr {mac} dev lan nud permanent"),
+        )?;
         // What the host sent comes back out of the device with the host's own address.
         sysctl(a, "net.ipv4.conf.delay0.rp_filter=0")?;
         sysctl(a, "net.ipv4.conf.delay0.accept_local=1")?;
