@@ -85,6 +85,7 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        burrow_sshd::keep_alive(&tcp);
         let (authenticated, grace_over) = oneshot::channel();
         let handler = JumpHandler {
             auth: auth.clone(),

@@ -18,11 +18,26 @@ pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Confi
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
         inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(15)),
-        keepalive_max: 4,
+        // No SSH keep-alives: russh sends its first one 15 s after the client last spoke, logged
+        // in or not, and OpenSSH's client drops a connection that gets a global request before
+        // it has logged in ("bad message during authentication: type 80"): a passphrase typed
+        // slowly, a hardware key waiting for a touch or a slow link lost the login. A dead client
+        // is noticed by TCP keep-alives instead ([`keep_alive`]), and a session through a tunnel
+        // ends with its stream, which the tunnel's own keep-alives watch.
+        keepalive_interval: None,
         nodelay: true,
         ..Default::default()
     }
+}
+
+/// Kernel keep-alive probes on a user's TCP connection to an SSH server: a client that vanished
+/// (a laptop closed, a path gone) is let go within a minute, without a byte
+/// the client could take for a protocol message.
+pub fn keep_alive(tcp: &tokio::net::TcpStream) {
+    burrow_tunnel::set_tcp_keepalive(
+        tcp,
+        burrow_tunnel::Keepalive::default_for(burrow_tunnel::Transport::Tcp),
+    );
 }
 
 /// How long a connection may take to log in (OpenSSH's LoginGraceTime default).

@@ -181,6 +181,58 @@ fn ssh_j_and_proxycommand_run_commands_with_strict_host_keys() {
     assert!(audit.contains(r#""user":"alice""#), "{audit}");
 }
 
+/// A login slower than the servers' keep-alive interval (a passphrase typed slowly, a hardware
+/// key waiting for a touch, a slow link) still logs in, at the proxy and at the node: OpenSSH's
+/// client takes any global request before it has logged in for a protocol error ("bad message
+/// during authentication: type 80"), so neither server may send a keep-alive that early.
+#[test]
+fn a_login_slower_than_the_keepalive_interval_still_logs_in() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let key = s.dir.join("slow");
+    std::fs::copy(s.dir.join("alice"), &key).unwrap();
+    std::fs::copy(s.dir.join("alice-cert.pub"), s.dir.join("slow-cert.pub")).unwrap();
+    let passphrase = "typed slowly";
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", passphrase, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", text(&keygen.stderr));
+    // The user takes 17 s to type it, twice: at the proxy, then at the node.
+    let askpass = s.dir.join("askpass");
+    std::fs::write(
+        &askpass,
+        format!("#!/bin/sh\nsleep 17\necho '{passphrase}'\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = s.config("slow", "known_hosts");
+    // The certificate only: OpenSSH would offer the plain key first and ask again for it.
+    let prompting = std::fs::read_to_string(&cfg).unwrap().replace(
+        "BatchMode yes",
+        "BatchMode no\n  PubkeyAcceptedAlgorithms ssh-ed25519-cert-v01@openssh.com",
+    );
+    std::fs::write(&cfg, prompting).unwrap();
+    let target = format!("{}@node1", s.login);
+    let out = run_bounded(
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            // The node's banner waits for the login at the proxy: more than the config's 20 s.
+            .args(["-o", "ConnectTimeout=60", "-J", &s.jump(), "-p", "3022"])
+            .args([&target, "echo logged-in"])
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force"),
+    );
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "logged-in\n"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn an_interactive_shell_gets_a_pty_and_follows_window_changes() {
     let s = Setup::new();

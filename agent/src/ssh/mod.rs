@@ -137,6 +137,7 @@ pub async fn serve_listener(
     });
     while let Some((tcp, peer)) = burrow_daemon::accept(&listener, &shutdown).await {
         let _ = tcp.set_nodelay(true);
+        burrow_sshd::keep_alive(&tcp);
         tokio::spawn(serve(
             ctx.clone(),
             Box::new(tcp),
