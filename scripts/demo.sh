@@ -58,9 +58,21 @@ login=$(id -un)
 ssh_addr=$(sed -n 's/.*SSH jump host listening on \([0-9.:]*\).*/\1/p' "$work/proxy.log" | head -1)
 echo "==> burrowctl auth sign --user $login --logins $login --ttl 1h --out $work/key"
 user_ssh_config "$login" "$login"
-echo "==> ssh -F $work/ssh_config -J $login@$ssh_addr -p 3022 $login@demo-node"
-ssh -F "$work/ssh_config" -J "$login@$ssh_addr" -p 3022 "$login@demo-node" \
+echo "==> ssh -F $work/ssh_config -J $login@$ssh_addr $login@demo-node"
+ssh -F "$work/ssh_config" -J "$login@$ssh_addr" "$login@demo-node" \
   'echo "hello from $(hostname) as $(whoami), through the tunnel"'
+
+# As a user sets it up once: a key where ssh-config looks for it, then a generated config block
+# (a scratch HOME stands for the user's; the block goes to its own file instead of ~/.ssh/config).
+home="$work/home"
+mkdir -p "$home/.ssh" && chmod 700 "$home/.ssh"
+echo "==> burrowctl auth sign --user $login --logins $login --out ~/.ssh/burrow-demo"
+HOME=$home ctl auth sign --user "$login" --logins "$login" --ttl 1h --out "$home/.ssh/burrow-demo" >/dev/null
+echo "==> burrowctl ssh-config --user $login"
+HOME=$home ctl ssh-config --user "$login" | tee "$home/ssh_config"
+echo "==> ssh demo-node.demo"
+ssh -F "$home/ssh_config" -o BatchMode=yes demo-node.demo \
+  'echo "hello again from $(hostname), through a generated config"'
 
 if $keep; then
   echo "==> the cluster keeps running; try the ssh command above; Ctrl-C stops it"

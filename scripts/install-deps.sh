@@ -39,6 +39,15 @@ fi
 # Cross builds: zig as the C compiler and linker for every target (PyPI).
 have cargo-zigbuild || python3 -m pip install --quiet cargo-zigbuild
 
+# ansible-core from PyPI in a virtualenv of its own (tests/tests/openssh.rs drives it through the
+# proxy); beside the build, so that nothing else on the machine changes.
+ansible_venv="$(cd "$(dirname "$0")/.." && pwd)/target/tools/ansible"
+if [ ! -x "$ansible_venv/bin/ansible-playbook" ]; then
+  echo "install-deps: installing ansible-core into $ansible_venv"
+  python3 -m venv "$ansible_venv"
+  "$ansible_venv/bin/pip" install --quiet 'ansible-core>=2.16,<2.18'
+fi
+
 # Rust components for the lint steps.
 if have rustup; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

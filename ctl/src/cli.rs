@@ -23,7 +23,8 @@ pub struct Cli {
     /// The proxy's data dir, where the admin identity and the web address are found on the proxy host.
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
-    /// Output format: text for people, json (one document on stdout) for scripts.
+    /// Output format: text for people, json (one document on stdout) for scripts; ansible (an
+    /// inventory) for `nodes ls`.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     #[command(subcommand)]
@@ -34,6 +35,7 @@ pub struct Cli {
 pub enum Format {
     Text,
     Json,
+    Ansible,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,6 +54,16 @@ pub enum Command {
     /// User certificates and the cluster's SSH CAs.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Print an OpenSSH config block for the cluster's nodes (`ssh NODE.CLUSTER`), and write the
+    /// known_hosts file it uses: `burrowctl ssh-config >> ~/.ssh/config`.
+    SshConfig {
+        #[command(flatten)]
+        client: ClientFiles,
+        /// Only the nodes matching every term (k=v, k!=v), by name and host id, instead of
+        /// every NODE.CLUSTER.
+        #[arg(long, value_name = "EXPR")]
+        query: Option<String>,
+    },
     /// Print burrowctl's version.
     Version,
 }
@@ -92,11 +104,19 @@ pub enum AuthCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
-    /// List nodes seen recently: name, host id, version, labels, proxies, last heartbeat.
+    /// List joined nodes: name, host id, state (online, offline), version, labels, proxies,
+    /// last seen. `--format ansible` prints an Ansible inventory instead.
     Ls {
         /// Only nodes with all these labels, k=v,k2=v2.
         #[arg(long, value_name = "K=V,...")]
         labels: Option<String>,
+        /// Only nodes matching every term: k=v (equal) or k!=v (anything else, or no such label),
+        /// e.g. env=prod,site!=lab.
+        #[arg(long, value_name = "EXPR")]
+        query: Option<String>,
+        /// For --format ansible: how Ansible reaches the nodes.
+        #[command(flatten)]
+        client: ClientFiles,
     },
     /// Remove a node and revoke its identity: its tunnels close and it cannot reconnect.
     Rm {
@@ -139,4 +159,20 @@ pub enum TokensCommand {
         #[arg(value_name = "TOKEN_OR_ID")]
         token: String,
     },
+}
+
+/// The user's side of plain OpenSSH: who logs in, with what key, trusting what.
+#[derive(Debug, clap::Args)]
+pub struct ClientFiles {
+    /// The login on nodes (the config block's `User`, Ansible's `ansible_user`).
+    #[arg(long, value_name = "LOGIN")]
+    pub user: Option<String>,
+    /// The private key from `burrowctl auth sign --out PATH` (its certificate is PATH-cert.pub)
+    /// [default: ~/.ssh/burrow-CLUSTER].
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+    /// Where to write the known_hosts file that trusts the cluster's host CA
+    /// [default: ~/.ssh/burrow-CLUSTER_known_hosts].
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
 }

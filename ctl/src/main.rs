@@ -20,9 +20,13 @@ use crate::cli::{
     AuthCommand, Cli, Command, DEFAULT_PROXY, Format, NodesCommand, ProxiesCommand, TokensCommand,
 };
 use crate::output::{labels_text, print_json, print_table, rfc3339};
+use crate::query::Query;
 
 mod cli;
+mod nodes;
+mod openssh;
 mod output;
+mod query;
 
 /// An error and the exit code it deserves: 2 for usage and configuration, 1 for the rest.
 struct Failure {
@@ -118,6 +122,12 @@ fn proxy_addr(flag: Option<&str>, data_dir: &Path) -> String {
 }
 
 async fn execute(cli: &Cli) -> Result<(), Failure> {
+    // Other commands print text for it, which this makes unreachable.
+    if cli.format == Format::Ansible
+        && !matches!(cli.command, Command::Nodes(NodesCommand::Ls { .. }))
+    {
+        return Err(usage("--format ansible is for `nodes ls` only"));
+    }
     let admin = Admin::connect(cli)?;
     match &cli.command {
         Command::Version => unreachable!("handled before connecting"),
@@ -178,7 +188,7 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
                 Format::Json => print_json(
                     &json!({ "type": kind, "cluster_name": export.cluster_name, "lines": lines }),
                 ),
-                Format::Text => {
+                Format::Text | Format::Ansible => {
                     for l in lines {
                         println!("{l}");
                     }
@@ -186,14 +196,27 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Nodes(NodesCommand::Ls { labels }) => {
-            let filter = labels
+        Command::Nodes(NodesCommand::Ls {
+            labels,
+            query,
+            client,
+        }) => {
+            let labels = labels
                 .as_deref()
                 .map(api::parse_labels)
                 .transpose()
                 .map_err(|e| usage(format!("--labels: {e}")))?
                 .unwrap_or_default();
-            nodes_ls(&admin, cli.format, &filter).await
+            let query = parse_query(query.as_deref())?.unwrap_or_default();
+            let request = nodes::ListRequest {
+                filter: Query::all_of(&labels).and(query),
+                format: cli.format,
+                client,
+            };
+            nodes::ls(&admin, request).await
+        }
+        Command::SshConfig { client, query } => {
+            nodes::ssh_config(&admin, client, parse_query(query.as_deref())?).await
         }
         Command::Nodes(NodesCommand::Rm { host_id }) => {
             let removed: api::NodeRemoved = admin
@@ -207,7 +230,7 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
                 .await?;
             match cli.format {
                 Format::Json => print_json(&json!({ "removed": removed.host_id })),
-                Format::Text => println!(
+                Format::Text | Format::Ansible => println!(
                     "Node {} has been removed; its identity is revoked.",
                     removed.host_id
                 ),
@@ -225,11 +248,19 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
                 .await?;
             match cli.format {
                 Format::Json => print_json(&json!({ "removed": removed.id })),
-                Format::Text => println!("Token {} has been revoked.", removed.id),
+                Format::Text | Format::Ansible => {
+                    println!("Token {} has been revoked.", removed.id)
+                }
             }
             Ok(())
         }
     }
+}
+
+fn parse_query(text: Option<&str>) -> Result<Option<Query>, Failure> {
+    text.map(Query::parse)
+        .transpose()
+        .map_err(|e| usage(format!("--query: {e}")))
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, Failure> {
@@ -254,7 +285,7 @@ async fn status(admin: &Admin, format: Format) -> Result<(), Failure> {
             "ca_pins": s.ca_pins,
             "public_addr": s.public_addr,
         })),
-        Format::Text => {
+        Format::Text | Format::Ansible => {
             println!("Cluster:  {}", s.cluster_name);
             println!("Version:  {}", s.version);
             for pin in &s.ca_pins {
@@ -304,7 +335,7 @@ async fn tokens_add(
             "ttl_seconds": ttl.as_secs(),
             "join_command": command,
         })),
-        Format::Text => {
+        Format::Text | Format::Ansible => {
             println!("The invite token: {}", added.token.expose());
             println!(
                 "It allows role {} and expires in {ttl_text} (at {}); its id is {}.",
@@ -459,7 +490,7 @@ async fn auth_sign(
             "ttl_seconds": ttl.as_secs(),
             "permissions": permissions,
         })),
-        Format::Text => {
+        Format::Text | Format::Ansible => {
             println!(
                 "Wrote {} (key) and {} (certificate).",
                 out.display(),
@@ -472,66 +503,6 @@ async fn auth_sign(
             );
         }
     }
-    Ok(())
-}
-
-async fn nodes_ls(admin: &Admin, format: Format, filter: &Labels) -> Result<(), Failure> {
-    let list: api::NodeList = admin.client.get(api::NODES_PATH).await?;
-    let nodes: Vec<&api::NodeInfo> = list
-        .nodes
-        .iter()
-        .filter(|n| filter.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-        .collect();
-    if format == Format::Json {
-        let nodes: Vec<_> = nodes
-            .iter()
-            .map(|n| {
-                json!({
-                    "name": n.node_name,
-                    "host_id": n.host_id,
-                    "version": n.version,
-                    "labels": n.labels,
-                    "proxies": n.proxies,
-                    "transports": n.transports,
-                    "last_seen": rfc3339(n.last_seen),
-                })
-            })
-            .collect();
-        print_json(&json!({ "nodes": nodes }));
-        return Ok(());
-    }
-    if nodes.is_empty() {
-        println!("No nodes.");
-        return Ok(());
-    }
-    let rows: Vec<[String; 6]> = nodes
-        .iter()
-        .map(|n| {
-            [
-                n.node_name.clone(),
-                n.host_id.clone(),
-                n.version.clone(),
-                if n.labels.is_empty() {
-                    "-".into()
-                } else {
-                    labels_text(&n.labels)
-                },
-                n.proxies.len().to_string(),
-                rfc3339(n.last_seen),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "NAME",
-            "HOST ID",
-            "VERSION",
-            "LABELS",
-            "PROXIES",
-            "LAST SEEN",
-        ],
-        &rows,
-    );
     Ok(())
 }
 

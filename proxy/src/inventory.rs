@@ -2,7 +2,7 @@
 //! (`burrowctl nodes ls`), removal and revocation (`nodes rm`), and node names (who holds one,
 //! freeing one). The tunnel server follows revocations through a backend watch.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use burrow_daemon::unix_now;
 use tunnel_proto::api::{Labels, NodeInfo, Presence};
@@ -10,8 +10,9 @@ use tunnel_proto::api::{Labels, NodeInfo, Presence};
 use crate::backend::{Backend, BackendError};
 use crate::state::{self, NodeRecord};
 
-/// Every node seen within the presence TTL, with the live proxies it holds tunnels to. A proxy
-/// that died leaves presence records behind until their TTL; they are not shown.
+/// Every joined node: those with a tunnel to a live proxy (online), with those proxies, and the
+/// others (offline, no proxies) as they were last seen. A proxy that died leaves presence
+/// records behind until their TTL; they are not counted.
 pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendError> {
     let live: HashSet<String> = backend
         .list(state::PROXIES)
@@ -45,6 +46,31 @@ pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendEr
         node.proxies.push(p.proxy_id);
         node.transports.push(p.transport);
     }
+    let mut seen: HashMap<String, Presence> = HashMap::new();
+    for (_, value) in backend.list(state::SEEN).await? {
+        if let Ok(p) = serde_json::from_slice::<Presence>(&value) {
+            seen.insert(p.host_id.clone(), p);
+        }
+    }
+    for (_, value) in backend.list(state::NODES).await? {
+        let Ok(record) = serde_json::from_slice::<NodeRecord>(&value) else {
+            continue;
+        };
+        if nodes.contains_key(&record.host_id) {
+            continue;
+        }
+        let last = seen.remove(&record.host_id);
+        let node = NodeInfo {
+            host_id: record.host_id.clone(),
+            node_name: record.node_name,
+            version: last.as_ref().map(|p| p.version.clone()).unwrap_or_default(),
+            labels: last.as_ref().map_or(record.labels, |p| p.labels.clone()),
+            proxies: vec![],
+            transports: vec![],
+            last_seen: last.map_or(record.joined, |p| p.last_seen),
+        };
+        nodes.insert(record.host_id, node);
+    }
     Ok(nodes.into_values().collect())
 }
 
@@ -63,6 +89,7 @@ pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, Backen
         )
         .await?;
     backend.delete(&state::node(host_id)).await?;
+    backend.delete(&state::seen(host_id)).await?;
     if let Some(record) = record.and_then(|r| serde_json::from_slice::<NodeRecord>(&r).ok()) {
         release_name(backend, &record.node_name, host_id).await?;
     }

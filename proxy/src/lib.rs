@@ -108,6 +108,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
 
     let tunnels = tunnel::TunnelServer::start(
         proxy_id.clone(),
+        auth.authorities.cluster_name.clone(),
         backend.clone(),
         config.data_dir.join("audit"),
         shutdown.clone(),
@@ -164,6 +165,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         tunnel_addrs = tunnel_addr_entries(public);
     }
 
+    let mut ssh_public = None;
     if let Some(ssh_addr) = config.ssh_listen {
         let mut names = vec![
             "localhost".to_string(),
@@ -186,7 +188,20 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         let listener = TcpListener::bind(ssh_addr)
             .await
             .with_context(|| format!("cannot listen for SSH on {ssh_addr}"))?;
-        tracing::info!("SSH jump host listening on {}", listener.local_addr()?);
+        let ssh_bound = listener.local_addr()?;
+        tracing::info!("SSH jump host listening on {ssh_bound}");
+        // What users jump through: the public name with this port, or where it listens.
+        ssh_public = Some(
+            match config
+                .public_addr
+                .as_deref()
+                .and_then(burrow_net::web::split_host)
+            {
+                Some(host) if host.contains(':') => format!("[{host}]:{}", ssh_bound.port()),
+                Some(host) => format!("{host}:{}", ssh_bound.port()),
+                None => local_dial_addr(ssh_bound).to_string(),
+            },
+        );
         tokio::spawn(sshproxy::serve(
             listener,
             Arc::new(burrow_sshd::server_config(key, cert)),
@@ -204,6 +219,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         health,
         proxy_id,
         public_addr: config.public_addr.clone(),
+        ssh_addr: ssh_public,
         tunnel_addrs,
         limiter: web::join_limiter(),
         request_timeout: config.limits.web_request_timeout,

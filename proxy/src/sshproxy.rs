@@ -1,7 +1,9 @@
 //! The proxy's SSH service (port 3023): a jump host for users with a certificate from the
 //! cluster's user CA. It carries bytes to nodes through their tunnels and never sees a
-//! session's plaintext: `ssh -J user@proxy login@node` sends `direct-tcpip` to `NODE:3022`, and
-//! `ssh -p 3023 user@proxy -s proxy:NODE:3022` (as a ProxyCommand) asks for that subsystem.
+//! session's plaintext: `ssh -J user@proxy login@node` sends `direct-tcpip` to `NODE:22` (or
+//! `:3022` with `-p 3022`; both are the node's SSH service), and `ssh -p 3023 user@proxy -s
+//! proxy:NODE:PORT` (as a ProxyCommand) asks for that subsystem. NODE is a name or a host id,
+//! bare or under the cluster's name (`edge-01.CLUSTER`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -117,11 +119,25 @@ struct JumpHandler {
     unauthenticated: Option<(GatePermit, oneshot::Sender<()>)>,
 }
 
+/// The one service a node's tunnel carries: its SSH server.
+const NODE_SSH_PORT: u16 = 3022;
+
+/// The node port a client asked for, as the tunnel knows it: OpenSSH's default (22, what `ssh
+/// -J user@proxy login@node` asks for without `-p`) and 3022 both mean the node's SSH service.
+fn node_port(node: &str, port: u32) -> Result<u16, String> {
+    match port {
+        22 | 3022 => Ok(NODE_SSH_PORT),
+        _ => Err(format!(
+            "node {node:?} serves SSH only, on port 22 or 3022, not {port}"
+        )),
+    }
+}
+
 /// `NODE:PORT` from a jump target; the port defaults to the node's SSH port.
 fn parse_target(spec: &str) -> Option<(&str, u16)> {
     match spec.rsplit_once(':') {
         Some((node, port)) => Some((node, port.parse().ok()?)),
-        None => Some((spec, 3022)),
+        None => Some((spec, NODE_SSH_PORT)),
     }
     .filter(|(node, _)| !node.is_empty())
 }
@@ -202,9 +218,14 @@ impl russh::server::Handler for JumpHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Ok(port) = u16::try_from(port) else {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            return Ok(());
+        // russh gives a refused channel no description: the log says why.
+        let port = match node_port(host, port) {
+            Ok(port) => port,
+            Err(why) => {
+                tracing::warn!(user = ?self.user, node = host, %why, "cannot forward to node");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
         };
         match self.dial(host, port).await {
             Ok((stream, leftover)) => {
@@ -235,7 +256,11 @@ impl russh::server::Handler for JumpHandler {
             session.channel_failure(channel_id)?;
             return Ok(());
         };
-        match self.dial(node, port).await {
+        let dialed = match node_port(node, port.into()) {
+            Ok(port) => self.dial(node, port).await,
+            Err(why) => Err(why),
+        };
+        match dialed {
             Ok((stream, leftover)) => {
                 tracing::info!(user = ?self.user, node, port, peer = %self.peer, "forwarding to node (subsystem)");
                 session.channel_success(channel_id)?;
@@ -271,5 +296,15 @@ mod tests {
         assert_eq!(parse_target("pi"), Some(("pi", 3022)));
         assert_eq!(parse_target("pi:x"), None);
         assert_eq!(parse_target(":22"), None);
+    }
+
+    #[test]
+    fn port_22_and_3022_are_the_nodes_ssh_and_others_are_refused() {
+        assert_eq!(node_port("pi", 22), Ok(3022));
+        assert_eq!(node_port("pi", 3022), Ok(3022));
+        assert_eq!(
+            node_port("pi", 80),
+            Err("node \"pi\" serves SSH only, on port 22 or 3022, not 80".into())
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! | `/nodes/<host id>` | [`NodeRecord`] |
 //! | `/node-names/<name>` | the host id that holds the name |
 //! | `/presence/<host id>/<proxy id>` | [`tunnel_proto::api::Presence`], under a TTL |
+//! | `/seen/<host id>` | the node's last [`tunnel_proto::api::Presence`] anywhere: when it was last seen, for `nodes ls` and "offline since" once its presence records are gone |
 //! | `/revoked/<host id>` | when the node was removed |
 //! | `/proxies/<proxy id>` | [`tunnel_proto::api::ProxyInfo`], under a lease |
 
@@ -20,6 +21,7 @@ pub const TOKENS: &str = "/tokens/";
 pub const NODES: &str = "/nodes/";
 pub const NODE_NAMES: &str = "/node-names/";
 pub const PRESENCE: &str = "/presence/";
+pub const SEEN: &str = "/seen/";
 pub const REVOKED: &str = "/revoked/";
 pub const PROXIES: &str = "/proxies/";
 
@@ -43,6 +45,10 @@ pub fn presence(host_id: &str, proxy_id: &str) -> String {
 /// Every presence of one node.
 pub fn presence_of(host_id: &str) -> String {
     format!("{PRESENCE}{host_id}/")
+}
+
+pub fn seen(host_id: &str) -> String {
+    format!("{SEEN}{host_id}")
 }
 
 pub fn revoked(host_id: &str) -> String {

@@ -229,6 +229,9 @@ pub struct StatusResponse {
     pub ca_pins: Vec<String>,
     /// The address agents should be given, if the proxy knows it.
     pub public_addr: Option<String>,
+    /// Where users jump through to nodes (HOST:PORT), if this proxy serves SSH.
+    #[serde(default)]
+    pub ssh_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,7 +376,8 @@ pub struct Presence {
     pub last_seen: u64,
 }
 
-/// A node seen within the presence TTL, with every proxy it holds a tunnel to.
+/// A joined node: online, with every proxy it holds a tunnel to, or offline (no proxies) as it
+/// was last seen (`last_seen`: when; its join if it never connected).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub host_id: String,

@@ -202,7 +202,8 @@ impl Authorities {
             .pem())
     }
 
-    /// Signs an SSH host certificate for a node, valid for its host id and its name.
+    /// Signs an SSH host certificate for a node, valid for its host id and its name, bare and
+    /// under the cluster's name (`edge-01.CLUSTER`, as `burrowctl ssh-config` reaches nodes).
     pub fn sign_host_ssh(
         &self,
         public_key: &PublicKey,
@@ -223,7 +224,9 @@ impl Authorities {
             .key_id(format!("host:{host_id}"))?
             .cert_type(CertType::Host)?
             .valid_principal(host_id)?
-            .valid_principal(node_name)?;
+            .valid_principal(node_name)?
+            .valid_principal(format!("{host_id}.{}", self.cluster_name))?
+            .valid_principal(format!("{node_name}.{}", self.cluster_name))?;
         Ok(builder.sign(&self.host_ssh)?)
     }
 
@@ -418,7 +421,10 @@ mod tests {
         let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
         let cert = ca.sign_host_ssh(key.public_key(), "host-1", "pi").unwrap();
         assert_eq!(cert.cert_type(), CertType::Host);
-        assert_eq!(cert.valid_principals(), ["host-1", "pi"]);
+        assert_eq!(
+            cert.valid_principals(),
+            ["host-1", "pi", "host-1.test", "pi.test"]
+        );
         let ca_fp = ca.host_ssh.public_key().fingerprint(Default::default());
         cert.validate(&[ca_fp]).unwrap();
     }

@@ -35,6 +35,9 @@ pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a tunnel's node is recorded as seen (besides when its tunnel comes and goes): how
+/// far "offline since" can be off after a proxy died without saying goodbye.
+const SEEN_EVERY: u64 = 300;
 const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// The live keys under a watched prefix.
@@ -59,6 +62,8 @@ struct Entry {
 
 pub struct TunnelServer {
     proxy_id: String,
+    /// Nodes are also reached as `NODE.CLUSTER`.
+    cluster_name: String,
     backend: Arc<dyn Backend>,
     tunnels: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
@@ -74,6 +79,7 @@ impl TunnelServer {
     /// Loads the proxy list and the revocations, then keeps them current in the background.
     pub async fn start(
         proxy_id: String,
+        cluster_name: String,
         backend: Arc<dyn Backend>,
         audit_dir: std::path::PathBuf,
         shutdown: CancellationToken,
@@ -86,6 +92,7 @@ impl TunnelServer {
         });
         let server = Arc::new(Self {
             proxy_id,
+            cluster_name,
             backend,
             tunnels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -206,47 +213,28 @@ impl TunnelServer {
         port: u16,
         client_addr: &str,
     ) -> Result<(TunnelStream, bytes::BytesMut), DialError> {
-        let session = {
-            let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-            let mut hosts: BTreeMap<&str, (u64, &Entry)> = BTreeMap::new();
-            for (id, e) in tunnels.iter() {
-                if e.host_id == target || e.node_name == target {
-                    // The newest tunnel of a host (a QUIC one replacing TCP, say).
-                    let slot = hosts.entry(e.host_id.as_str()).or_insert((*id, e));
-                    if *id > slot.0 {
-                        *slot = (*id, e);
-                    }
-                }
-            }
-            match hosts.len() {
-                0 => None,
-                1 => hosts.into_values().next().map(|(_, e)| e.session.clone()),
-                _ => {
-                    return Err(DialError::Ambiguous {
-                        name: target.to_string(),
-                        host_ids: hosts.keys().map(|h| h.to_string()).collect(),
-                    });
-                }
-            }
+        // `NODE.CLUSTER` (what a generated ssh_config dials) is NODE, unless a node is called that.
+        let bare = target
+            .strip_suffix(self.cluster_name.as_str())
+            .and_then(|t| t.strip_suffix('.'))
+            .filter(|t| !t.is_empty());
+        let session = match self.find(target)? {
+            Some(session) => Some(session),
+            None => match bare {
+                Some(bare) => self.find(bare)?,
+                None => None,
+            },
         };
         let Some(session) = session else {
-            let by_id = self
-                .backend
-                .get(&state::node(target))
-                .await
-                .ok()
-                .flatten()
-                .is_some();
-            let known = by_id
-                || crate::inventory::name_holder(self.backend.as_ref(), target)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-            return Err(if known {
-                DialError::Offline(target.to_string())
-            } else {
-                DialError::Unknown(target.to_string())
+            return Err(match self.offline(target).await {
+                Some(e) => e,
+                None => match bare {
+                    Some(bare) => self
+                        .offline(bare)
+                        .await
+                        .unwrap_or_else(|| DialError::Unknown(target.to_string())),
+                    None => DialError::Unknown(target.to_string()),
+                },
             });
         };
         let stream = session
@@ -277,6 +265,67 @@ impl TunnelServer {
                 "{target} did not answer the dial"
             ))),
         }
+    }
+
+    /// The newest tunnel of the one node whose host id or name is `target`.
+    fn find(&self, target: &str) -> Result<Option<Session>, DialError> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hosts: BTreeMap<&str, (u64, &Entry)> = BTreeMap::new();
+        for (id, e) in tunnels.iter() {
+            if e.host_id == target || e.node_name == target {
+                // The newest tunnel of a host (a QUIC one replacing TCP, say).
+                let slot = hosts.entry(e.host_id.as_str()).or_insert((*id, e));
+                if *id > slot.0 {
+                    *slot = (*id, e);
+                }
+            }
+        }
+        match hosts.len() {
+            0 => Ok(None),
+            1 => Ok(hosts.into_values().next().map(|(_, e)| e.session.clone())),
+            _ => Err(DialError::Ambiguous {
+                name: target.to_string(),
+                host_ids: hosts.keys().map(|h| h.to_string()).collect(),
+            }),
+        }
+    }
+
+    /// Why a joined node (by host id or name) that holds no tunnel here cannot be reached;
+    /// `None` if no node is called `target`.
+    async fn offline(&self, target: &str) -> Option<DialError> {
+        let backend = self.backend.as_ref();
+        let record = match backend.get(&state::node(target)).await.ok().flatten() {
+            Some(record) => record,
+            None => {
+                let holder = crate::inventory::name_holder(backend, target)
+                    .await
+                    .ok()
+                    .flatten()?;
+                backend.get(&state::node(&holder)).await.ok().flatten()?
+            }
+        };
+        let record: state::NodeRecord = serde_json::from_slice(&record).ok()?;
+        let present = backend
+            .list(&state::presence_of(&record.host_id))
+            .await
+            .is_ok_and(|p| !p.is_empty());
+        if present {
+            return Some(DialError::NotHere(target.to_string()));
+        }
+        let seen = backend
+            .get(&state::seen(&record.host_id))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<Presence>(&v).ok());
+        Some(DialError::Offline {
+            name: target.to_string(),
+            since: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + Duration::from_secs(seen.map_or(record.joined, |p| p.last_seen)),
+            )
+            .to_string(),
+        })
     }
 
     /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
@@ -383,16 +432,18 @@ impl TunnelServer {
             last_seen: unix_now(),
         };
         tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
-        self.write_presence(&presence).await;
+        let mut seen = 0;
+        self.write_presence(&presence, &mut seen).await;
         let mut machine = ProxyControl::new(presence, Instant::now());
         let result = self
-            .serve_control(&session, &mut control, &mut pushed, &mut machine)
+            .serve_control(&session, &mut control, &mut pushed, &mut machine, &mut seen)
             .await;
         if !self.forget(id) {
             let _ = self
                 .backend
                 .delete(&state::presence(&host_id, &self.proxy_id))
                 .await;
+            self.write_seen(machine.presence(unix_now())).await;
         }
         tracing::info!(%host_id, node = %node_name, "tunnel down");
         result
@@ -421,6 +472,7 @@ impl TunnelServer {
         control: &mut Framed<TunnelStream>,
         pushed: &mut watch::Receiver<Pushed>,
         machine: &mut ProxyControl,
+        seen: &mut u64,
     ) -> Result<(), TunnelError> {
         loop {
             let msg = tokio::select! {
@@ -454,7 +506,7 @@ impl TunnelServer {
                 // The tunnel is up, so the node is: its transport's keep-alives say so.
                 _ = tokio::time::sleep_until(machine.poll_timeout().into()) => {
                     if machine.poll(Instant::now()) {
-                        self.write_presence(machine.presence(unix_now())).await;
+                        self.write_presence(machine.presence(unix_now()), seen).await;
                     }
                     continue;
                 }
@@ -466,14 +518,23 @@ impl TunnelServer {
             match machine.handle_message(Instant::now(), msg)? {
                 Action::Nothing => {}
                 Action::Send(reply) => control.write(&reply).await?,
-                Action::WritePresence => self.write_presence(machine.presence(unix_now())).await,
+                Action::WritePresence => {
+                    self.write_presence(machine.presence(unix_now()), seen)
+                        .await
+                }
                 Action::Audit(event) => self.audit.append(&event, machine.host_id()),
                 Action::Close => return Ok(()),
             }
         }
     }
 
-    async fn write_presence(&self, presence: &Presence) {
+    /// Records the node's presence at this proxy, and that it was seen when `seen` (the last
+    /// time this tunnel said so) is [`SEEN_EVERY`] old.
+    async fn write_presence(&self, presence: &Presence, seen: &mut u64) {
+        if presence.last_seen >= *seen + SEEN_EVERY {
+            *seen = presence.last_seen;
+            self.write_seen(presence).await;
+        }
         let value = serde_json::to_vec(presence).expect("presence serializes");
         if let Err(e) = self
             .backend
@@ -488,6 +549,18 @@ impl TunnelServer {
         }
     }
 
+    /// The node's last presence, kept without a TTL: when it was last seen, once it is offline.
+    async fn write_seen(&self, presence: &Presence) {
+        let value = serde_json::to_vec(presence).expect("presence serializes");
+        if let Err(e) = self
+            .backend
+            .put(&state::seen(&presence.host_id), value, None)
+            .await
+        {
+            tracing::warn!(error = %e, host_id = %presence.host_id, "cannot record when the node was seen");
+        }
+    }
+
     /// Waits (bounded) for tunnel tasks after shutdown.
     pub async fn drain(&self, grace: Duration) {
         self.tasks.close();
@@ -499,8 +572,10 @@ impl TunnelServer {
 pub enum DialError {
     #[error("no node is called {0:?} in this cluster")]
     Unknown(String),
-    #[error("node {0:?} is offline: it holds no tunnel to this proxy")]
-    Offline(String),
+    #[error("node {name:?} is offline since {since}")]
+    Offline { name: String, since: String },
+    #[error("node {0:?} holds no tunnel to this proxy yet; try again in a few seconds")]
+    NotHere(String),
     #[error("several nodes are called {name:?}; use a host id: {}", host_ids.join(", "))]
     Ambiguous { name: String, host_ids: Vec<String> },
     #[error("the node refused: {0}")]

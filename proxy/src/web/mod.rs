@@ -57,6 +57,8 @@ pub struct WebState {
     pub health: Arc<Health>,
     pub proxy_id: String,
     pub public_addr: Option<String>,
+    /// Where users jump through to nodes, if this proxy serves SSH.
+    pub ssh_addr: Option<String>,
     /// Where agents should open tunnels, as `find` tells them; empty: the address they use for
     /// the web API.
     pub tunnel_addrs: Vec<api::TunnelAddr>,
@@ -308,6 +310,7 @@ async fn status(
         version: tunnel_proto::VERSION.to_string(),
         ca_pins: vec![a.pin.to_string()],
         public_addr: state.public_addr.clone(),
+        ssh_addr: state.ssh_addr.clone(),
     }))
 }
 
