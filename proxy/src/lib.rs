@@ -116,9 +116,10 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     .await
     .context("cannot load the proxy list and revocations")?;
     let quic_secret = quic_secret(&config.data_dir)?;
-    let quic =
+    let (quic, quic_socket) =
         burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)), &quic_secret)
             .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
+    let mut nudge_sockets = vec![quic_socket];
     tracing::info!("QUIC tunnels listening on udp {bound}");
     // QUIC handshakes in progress count as the web port's connections do (their own count).
     let quic_handshakes = ratelimit::ConnectionGate::new(
@@ -138,8 +139,10 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
             .await
             .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
         let bound = listener.local_addr()?;
-        let quic = burrow_tunnel::quic_server_endpoint(bound, tls.clone(), &quic_secret)
-            .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
+        let (quic, quic_socket) =
+            burrow_tunnel::quic_server_endpoint(bound, tls.clone(), &quic_secret)
+                .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
+        nudge_sockets.push(quic_socket);
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.
         let handshakes = ratelimit::ConnectionGate::new(
@@ -164,6 +167,14 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         // Tunnels share the web port: the public address (a balancer, usually) as it is.
         tunnel_addrs = tunnel_addr_entries(public);
     }
+
+    // QUIC is served: the agents this proxy held when it last stopped without a goodbye may
+    // come back now.
+    tokio::spawn(tunnel::nudge_former_agents(
+        backend.clone(),
+        proxy_id.clone(),
+        nudge_sockets,
+    ));
 
     let mut ssh_public = None;
     if let Some(ssh_addr) = config.ssh_listen {

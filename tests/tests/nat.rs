@@ -513,6 +513,36 @@ fn a_dead_tcp_path_is_noticed_and_the_agent_comes_back() {
     dead_path("tcp");
 }
 
+/// A proxy killed and started again while the NAT forgot the agent's mapping: the restart nudge
+/// is kept out (nothing from outside gets in), so the agent learns of the restart from the
+/// stateless reset that answers its next keep-alive (the restarted proxy recognises the old
+/// connection's IDs by their key), and comes back.
+#[test]
+fn a_restart_nudge_kept_out_by_the_nat_leaves_the_stateless_reset_to_tell() {
+    let Some(mut w) = World::new() else { return };
+    let mut agent = w.agent("edge", &["--transport", "quic", "--keepalive", "5s"]);
+    w.proxy.daemon.kill(); // SIGKILL: no advisory
+    w.bed.forget_mappings();
+    let args = ["--web-listen", w.web, "--ssh-listen", w.ssh];
+    w.proxy = Proxy::start_in(&w.bed.public, &w.dir.join("proxy"), &args);
+    agent.wait_for("tunnel down");
+    let log = agent.log();
+    assert!(log.contains("reset by peer"), "{log}");
+    assert!(!log.contains("the proxy restarted (it says so)"), "{log}");
+    assert!(
+        w.proxy
+            .daemon
+            .log()
+            .contains("told the QUIC agents of the last run that this proxy restarted agents=1"),
+        "{}",
+        w.proxy.daemon.log()
+    );
+    eventually(Duration::from_secs(30), || {
+        (agent.log().matches("tunnel up").count() == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agent did not come back:\n{}", agent.log()));
+}
+
 /// Packets lost at random both ways (`loss` %), and `round_trip` added, half each way (200 ms,
 /// as on a poor cellular link): SSH sessions work and carry every byte, and the tunnel does not
 /// flap (the keep-alives' retransmissions get through well within the idle timeout).

@@ -374,6 +374,9 @@ pub struct Presence {
     pub connected: u64,
     /// Unix seconds of the last heartbeat the proxy recorded.
     pub last_seen: u64,
+    /// A QUIC tunnel's restart-nudge token (hex), for the proxy's next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nudge: Option<String>,
 }
 
 /// A joined node: online, with every proxy it holds a tunnel to, or offline (no proxies) as it

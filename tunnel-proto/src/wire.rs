@@ -152,6 +152,10 @@ pub struct Welcome {
     /// fleet back at a rate it can handshake. Grows with the tunnels it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub return_window_ms: Option<u64>,
+    /// For a QUIC tunnel: the token (hex) of the datagram a restarted proxy sends the agent so
+    /// that it reconnects at once (the tunnel crate's `nudge` module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nudge_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -243,6 +247,7 @@ mod tests {
                     ProxyEntry { id: "p2".into() },
                 ],
                 return_window_ms: None,
+                nudge_token: Some("00112233445566778899aabbccddeeff".into()),
             }),
             Message::Proxies {
                 proxies: vec![],

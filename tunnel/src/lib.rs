@@ -25,6 +25,7 @@ pub use tunnel_proto::wire::ALPN_TUNNEL;
 
 mod framed;
 mod keepalive;
+pub mod nudge;
 mod quic;
 mod tcp;
 mod udp;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::keepalive::Keepalive;
+use crate::nudge::Nudges;
 use crate::window::Window;
 use crate::{
     CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW, Session, TransportError,
@@ -77,7 +78,9 @@ fn transport_config(
 /// A client endpoint on an ephemeral UDP port, for every QUIC tunnel of one agent: one
 /// dual-stack socket, so that proxies on IPv4 and IPv6 addresses are both reached (and a path
 /// that changes family still has a socket), or IPv4 only where the host has no IPv6.
-pub fn quic_client_endpoint() -> std::io::Result<quinn::Endpoint> {
+///
+/// Restart nudges for its tunnels ([`crate::nudge`]) go to `nudges`.
+pub fn quic_client_endpoint(nudges: Arc<Nudges>) -> std::io::Result<quinn::Endpoint> {
     let socket = match dual_stack_udp() {
         Ok(socket) => socket,
         Err(e) => {
@@ -87,7 +90,7 @@ pub fn quic_client_endpoint() -> std::io::Result<quinn::Endpoint> {
     };
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    let socket = crate::udp::without_gro(socket, runtime.as_ref())?;
+    let socket = crate::udp::agent_socket(socket, runtime.as_ref(), nudges)?;
     quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         None,
@@ -107,7 +110,8 @@ fn dual_stack_udp() -> std::io::Result<std::net::UdpSocket> {
 /// How many bytes of secret [`quic_server_endpoint`] takes.
 pub const QUIC_SECRET_LEN: usize = 64;
 
-/// A server endpoint for QUIC tunnels on `addr`.
+/// A server endpoint for QUIC tunnels on `addr`, and a second handle to its socket for the
+/// datagrams that are not QUIC (restart nudges, [`crate::nudge`]).
 ///
 /// `secret` is kept by the proxy across restarts: it keys the endpoint's stateless resets and its
 /// connection IDs, so that after a crash and restart the new process recognises the old
@@ -117,7 +121,7 @@ pub fn quic_server_endpoint(
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     secret: &[u8; QUIC_SECRET_LEN],
-) -> std::io::Result<quinn::Endpoint> {
+) -> std::io::Result<(quinn::Endpoint, std::net::UdpSocket)> {
     use ring::hmac;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("QUIC needs TLS 1.3: {e}")))?;
@@ -150,7 +154,11 @@ pub fn quic_server_endpoint(
     // is always smaller than the packet that incited it, so this amplifies nothing.
     endpoint.min_reset_interval(Duration::from_micros(100));
     let socket = std::net::UdpSocket::bind(addr)?;
+    let twin = socket.try_clone()?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(endpoint, Some(config), socket, runtime)
+    Ok((
+        quinn::Endpoint::new(endpoint, Some(config), socket, runtime)?,
+        twin,
+    ))
 }

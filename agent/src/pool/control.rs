@@ -145,6 +145,7 @@ mod tests {
             proxy_id: "p1".into(),
             proxies: vec![ProxyEntry { id: "p1".into() }],
             return_window_ms: Some(2048),
+            nudge_token: None,
         }
     }
 

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_tunnel::nudge::{Nudges, parse_nudge_token};
 use burrow_tunnel::{
     self as transport, Framed, Keepalive, Session, Transport, TunnelStream, Window,
 };
@@ -106,7 +107,8 @@ pub enum PoolError {
 }
 
 enum PoolEvent {
-    Dialed(DialOutcome, Option<Dialed>),
+    /// The tunnel boxed: it is most of the event's size.
+    Dialed(DialOutcome, Option<Box<Dialed>>),
     Proxies(Vec<ProxyEntry>),
     Closed {
         proxy_id: String,
@@ -125,9 +127,11 @@ struct Dialed {
 /// Runs the pool until `shutdown`, or until a proxy refuses the node for good.
 pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), PoolError> {
     let config = Arc::new(config);
+    // The restart nudges of QUIC tunnels' proxies, taken out by the endpoint's socket.
+    let nudges = Arc::new(Nudges::default());
     let endpoint = match config.mode {
         TransportMode::Tcp => None,
-        _ => Some(transport::quic_client_endpoint()?),
+        _ => Some(transport::quic_client_endpoint(nudges.clone())?),
     };
     let (events_tx, mut events) = mpsc::channel::<PoolEvent>(64);
     let mut pool = Membership::new(config.mode, Instant::now());
@@ -178,10 +182,11 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                         running.insert(tunnel, token.clone());
                         tokio::spawn(run_tunnel(
                             config.clone(),
-                            d,
+                            *d,
                             tunnel,
                             events_tx.clone(),
                             token,
+                            nudges.clone(),
                         ));
                     }
                     (_, None) => {}
@@ -281,7 +286,7 @@ async fn dial(
                 transport: d.session.transport(),
                 proxies: d.welcome.proxies.clone(),
             };
-            (Ok(landed), Some(d))
+            (Ok(landed), Some(Box::new(d)))
         }
         Err(e) => (Err(e), None),
     };
@@ -361,12 +366,22 @@ async fn run_tunnel(
     tunnel: u64,
     events: mpsc::Sender<PoolEvent>,
     stop: CancellationToken,
+    nudges: Arc<Nudges>,
 ) {
     let Dialed {
         session,
         mut control,
         welcome,
     } = dialed;
+    // A QUIC tunnel's proxy says so at once when it starts again after a crash.
+    let nudge = welcome
+        .nudge_token
+        .as_deref()
+        .and_then(parse_nudge_token)
+        .filter(|_| session.transport() == Transport::Quic);
+    if let Some(token) = nudge {
+        nudges.arm(token, stop.clone());
+    }
     let mut machine = AgentControl::new(&config.node_name, &welcome);
     let proxy_id = welcome.proxy_id;
     let mut labels = config.labels.clone();
@@ -438,6 +453,9 @@ async fn run_tunnel(
             tracing::warn!(%proxy_id, message = kind, "unexpected message on the control stream; closing the tunnel");
         }
         None => {}
+    }
+    if let Some(token) = nudge {
+        nudges.disarm(&token);
     }
     session.close("tunnel closed");
     dials.abort();

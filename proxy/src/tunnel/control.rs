@@ -364,6 +364,7 @@ mod tests {
             remote_addr: "127.0.0.1:1".into(),
             connected: 1,
             last_seen: 1,
+            nudge: None,
         }
     }
 

@@ -26,11 +26,15 @@ use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
 mod control;
 mod identity;
 mod listen;
+mod nudge;
+mod route;
 
 pub use self::control::TunnelError;
 use self::control::{Action, Facts, ProxyControl};
 use self::identity::{NodeIdentity, node_identity};
 pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
+pub use self::nudge::nudge_former_agents;
+pub use self::route::DialError;
 
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
@@ -267,67 +271,6 @@ impl TunnelServer {
         }
     }
 
-    /// The newest tunnel of the one node whose host id or name is `target`.
-    fn find(&self, target: &str) -> Result<Option<Session>, DialError> {
-        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let mut hosts: BTreeMap<&str, (u64, &Entry)> = BTreeMap::new();
-        for (id, e) in tunnels.iter() {
-            if e.host_id == target || e.node_name == target {
-                // The newest tunnel of a host (a QUIC one replacing TCP, say).
-                let slot = hosts.entry(e.host_id.as_str()).or_insert((*id, e));
-                if *id > slot.0 {
-                    *slot = (*id, e);
-                }
-            }
-        }
-        match hosts.len() {
-            0 => Ok(None),
-            1 => Ok(hosts.into_values().next().map(|(_, e)| e.session.clone())),
-            _ => Err(DialError::Ambiguous {
-                name: target.to_string(),
-                host_ids: hosts.keys().map(|h| h.to_string()).collect(),
-            }),
-        }
-    }
-
-    /// Why a joined node (by host id or name) that holds no tunnel here cannot be reached;
-    /// `None` if no node is called `target`.
-    async fn offline(&self, target: &str) -> Option<DialError> {
-        let backend = self.backend.as_ref();
-        let record = match backend.get(&state::node(target)).await.ok().flatten() {
-            Some(record) => record,
-            None => {
-                let holder = crate::inventory::name_holder(backend, target)
-                    .await
-                    .ok()
-                    .flatten()?;
-                backend.get(&state::node(&holder)).await.ok().flatten()?
-            }
-        };
-        let record: state::NodeRecord = serde_json::from_slice(&record).ok()?;
-        let present = backend
-            .list(&state::presence_of(&record.host_id))
-            .await
-            .is_ok_and(|p| !p.is_empty());
-        if present {
-            return Some(DialError::NotHere(target.to_string()));
-        }
-        let seen = backend
-            .get(&state::seen(&record.host_id))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|v| serde_json::from_slice::<Presence>(&v).ok());
-        Some(DialError::Offline {
-            name: target.to_string(),
-            since: humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH
-                    + Duration::from_secs(seen.map_or(record.joined, |p| p.last_seen)),
-            )
-            .to_string(),
-        })
-    }
-
     /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
     pub fn accept(self: &Arc<Self>, session: Session) {
         let server = self.clone();
@@ -402,6 +345,9 @@ impl TunnelServer {
             proxies,
             return_window,
         } = pushed.borrow_and_update().clone();
+        // A QUIC agent's token for this proxy's next start (`nudge`).
+        let nudge = (session.transport() == burrow_tunnel::Transport::Quic)
+            .then(|| tunnel_proto::hex(&burrow_tunnel::nudge::new_nudge_token()));
         let welcomed = control
             .write(&Message::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
@@ -409,6 +355,7 @@ impl TunnelServer {
                 proxy_id: self.proxy_id.clone(),
                 proxies,
                 return_window_ms: Some(return_window.as_millis() as u64),
+                nudge_token: nudge.clone(),
             }))
             .await;
         if let Err(e) = welcomed {
@@ -430,6 +377,7 @@ impl TunnelServer {
             remote_addr: session.remote_addr().to_string(),
             connected: unix_now(),
             last_seen: unix_now(),
+            nudge,
         };
         tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
         let mut seen = 0;
@@ -566,22 +514,6 @@ impl TunnelServer {
         self.tasks.close();
         let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("no node is called {0:?} in this cluster")]
-    Unknown(String),
-    #[error("node {name:?} is offline since {since}")]
-    Offline { name: String, since: String },
-    #[error("node {0:?} holds no tunnel to this proxy yet; try again in a few seconds")]
-    NotHere(String),
-    #[error("several nodes are called {name:?}; use a host id: {}", host_ids.join(", "))]
-    Ambiguous { name: String, host_ids: Vec<String> },
-    #[error("the node refused: {0}")]
-    Refused(String),
-    #[error("{0}")]
-    Failed(String),
 }
 
 /// Sends a typed refusal and gives the agent a moment to read it and close the tunnel itself
