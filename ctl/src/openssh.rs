@@ -60,6 +60,19 @@ fn quote(path: &Path) -> String {
     }
 }
 
+/// A path for `sh -c`, single-quoted when it needs to be.
+fn quote_sh(path: &Path) -> String {
+    let text = path.display().to_string();
+    if text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+@%".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 impl Client {
     fn proxy_host(&self) -> &str {
         split(&self.jump).0
@@ -122,15 +135,24 @@ impl Client {
     /// The options that take one ssh command through the proxy with these files, without an
     /// ssh_config: a ProxyCommand (options given on the command line do not reach a ProxyJump's
     /// own ssh) and the same key, certificate and known_hosts at both ends.
+    ///
+    /// Two layers of quoting: Ansible splits the whole like a shell (double quotes), and ssh
+    /// hands the ProxyCommand to `sh -c` (single quotes inside it).
     fn ssh_args(&self) -> String {
         let (host, port) = split(&self.jump);
-        let common = format!(
-            "-o IdentityFile={} -o CertificateFile={} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
-            quote(&self.key),
-            quote(&certificate_of(&self.key)),
-            quote(&self.known_hosts)
-        );
-        format!("{common} -o ProxyCommand=\"ssh {common} -p {port} {host} -s proxy:%h:%p\"")
+        let files = |quote: fn(&Path) -> String| {
+            format!(
+                "-o IdentityFile={} -o CertificateFile={} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+                quote(&self.key),
+                quote(&certificate_of(&self.key)),
+                quote(&self.known_hosts)
+            )
+        };
+        format!(
+            "{} -o ProxyCommand=\"ssh {} -p {port} {host} -s proxy:%h:%p\"",
+            files(quote),
+            files(quote_sh)
+        )
     }
 
     /// An Ansible inventory (the JSON form of the YAML inventory plugin's format): every node by
@@ -231,6 +253,15 @@ mod tests {
     fn paths_with_spaces_are_quoted() {
         let mut c = client();
         c.key = "/home/a b/key".into();
+        let args = c.ssh_args();
+        assert!(
+            args.starts_with("-o IdentityFile=\"/home/a b/key\" "),
+            "{args}"
+        );
+        assert!(
+            args.contains("ProxyCommand=\"ssh -o IdentityFile='/home/a b/key' "),
+            "{args}"
+        );
         assert!(
             c.config_block(None)
                 .contains("IdentityFile \"/home/a b/key\"\n")
