@@ -47,30 +47,31 @@ fn split(addr: &str) -> (&str, &str) {
     (host.trim_start_matches('[').trim_end_matches(']'), port)
 }
 
-/// An argument for ssh_config or a shell, quoted when it needs to be.
-fn quote(path: &Path) -> String {
+/// `path` as it is when every character is safe (alphanumeric or in `safe`), else `wrap`ped.
+fn quote_with(path: &Path, safe: &str, wrap: fn(&str) -> String) -> String {
     let text = path.display().to_string();
     if text
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+@%~".contains(c))
+        .all(|c| c.is_ascii_alphanumeric() || safe.contains(c))
     {
         text
     } else {
-        format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+        wrap(&text)
     }
+}
+
+/// A path for ssh_config or Ansible's shell-like splitting, double-quoted when it needs to be.
+fn quote(path: &Path) -> String {
+    quote_with(path, "/._-+@%~", |t| {
+        format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\""))
+    })
 }
 
 /// A path for `sh -c`, single-quoted when it needs to be.
 fn quote_sh(path: &Path) -> String {
-    let text = path.display().to_string();
-    if text
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+@%".contains(c))
-    {
-        text
-    } else {
-        format!("'{}'", text.replace('\'', "'\\''"))
-    }
+    quote_with(path, "/._-+@%", |t| {
+        format!("'{}'", t.replace('\'', "'\\''"))
+    })
 }
 
 impl Client {

@@ -312,27 +312,44 @@ pub fn token_file(dir: &Path, token: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// `burrow-agent start` with the given arguments, for runs expected to end by themselves.
+/// `burrow-agent start` with the given arguments, for runs expected to end by themselves: a
+/// failing join must fail fast; a hang is a bug that must not hang the suite.
 pub fn agent_run(args: &[&str]) -> Output {
     let mut cmd = bin("burrow-agent");
     cmd.arg("start").args(args);
-    let mut child = cmd
+    run_within(WAIT, &mut cmd)
+}
+
+/// Runs a command with stdin closed and a 60 s limit; a hang fails the test instead of hanging
+/// the suite.
+pub fn run_bounded(cmd: &mut Command) -> Output {
+    run_within(Duration::from_secs(60), cmd)
+}
+
+/// [`run_bounded`] with another limit.
+pub fn run_within(limit: Duration, cmd: &mut Command) -> Output {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A failing join must fail fast; a hang is a bug that must not hang the suite.
-    let done = eventually(WAIT, || child.try_wait().ok().flatten());
+    finish_within(limit, child)
+}
+
+/// Waits at most 60 s for `child` to exit (killing it then, and failing), and collects what it
+/// wrote to the pipes it has.
+pub fn finish_bounded(child: std::process::Child) -> Output {
+    finish_within(Duration::from_secs(60), child)
+}
+
+fn finish_within(limit: Duration, mut child: std::process::Child) -> Output {
+    let done = eventually(limit, || child.try_wait().ok().flatten());
     if done.is_none() {
         let _ = child.kill();
     }
     let out = child.wait_with_output().unwrap();
-    assert!(
-        done.is_some(),
-        "burrow-agent {args:?} did not exit: {}",
-        text(&out.stderr)
-    );
+    assert!(done.is_some(), "command hung: {}", text(&out.stderr));
     out
 }
 

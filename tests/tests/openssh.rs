@@ -3,7 +3,7 @@
 //! apart from unknown names. Real `ssh`, `scp` and ansible-core throughout.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use burrow_tests::*;
@@ -104,21 +104,9 @@ impl Fleet {
     }
 }
 
-/// Runs a command with stdin closed, for at most 120 s.
+/// Runs a command with stdin closed, for at most 120 s (Ansible runs on three nodes).
 fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let done = eventually(Duration::from_secs(120), || child.try_wait().ok().flatten());
-    if done.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(done.is_some(), "command hung: {}", text(&out.stderr));
-    out
+    run_within(Duration::from_secs(120), cmd)
 }
 
 fn said(out: &Output, stdout: &str) {

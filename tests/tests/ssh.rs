@@ -121,29 +121,6 @@ impl Setup {
     }
 }
 
-/// Runs a command with a 60 s limit; a hang fails the test instead of hanging the suite.
-fn run_bounded(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish_bounded(child)
-}
-
-/// Waits at most 60 s for `child` to exit (killing it then, and failing), and collects what it
-/// wrote to the pipes it has.
-fn finish_bounded(mut child: std::process::Child) -> Output {
-    let done = eventually(Duration::from_secs(60), || child.try_wait().ok().flatten());
-    if done.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(done.is_some(), "command hung: {}", text(&out.stderr));
-    out
-}
-
 #[test]
 fn ssh_j_and_proxycommand_run_commands_with_strict_host_keys() {
     let s = Setup::new();
