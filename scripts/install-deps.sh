@@ -4,6 +4,8 @@ set -euo pipefail
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # Debian packages the build and the tests use: real peers instead of mocks.
 have cc || need_apt+=(build-essential)           # ring's C parts
@@ -26,8 +28,6 @@ have tcpdump || need_apt+=(tcpdump)                  # bytes on the wire (script
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
   # Packages may start their own service; the tests start their own instances on free ports.
@@ -44,7 +44,14 @@ have cargo-zigbuild || python3 -m pip install --quiet cargo-zigbuild
 ansible_venv="$(cd "$(dirname "$0")/.." && pwd)/target/tools/ansible"
 if [ ! -x "$ansible_venv/bin/ansible-playbook" ]; then
   echo "install-deps: installing ansible-core into $ansible_venv"
-  python3 -m venv "$ansible_venv"
+  rm -rf "$ansible_venv"
+  if ! python3 -m venv "$ansible_venv" >/dev/null 2>&1; then
+    # Debian's own python3 makes virtualenvs only with python3-venv.
+    rm -rf "$ansible_venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+    python3 -m venv "$ansible_venv"
+  fi
   "$ansible_venv/bin/pip" install --quiet 'ansible-core>=2.16,<2.18'
 fi
 
