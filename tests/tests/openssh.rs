@@ -95,6 +95,15 @@ impl Fleet {
         config
     }
 
+    /// `ssh -F config -o ProxyCommand=... ARGS`: the form that shows the proxy's refusals.
+    fn ssh_via_proxy_command(&self, config: &Path, args: &[&str]) -> Output {
+        run(Command::new("ssh")
+            .arg("-F")
+            .arg(config)
+            .args(["-o", &self.proxy_command(config)])
+            .args(args))
+    }
+
     fn proxy_command(&self, config: &Path) -> String {
         let (host, port) = self.ssh_addr.rsplit_once(':').unwrap();
         format!(
@@ -131,22 +140,10 @@ fn ssh_needs_no_p_through_the_jump_host_or_a_proxycommand_and_other_ports_are_re
         "echo jump",
     ]));
     said(&out, "jump\n");
-    let out = run(Command::new("ssh").arg("-F").arg(&config).args([
-        "-o",
-        &f.proxy_command(&config),
-        &target,
-        "echo proxycommand",
-    ]));
+    let out = f.ssh_via_proxy_command(&config, &[&target, "echo proxycommand"]);
     said(&out, "proxycommand\n");
     // Another port is not the node's SSH service: the user is told so.
-    let out = run(Command::new("ssh").arg("-F").arg(&config).args([
-        "-o",
-        &f.proxy_command(&config),
-        "-p",
-        "80",
-        &target,
-        "true",
-    ]));
+    let out = f.ssh_via_proxy_command(&config, &["-p", "80", &target, "true"]);
     assert_eq!(out.status.code(), Some(255));
     assert!(
         text(&out.stderr).contains("serves SSH only, on port 22 or 3022, not 80"),
@@ -250,12 +247,7 @@ fn offline_nodes_say_since_when_and_unknown_names_stay_unknown() {
     assert!(row.contains("offline"), "{table}");
 
     for target in ["node2".to_string(), node2.clone()] {
-        let out = run(Command::new("ssh").arg("-F").arg(&config).args([
-            "-o",
-            &f.proxy_command(&config),
-            &format!("{}@{target}", f.login),
-            "true",
-        ]));
+        let out = f.ssh_via_proxy_command(&config, &[&format!("{}@{target}", f.login), "true"]);
         assert_eq!(out.status.code(), Some(255));
         let err = text(&out.stderr);
         assert!(
@@ -263,12 +255,7 @@ fn offline_nodes_say_since_when_and_unknown_names_stay_unknown() {
             "{err}"
         );
     }
-    let out = run(Command::new("ssh").arg("-F").arg(&config).args([
-        "-o",
-        &f.proxy_command(&config),
-        &format!("{}@node3", f.login),
-        "true",
-    ]));
+    let out = f.ssh_via_proxy_command(&config, &[&format!("{}@node3", f.login), "true"]);
     assert!(
         text(&out.stderr).contains("no node is called \"node3\""),
         "{}",
