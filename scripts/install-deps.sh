@@ -25,6 +25,7 @@ have ip && have ss || need_apt+=(iproute2)           # network namespaces for th
 have nft || need_apt+=(nftables)                     # the NAT router in the test bed
 have conntrack || need_apt+=(conntrack)              # the router forgetting its mappings
 have tcpdump || need_apt+=(tcpdump)                  # bytes on the wire (scripts/idle-cost.sh)
+have heaptrack || need_apt+=(heaptrack)              # heap by allocation site (scripts/heap-profile.sh)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

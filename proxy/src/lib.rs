@@ -20,6 +20,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod heap;
 pub mod inventory;
 pub mod nodelimits;
 pub mod ratelimit;
@@ -115,6 +116,11 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await
     .context("cannot load the proxy list and revocations")?;
+    let churn = tunnels.clone();
+    tokio::spawn(heap::trim_when_quiet(
+        move || churn.churn(),
+        shutdown.clone(),
+    ));
     let quic_secret = quic_secret(&config.data_dir)?;
     let (quic, quic_socket) =
         burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)), &quic_secret)

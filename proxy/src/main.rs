@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         }
     };
     burrow_daemon::init_logging(config.debug);
+    burrow_proxy::heap::tune();
     let threads = burrow_daemon::Threads::PerCore;
     match burrow_daemon::run_until_signal(threads, |shutdown| burrow_proxy::run(config, shutdown)) {
         Err(e) => {

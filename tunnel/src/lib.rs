@@ -95,7 +95,9 @@ enum Inner {
 
 struct YamuxHandle {
     open: mpsc::Sender<oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>>,
-    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    /// Streams the peer opened, boxed already: a channel holds its items in blocks of 32 slots,
+    /// and a slot for a fat pointer is a fifth of one for a `yamux::Stream` (idle tunnels × 32).
+    inbound: Mutex<mpsc::Receiver<TunnelStream>>,
     closed: CancellationToken,
     keepalive: keepalive::Requested,
 }
@@ -143,10 +145,7 @@ impl Session {
                 let (send, recv) = c.accept_bi().await.ok()?;
                 Some(Box::new(tokio::io::join(recv, send)))
             }
-            Inner::Yamux(h) => {
-                let stream = h.inbound.lock().await.recv().await?;
-                Some(Box::new(stream.compat()))
-            }
+            Inner::Yamux(h) => h.inbound.lock().await.recv().await,
         }
     }
 

@@ -12,13 +12,13 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::keepalive::{self, Keepalive};
 use crate::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Session, TransportError, YamuxHandle,
-    peer_chain, server_name,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Session, TransportError, TunnelStream,
+    YamuxHandle, peer_chain, server_name,
 };
 
 impl Session {
@@ -42,7 +42,9 @@ impl Session {
             io: tls,
             keepalive: keepalive.clone(),
         };
-        let conn = yamux::Connection::new(io.compat(), yamux_config(), mode);
+        // Boxed: the driver's future would otherwise hold the connection (1.5 KB) twice, as its
+        // argument and as its local (an async fn keeps both), in every idle tunnel.
+        let conn = Box::new(yamux::Connection::new(io.compat(), yamux_config(), mode));
         let (open_tx, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(256);
         let closed = CancellationToken::new();
@@ -73,9 +75,9 @@ type OpenRequest = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>
 /// The one task that owns a yamux connection: it polls inbound streams, serves open requests,
 /// and closes the connection when asked.
 async fn drive_yamux<T>(
-    mut conn: yamux::Connection<T>,
+    mut conn: Box<yamux::Connection<T>>,
     mut opens: mpsc::Receiver<OpenRequest>,
-    inbound: mpsc::Sender<yamux::Stream>,
+    inbound: mpsc::Sender<TunnelStream>,
     closed: CancellationToken,
 ) where
     T: futures_io::AsyncRead + futures_io::AsyncWrite + Unpin,
@@ -109,7 +111,7 @@ async fn drive_yamux<T>(
                 Poll::Ready(Some(Ok(stream))) => {
                     // A peer that opens streams faster than they are handled gets them dropped
                     // (reset) rather than queued without bound.
-                    if inbound.try_send(stream).is_err() {
+                    if inbound.try_send(Box::new(stream.compat())).is_err() {
                         tracing::debug!("dropping an inbound stream: too many waiting");
                     }
                 }

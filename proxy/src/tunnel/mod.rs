@@ -64,6 +64,19 @@ struct Entry {
     session: Session,
 }
 
+/// An admitted tunnel's state, from its admission to its serving.
+struct Admitted {
+    /// Its key in the tunnel table.
+    id: u64,
+    host_id: String,
+    node_name: String,
+    control: Framed<TunnelStream>,
+    pushed: watch::Receiver<Pushed>,
+    machine: ProxyControl,
+    /// When this tunnel last wrote its node's seen record (`write_presence`).
+    seen: u64,
+}
+
 pub struct TunnelServer {
     proxy_id: String,
     /// Nodes are also reached as `NODE.CLUSTER`.
@@ -71,6 +84,8 @@ pub struct TunnelServer {
     backend: Arc<dyn Backend>,
     tunnels: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
+    /// Tunnels taken plus tunnels ended, ever ([`crate::heap::trim_when_quiet`]).
+    churn: AtomicU64,
     /// What every agent is told, again whenever it changes.
     pushed: watch::Sender<Pushed>,
     revoked: Mutex<HashSet<String>>,
@@ -100,6 +115,7 @@ impl TunnelServer {
             backend,
             tunnels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            churn: AtomicU64::new(0),
             pushed,
             revoked: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
@@ -274,19 +290,54 @@ impl TunnelServer {
     /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
     pub fn accept(self: &Arc<Self>, session: Session) {
         let server = self.clone();
+        self.churn.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(async move {
             let remote = session.remote_addr();
-            if let Err(reason) = server.run_tunnel(session.clone()).await {
+            if let Err(reason) = server.clone().run_tunnel(session.clone()).await {
                 tracing::info!(peer = %remote, transport = %session.transport(), %reason, "tunnel refused or ended");
                 session.close(&reason.to_string());
             }
+            server.churn.fetch_add(1, Ordering::Relaxed);
         });
     }
 
+    /// Tunnels taken plus tunnels ended since the start: it stands still while none come or go.
+    pub fn churn(&self) -> u64 {
+        self.churn.load(Ordering::Relaxed)
+    }
+
     async fn run_tunnel(self: Arc<Self>, session: Session) -> Result<(), TunnelError> {
+        // Boxed, and freed once done: an idle tunnel's task keeps only what serving it needs,
+        // not the larger state of its hello, welcome and first presence write.
+        let Admitted {
+            id,
+            host_id,
+            node_name,
+            mut control,
+            mut pushed,
+            mut machine,
+            mut seen,
+        } = Box::pin(self.admit(&session)).await?;
+        let result = self
+            .serve_control(&session, &mut control, &mut pushed, &mut machine, &mut seen)
+            .await;
+        if !self.forget(id) {
+            let _ = self
+                .backend
+                .delete(&state::presence(&host_id, &self.proxy_id))
+                .await;
+            self.write_seen(machine.presence(unix_now())).await;
+        }
+        tracing::info!(%host_id, node = %node_name, "tunnel down");
+        result
+    }
+
+    /// Reads a new tunnel's hello, admits it (or refuses it, telling the agent why), welcomes it
+    /// and records its presence.
+    async fn admit(&self, session: &Session) -> Result<Admitted, TunnelError> {
         // Who the node is comes from the certificate the cluster signed at join, never from what
         // it says in its hello or heartbeats.
-        let NodeIdentity { host_id, node_name } = node_identity(&session)?;
+        let NodeIdentity { host_id, node_name } = node_identity(session)?;
         let control = tokio::time::timeout(HELLO_TIMEOUT, session.accept())
             .await
             .ok()
@@ -332,7 +383,7 @@ impl TunnelServer {
         let labels = match admitted {
             Ok(labels) => labels,
             Err(TunnelError::Refused { code, reason }) => {
-                refuse(&session, &mut control, code, &reason).await;
+                refuse(session, &mut control, code, &reason).await;
                 return Err(TunnelError::Refused { code, reason });
             }
             Err(e) => return Err(e),
@@ -382,19 +433,15 @@ impl TunnelServer {
         tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
         let mut seen = 0;
         self.write_presence(&presence, &mut seen).await;
-        let mut machine = ProxyControl::new(presence, Instant::now());
-        let result = self
-            .serve_control(&session, &mut control, &mut pushed, &mut machine, &mut seen)
-            .await;
-        if !self.forget(id) {
-            let _ = self
-                .backend
-                .delete(&state::presence(&host_id, &self.proxy_id))
-                .await;
-            self.write_seen(machine.presence(unix_now())).await;
-        }
-        tracing::info!(%host_id, node = %node_name, "tunnel down");
-        result
+        Ok(Admitted {
+            id,
+            host_id,
+            node_name,
+            control,
+            pushed,
+            machine: ProxyControl::new(presence, Instant::now()),
+            seen,
+        })
     }
 
     /// Drops tunnel `id` from the table; returns whether its node still holds another one.
