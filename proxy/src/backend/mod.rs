@@ -78,6 +78,17 @@ pub trait Backend: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> Result<(), BackendError>;
 
+    /// [`Backend::put`] for a value written again and again (a presence, every 30 s): the write
+    /// may be lost in a crash, leaving the value before it, and costs no disk flush of its own.
+    async fn refresh(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        self.put(key, value, ttl).await
+    }
+
     /// Writes `value` only if the current value is `expected` (`None`: the key must be absent).
     /// Returns whether it wrote.
     async fn compare_and_swap(

@@ -4,14 +4,23 @@
 //! expires at the number (Unix milliseconds); tag 2: lives as long as the lease with that id,
 //! whose expiry is in the `leases` table. Expired keys are invisible at once; a sweeper deletes
 //! them and tells watchers.
+//!
+//! A refresh ([`Backend::refresh`]: a node's presence, every 30 s per tunnel) is committed
+//! without waiting for the disk: a crash loses at most the last second of them, and the value
+//! before each stays. The sweeper makes them durable within a second, looks through the keys only once the
+//! earliest expiry it knows of has passed, and writes only when something expired: an idle fleet
+//! costs one disk flush a second, not one per refresh and a look at every key.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use burrow_daemon::unix_now_ms;
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition,
+};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Backend, BackendError, Event, LeaseId, Snapshot};
@@ -33,6 +42,11 @@ pub struct RedbBackend {
 struct Inner {
     db: Database,
     events: broadcast::Sender<Event>,
+    /// A commit since the sweeper's last flush was not durable (a refresh).
+    unflushed: AtomicBool,
+    /// No key or lease expires before this (Unix ms): the sweeper's last look found this
+    /// earliest, and every expiry written since lowers it ([`Inner::may_expire_at`]).
+    next_expiry: AtomicU64,
 }
 
 impl RedbBackend {
@@ -53,11 +67,41 @@ impl RedbBackend {
         txn.open_table(LEASES).map_err(storage)?;
         txn.commit().map_err(storage)?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let inner = Arc::new(Inner { db, events });
+        let inner = Arc::new(Inner {
+            db,
+            events,
+            unflushed: AtomicBool::new(false),
+            next_expiry: AtomicU64::new(0),
+        });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep_forever(Arc::downgrade(&inner)));
         }
         Ok(Self { inner })
+    }
+
+    /// A put committed with `durability`.
+    async fn put_with(
+        &self,
+        durability: Durability,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        let key = key.to_string();
+        self.blocking(move |inner| {
+            let now = unix_now_ms();
+            let record = encode_ttl(&value, ttl, now);
+            inner.write_with(durability, |kv, _| {
+                kv.insert(key.as_str(), record.as_slice())
+                    .map_err(storage)?;
+                Ok(((), vec![Event::Put { key, value }]))
+            })?;
+            if let Some(ttl) = ttl {
+                inner.may_expire_at(now.saturating_add(ms(ttl)));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -147,6 +191,14 @@ fn decode<'a>(
     Ok(live.then_some(value))
 }
 
+/// When a record with a TTL expires (Unix ms); `None` for the others.
+fn expires_at(raw: &[u8]) -> Option<u64> {
+    (raw.first() == Some(&TAG_EXPIRES))
+        .then(|| raw.get(1..9))
+        .flatten()
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
 fn lease_of(raw: &[u8]) -> Option<u64> {
     (raw.first() == Some(&TAG_LEASE))
         .then(|| raw.get(1..9))
@@ -165,7 +217,8 @@ impl Inner {
         Ok(decode(raw.value(), unix_now_ms(), &leases)?.map(<[u8]>::to_vec))
     }
 
-    /// One write transaction; `f` returns its result and the events to publish after commit.
+    /// One write transaction, durable; `f` returns its result and the events to publish after
+    /// commit.
     fn write<T>(
         &self,
         f: impl FnOnce(
@@ -173,13 +226,30 @@ impl Inner {
             &mut Table<u64, &[u8]>,
         ) -> Result<(T, Vec<Event>), BackendError>,
     ) -> Result<T, BackendError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        self.write_with(Durability::Immediate, f)
+    }
+
+    /// [`Self::write`] with a durability: [`Durability::None`] returns before the disk has it.
+    fn write_with<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(
+            &mut Table<&str, &[u8]>,
+            &mut Table<u64, &[u8]>,
+        ) -> Result<(T, Vec<Event>), BackendError>,
+    ) -> Result<T, BackendError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        let durable = !matches!(durability, Durability::None);
+        txn.set_durability(durability).map_err(storage)?;
         let (result, events) = {
             let mut kv = txn.open_table(KV).map_err(storage)?;
             let mut leases = txn.open_table(LEASES).map_err(storage)?;
             f(&mut kv, &mut leases)?
         };
         txn.commit().map_err(storage)?;
+        if !durable {
+            self.unflushed.store(true, Ordering::Relaxed);
+        }
         for e in events {
             // No receiver is fine: nobody is watching.
             let _ = self.events.send(e);
@@ -187,31 +257,75 @@ impl Inner {
         Ok(result)
     }
 
-    /// Deletes expired keys and leases, telling watchers.
+    /// Tells the sweeper that something written (and committed) expires at `at`.
+    fn may_expire_at(&self, at: u64) {
+        self.next_expiry.fetch_min(at, Ordering::Relaxed);
+    }
+
+    /// Deletes expired keys and leases, telling watchers; makes TTL puts durable. Looks first
+    /// in a read transaction, and writes only if something expired or is not yet on disk.
     fn sweep(&self) -> Result<(), BackendError> {
         let now = unix_now_ms();
-        self.write(|kv, leases| {
+        if now < self.next_expiry.load(Ordering::Relaxed) {
+            return self.flush();
+        }
+        // Before the look: an expiry committed after it begins lowers this again.
+        self.next_expiry.store(u64::MAX, Ordering::Relaxed);
+        let mut earliest = u64::MAX;
+        let (expired_keys, expired_leases) = {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let kv = txn.open_table(KV).map_err(storage)?;
+            let leases = txn.open_table(LEASES).map_err(storage)?;
             let mut expired = Vec::new();
             for entry in kv.iter().map_err(storage)? {
                 let (k, v) = entry.map_err(storage)?;
-                if decode(v.value(), now, &*leases)?.is_none() {
+                if decode(v.value(), now, &leases)?.is_none() {
                     expired.push(k.value().to_string());
+                } else if let Some(at) = expires_at(v.value()) {
+                    earliest = earliest.min(at);
                 }
             }
-            for k in &expired {
-                kv.remove(k.as_str()).map_err(storage)?;
+            let mut leases_expired = false;
+            for entry in leases.iter().map_err(storage)? {
+                let (_, v) = entry.map_err(storage)?;
+                match lease_expiry(v.value()) {
+                    Some(at) if at > now => earliest = earliest.min(at),
+                    _ => leases_expired = true,
+                }
+            }
+            (expired, leases_expired)
+        };
+        self.may_expire_at(earliest);
+        if expired_keys.is_empty() && !expired_leases {
+            return self.flush();
+        }
+        self.write(|kv, leases| {
+            let mut deleted = Vec::new();
+            for key in expired_keys {
+                // Written again since the look: it stays.
+                let gone = match kv.get(key.as_str()).map_err(storage)? {
+                    Some(v) => decode(v.value(), now, &*leases)?.is_none(),
+                    None => false,
+                };
+                if gone {
+                    kv.remove(key.as_str()).map_err(storage)?;
+                    deleted.push(Event::Delete { key });
+                }
             }
             leases
                 .retain(|_, v| lease_expiry(v).is_some_and(|e| e > now))
                 .map_err(storage)?;
-            Ok((
-                (),
-                expired
-                    .into_iter()
-                    .map(|key| Event::Delete { key })
-                    .collect(),
-            ))
+            Ok(((), deleted))
         })
+    }
+
+    /// Makes the TTL puts since the last flush durable: a durable commit makes every commit
+    /// before it durable too.
+    fn flush(&self) -> Result<(), BackendError> {
+        if self.unflushed.swap(false, Ordering::Relaxed) {
+            self.write(|_, _| Ok(((), Vec::new())))?;
+        }
+        Ok(())
     }
 }
 
@@ -241,16 +355,16 @@ impl Backend for RedbBackend {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<(), BackendError> {
-        let key = key.to_string();
-        self.blocking(move |inner| {
-            let record = encode_ttl(&value, ttl, unix_now_ms());
-            inner.write(|kv, _| {
-                kv.insert(key.as_str(), record.as_slice())
-                    .map_err(storage)?;
-                Ok(((), vec![Event::Put { key, value }]))
-            })
-        })
-        .await
+        self.put_with(Durability::Immediate, key, value, ttl).await
+    }
+
+    async fn refresh(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        self.put_with(Durability::None, key, value, ttl).await
     }
 
     async fn compare_and_swap(
@@ -265,7 +379,7 @@ impl Backend for RedbBackend {
         self.blocking(move |inner| {
             let now = unix_now_ms();
             // redb has one writer at a time: read-compare-write in one write transaction is atomic.
-            inner.write(|kv, leases| {
+            let swapped = inner.write(|kv, leases| {
                 let current = match kv.get(key.as_str()).map_err(storage)? {
                     Some(raw) => decode(raw.value(), now, &*leases)?.map(<[u8]>::to_vec),
                     None => None,
@@ -276,7 +390,11 @@ impl Backend for RedbBackend {
                 kv.insert(key.as_str(), encode_ttl(&value, ttl, now).as_slice())
                     .map_err(storage)?;
                 Ok((true, vec![Event::Put { key, value }]))
-            })
+            })?;
+            if let (true, Some(ttl)) = (swapped, ttl) {
+                inner.may_expire_at(now.saturating_add(ms(ttl)));
+            }
+            Ok(swapped)
         })
         .await
     }
@@ -328,11 +446,13 @@ impl Backend for RedbBackend {
         self.blocking(move |inner| {
             // Positive i64 ids, like etcd's.
             let id = (rand::random::<u64>() >> 1).max(1);
-            let record = lease_record(ms(ttl), unix_now_ms().saturating_add(ms(ttl)));
+            let expires = unix_now_ms().saturating_add(ms(ttl));
+            let record = lease_record(ms(ttl), expires);
             inner.write(|_, leases| {
                 leases.insert(id, record.as_slice()).map_err(storage)?;
                 Ok(((), vec![]))
             })?;
+            inner.may_expire_at(expires);
             Ok(LeaseId(id as i64))
         })
         .await
@@ -450,21 +570,22 @@ mod tests {
             b.put("/k", b"v".to_vec(), None).await.unwrap();
         }
         // A sweep in flight may hold the file for a moment after the drop.
-        let mut reopened = None;
+        let b = reopen(&path).await;
+        assert_eq!(b.get("/k").await.unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Reopens `path` once the sweeper of a dropped backend let go of it.
+    async fn reopen(path: &Path) -> RedbBackend {
         for _ in 0..100 {
-            match RedbBackend::open(&path) {
-                Ok(b) => {
-                    reopened = Some(b);
-                    break;
-                }
+            match RedbBackend::open(path) {
+                Ok(b) => return b,
                 Err(BackendError::Locked { .. }) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("{e}"),
             }
         }
-        let b = reopened.expect("the file is released within 2s of the drop");
-        assert_eq!(b.get("/k").await.unwrap(), Some(b"v".to_vec()));
+        panic!("the file is released within 2s of the drop");
     }
 
     #[tokio::test]

@@ -64,6 +64,13 @@ struct Entry {
     session: Session,
 }
 
+/// A presence's first write, or one of its refreshes ([`TunnelServer::write_presence`]).
+#[derive(Clone, Copy)]
+enum Write {
+    First,
+    Refresh,
+}
+
 /// An admitted tunnel's state, from its admission to its serving.
 struct Admitted {
     /// Its key in the tunnel table.
@@ -432,7 +439,8 @@ impl TunnelServer {
         };
         tracing::info!(%host_id, node = %node_name, transport = %session.transport(), peer = %session.remote_addr(), "tunnel up");
         let mut seen = 0;
-        self.write_presence(&presence, &mut seen).await;
+        self.write_presence(&presence, &mut seen, Write::First)
+            .await;
         Ok(Admitted {
             id,
             host_id,
@@ -501,7 +509,8 @@ impl TunnelServer {
                 // The tunnel is up, so the node is: its transport's keep-alives say so.
                 _ = tokio::time::sleep_until(machine.poll_timeout().into()) => {
                     if machine.poll(Instant::now()) {
-                        self.write_presence(machine.presence(unix_now()), seen).await;
+                        self.write_presence(machine.presence(unix_now()), seen, Write::Refresh)
+                            .await;
                     }
                     continue;
                 }
@@ -514,7 +523,7 @@ impl TunnelServer {
                 Action::Nothing => {}
                 Action::Send(reply) => control.write(&reply).await?,
                 Action::WritePresence => {
-                    self.write_presence(machine.presence(unix_now()), seen)
+                    self.write_presence(machine.presence(unix_now()), seen, Write::Refresh)
                         .await
                 }
                 Action::Audit(event) => self.audit.append(&event, machine.host_id()),
@@ -524,22 +533,20 @@ impl TunnelServer {
     }
 
     /// Records the node's presence at this proxy, and that it was seen when `seen` (the last
-    /// time this tunnel said so) is [`SEEN_EVERY`] old.
-    async fn write_presence(&self, presence: &Presence, seen: &mut u64) {
+    /// time this tunnel said so) is [`SEEN_EVERY`] old. The first write is durable: a restart
+    /// after a crash reads it to nudge the agent (`nudge`); a refresh may be lost.
+    async fn write_presence(&self, presence: &Presence, seen: &mut u64, write: Write) {
         if presence.last_seen >= *seen + SEEN_EVERY {
             *seen = presence.last_seen;
             self.write_seen(presence).await;
         }
         let value = serde_json::to_vec(presence).expect("presence serializes");
-        if let Err(e) = self
-            .backend
-            .put(
-                &state::presence(&presence.host_id, &self.proxy_id),
-                value,
-                Some(PRESENCE_TTL),
-            )
-            .await
-        {
+        let key = state::presence(&presence.host_id, &self.proxy_id);
+        let written = match write {
+            Write::First => self.backend.put(&key, value, Some(PRESENCE_TTL)).await,
+            Write::Refresh => self.backend.refresh(&key, value, Some(PRESENCE_TTL)).await,
+        };
+        if let Err(e) = written {
             tracing::warn!(error = %e, host_id = %presence.host_id, "cannot record the node's presence");
         }
     }
