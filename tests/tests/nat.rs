@@ -529,14 +529,10 @@ fn a_restart_nudge_kept_out_by_the_nat_leaves_the_stateless_reset_to_tell() {
     let log = agent.log();
     assert!(log.contains("reset by peer"), "{log}");
     assert!(!log.contains("the proxy restarted (it says so)"), "{log}");
-    assert!(
-        w.proxy
-            .daemon
-            .log()
-            .contains("told the QUIC agents of the last run that this proxy restarted agents=1"),
-        "{}",
-        w.proxy.daemon.log()
-    );
+    // The proxy did send its nudge (the NAT dropped it): the reset may have come first.
+    w.proxy
+        .daemon
+        .wait_for("told the QUIC agents of the last run that this proxy restarted agents=1");
     eventually(Duration::from_secs(30), || {
         (agent.log().matches("tunnel up").count() == 2).then_some(())
     })

@@ -5,7 +5,7 @@
 //! after the handshake), on QUIC on the same port number, and on the optional dedicated tunnel
 //! listener ([`listen`]). One task per tunnel owns its control stream.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ mod identity;
 mod listen;
 mod nudge;
 mod route;
+mod table;
 
 pub use self::control::TunnelError;
 use self::control::{Action, Facts, ProxyControl};
@@ -35,6 +36,7 @@ use self::identity::{NodeIdentity, node_identity};
 pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
 pub use self::nudge::nudge_former_agents;
 pub use self::route::DialError;
+use self::table::{Entry, Table};
 
 /// A node vanishes from the inventory this long after the last record of it.
 const PRESENCE_TTL: Duration = Duration::from_secs(75);
@@ -56,12 +58,6 @@ struct Pushed {
     /// The window agents spread their return over after losing this proxy without an advisory
     /// ([`control::return_window`]).
     return_window: Duration,
-}
-
-struct Entry {
-    host_id: String,
-    node_name: String,
-    session: Session,
 }
 
 /// A presence's first write, or one of its refreshes ([`TunnelServer::write_presence`]).
@@ -89,7 +85,7 @@ pub struct TunnelServer {
     /// Nodes are also reached as `NODE.CLUSTER`.
     cluster_name: String,
     backend: Arc<dyn Backend>,
-    tunnels: Mutex<HashMap<u64, Entry>>,
+    tunnels: Mutex<Table>,
     next_id: AtomicU64,
     /// Tunnels taken plus tunnels ended, ever ([`crate::heap::trim_when_quiet`]).
     churn: AtomicU64,
@@ -120,7 +116,7 @@ impl TunnelServer {
             proxy_id,
             cluster_name,
             backend,
-            tunnels: Mutex::new(HashMap::new()),
+            tunnels: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             churn: AtomicU64::new(0),
             pushed,
@@ -226,7 +222,7 @@ impl TunnelServer {
     /// Closes every tunnel of `host_id`.
     pub fn disconnect(&self, host_id: &str, reason: &str) {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        for entry in tunnels.values().filter(|e| e.host_id == host_id) {
+        for entry in tunnels.of_host(host_id) {
             tracing::info!(host_id, node = %entry.node_name, reason, "closing tunnel");
             entry.session.close(reason);
         }
@@ -371,7 +367,7 @@ impl TunnelServer {
                 host_id: &host_id,
                 revoked,
                 shutting_down: self.shutdown.is_cancelled(),
-                held: tunnels.values().filter(|e| e.host_id == host_id).count(),
+                held: tunnels.held(&host_id),
             };
             let admitted = control::admit(&hello, &facts);
             if admitted.is_ok() {
@@ -455,11 +451,11 @@ impl TunnelServer {
     /// Drops tunnel `id` from the table; returns whether its node still holds another one.
     fn forget(&self, id: u64) -> bool {
         let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(gone) = tunnels.remove(&id) else {
+        let Some(gone) = tunnels.remove(id) else {
             return false;
         };
         self.set_return_window(tunnels.len());
-        tunnels.values().any(|e| e.host_id == gone.host_id)
+        tunnels.held(&gone.host_id) > 0
     }
 
     fn set_return_window(&self, tunnels: usize) {

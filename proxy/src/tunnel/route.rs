@@ -1,37 +1,19 @@
 //! Which tunnel a user's dial takes: a node by host id or name (bare or `NODE.CLUSTER`), and
 //! why a node cannot be reached when it has no tunnel here.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use burrow_tunnel::Session;
 use tunnel_proto::api::Presence;
 
-use super::{Entry, TunnelServer};
+use super::TunnelServer;
 use crate::state;
 
 impl TunnelServer {
     /// The newest tunnel of the one node whose host id or name is `target`.
     pub(super) fn find(&self, target: &str) -> Result<Option<Session>, DialError> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let mut hosts: BTreeMap<&str, (u64, &Entry)> = BTreeMap::new();
-        for (id, e) in tunnels.iter() {
-            if e.host_id == target || e.node_name == target {
-                // The newest tunnel of a host (a QUIC one replacing TCP, say).
-                let slot = hosts.entry(e.host_id.as_str()).or_insert((*id, e));
-                if *id > slot.0 {
-                    *slot = (*id, e);
-                }
-            }
-        }
-        match hosts.len() {
-            0 => Ok(None),
-            1 => Ok(hosts.into_values().next().map(|(_, e)| e.session.clone())),
-            _ => Err(DialError::Ambiguous {
-                name: target.to_string(),
-                host_ids: hosts.keys().map(|h| h.to_string()).collect(),
-            }),
-        }
+        tunnels.find(target)
     }
 
     /// Why a joined node (by host id or name) that holds no tunnel here cannot be reached;
