@@ -51,7 +51,17 @@ for p in "$jump_port" "$target_port"; do
   pids+=($!)
 done
 sleep 0.5
-openssh="ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -o IdentitiesOnly=yes -i $work/sshd/user_key"
+# A config file, not -o options: `-J` hands only the file to the jump host's ssh.
+cat >"$work/ssh_config_openssh" <<CONFIG
+Host *
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  IdentityFile $work/sshd/user_key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+openssh="ssh -F $work/ssh_config_openssh"
 
 n=$((mib * 1048576))
 down() { # SSH_COMMAND: MiB/s of n bytes read from the target's `head -c`
