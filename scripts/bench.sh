@@ -67,12 +67,7 @@ cpu_pct() {
 proxy_port=$(free_port)
 ssh_port=$(free_port)
 proxy_dir=$work/proxy
-cat >"$work/proxy.yaml" <<YAML
-limits:
-  # Every simulated agent comes from 127.0.0.1: a real fleet comes from many addresses.
-  web_max_connections: 100000
-  web_max_connections_per_source: 100000
-YAML
+load_test_config "$work/proxy.yaml"
 start_proxy() {
   # Handshakes refused for load are logged at debug: the restart row counts them.
   RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
@@ -99,30 +94,8 @@ user_ssh_config "$login" "$login"
 # The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
 openssh_servers=false
 if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
-  mkdir -p /run/sshd "$work/sshd"
-  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
-  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
-  cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
-  jump_port=$(free_port)
-  target_port=$(free_port)
-  for port in "$jump_port" "$target_port"; do
-    /usr/sbin/sshd -D -e -f /dev/null -p "$port" -o ListenAddress=127.0.0.1 \
-      -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
-      -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
-      -o PidFile=none 2>>"$work/sshd.log" &
-    pids+=($!)
-  done
-  sleep 0.5
+  openssh_pair
   openssh_servers=true
-  cat >"$work/ssh_config_openssh" <<CONFIG
-Host *
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  IdentityFile $work/sshd/user_key
-  IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-CONFIG
 fi
 
 # p50 and p99, in ms, of $dials dials through a jump host over one SSH connection (ControlMaster):

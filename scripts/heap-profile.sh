@@ -38,12 +38,7 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 port=$(free_port)
 ssh_port=$(free_port)
-cat >"$work/proxy.yaml" <<YAML
-limits:
-  # Every simulated agent comes from 127.0.0.1: a real fleet comes from many addresses.
-  web_max_connections: 100000
-  web_max_connections_per_source: 100000
-YAML
+load_test_config "$work/proxy.yaml"
 heaptrack -o "$work/proxy" "$bin/burrow-proxy" start --config "$work/proxy.yaml" \
   --data-dir "$work/proxy-data" --web-listen "127.0.0.1:$port" --ssh-listen "127.0.0.1:$ssh_port" \
   --cluster-name heap >"$work/heaptrack.out" 2>"$work/proxy.log" &

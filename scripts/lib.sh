@@ -123,3 +123,43 @@ start_scratch_cluster() { # CLUSTER_NAME COUNT
   token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
   pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
 }
+
+# The OpenSSH baseline: two sshd on loopback, $jump_port (a jump host) and $target_port, that let
+# in $work/sshd/user_key, and $work/ssh_config_openssh using that key without host checks (a
+# config file, not -o options: `-J` hands only the file to the jump host's ssh). Needs root.
+openssh_pair() {
+  mkdir -p /run/sshd "$work/sshd"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
+  cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
+  jump_port=$(free_port)
+  target_port=$(free_port)
+  local p
+  for p in "$jump_port" "$target_port"; do
+    /usr/sbin/sshd -D -e -f /dev/null -p "$p" -o ListenAddress=127.0.0.1 \
+      -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
+      -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
+      -o PidFile=none 2>>"$work/sshd.log" &
+    pids+=($!)
+  done
+  sleep 0.5
+  cat >"$work/ssh_config_openssh" <<CONFIG
+Host *
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  IdentityFile $work/sshd/user_key
+  IdentitiesOnly yes
+  BatchMode yes
+  LogLevel ERROR
+CONFIG
+}
+
+# A proxy config file for a load test: every simulated agent comes from 127.0.0.1, so the
+# per-source connection limit is raised (a real fleet comes from many addresses).
+load_test_config() { # FILE
+  cat >"$1" <<YAML
+limits:
+  web_max_connections: 100000
+  web_max_connections_per_source: 100000
+YAML
+}

@@ -37,30 +37,7 @@ agent_port=$(free_port)
 pids+=($!)
 wait_for "$work/agent.log" "tunnel up" 30
 
-mkdir -p /run/sshd "$work/sshd"
-ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/user_key"
-cp "$work/sshd/user_key.pub" "$work/sshd/authorized_keys"
-jump_port=$(free_port)
-target_port=$(free_port)
-for p in "$jump_port" "$target_port"; do
-  /usr/sbin/sshd -D -e -f /dev/null -p "$p" -o ListenAddress=127.0.0.1 \
-    -o HostKey="$work/sshd/host_key" -o AuthorizedKeysFile="$work/sshd/authorized_keys" \
-    -o PermitRootLogin=prohibit-password -o StrictModes=no -o UsePAM=no \
-    -o PidFile=none 2>>"$work/sshd.log" &
-  pids+=($!)
-done
-sleep 0.5
-# A config file, not -o options: `-J` hands only the file to the jump host's ssh.
-cat >"$work/ssh_config_openssh" <<CONFIG
-Host *
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  IdentityFile $work/sshd/user_key
-  IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-CONFIG
+openssh_pair
 openssh="ssh -F $work/ssh_config_openssh"
 
 n=$((mib * 1048576))

@@ -46,12 +46,7 @@ data=$root/target/profile-proxy-$phase-$transport-$n.data
 scratch_dir burrow-profile
 port=$(free_port)
 ssh_port=$(free_port)
-cat >"$work/proxy.yaml" <<YAML
-limits:
-  # Every simulated agent comes from 127.0.0.1: a real fleet comes from many addresses.
-  web_max_connections: 100000
-  web_max_connections_per_source: 100000
-YAML
+load_test_config "$work/proxy.yaml"
 start_proxy() {
   RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
     "$pbin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$work/proxy" \
