@@ -7,9 +7,9 @@
 //!
 //! A refresh ([`Backend::refresh`]: a node's presence, every 30 s per tunnel) is committed
 //! without waiting for the disk: a crash loses at most the last second of them, and the value
-//! before each stays. The sweeper makes them durable within a second, looks through the keys only once the
-//! earliest expiry it knows of has passed, and writes only when something expired: an idle fleet
-//! costs one disk flush a second, not one per refresh and a look at every key.
+//! before each stays. The sweeper makes them durable within a second, looks through the keys
+//! only once the earliest expiry it knows of has passed, and writes only when something expired:
+//! an idle fleet costs one disk flush a second, not one per refresh and a look at every key.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,19 +191,21 @@ fn decode<'a>(
     Ok(live.then_some(value))
 }
 
-/// When a record with a TTL expires (Unix ms); `None` for the others.
-fn expires_at(raw: &[u8]) -> Option<u64> {
-    (raw.first() == Some(&TAG_EXPIRES))
+/// The number in a stored record's header if its tag is `tag`.
+fn tagged(raw: &[u8], tag: u8) -> Option<u64> {
+    (raw.first() == Some(&tag))
         .then(|| raw.get(1..9))
         .flatten()
         .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
+/// When a record with a TTL expires (Unix ms); `None` for the others.
+fn expires_at(raw: &[u8]) -> Option<u64> {
+    tagged(raw, TAG_EXPIRES)
+}
+
 fn lease_of(raw: &[u8]) -> Option<u64> {
-    (raw.first() == Some(&TAG_LEASE))
-        .then(|| raw.get(1..9))
-        .flatten()
-        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    tagged(raw, TAG_LEASE)
 }
 
 impl Inner {
@@ -262,7 +264,7 @@ impl Inner {
         self.next_expiry.fetch_min(at, Ordering::Relaxed);
     }
 
-    /// Deletes expired keys and leases, telling watchers; makes TTL puts durable. Looks first
+    /// Deletes expired keys and leases, telling watchers; makes refreshes durable. Looks first
     /// in a read transaction, and writes only if something expired or is not yet on disk.
     fn sweep(&self) -> Result<(), BackendError> {
         let now = unix_now_ms();
@@ -319,7 +321,7 @@ impl Inner {
         })
     }
 
-    /// Makes the TTL puts since the last flush durable: a durable commit makes every commit
+    /// Makes the refreshes since the last flush durable: a durable commit makes every commit
     /// before it durable too.
     fn flush(&self) -> Result<(), BackendError> {
         if self.unflushed.swap(false, Ordering::Relaxed) {
