@@ -184,6 +184,8 @@ fleet() { # TRANSPORT N
   wait "$proxy_pid" 2>/dev/null || true
   local mark count
   mark=$(wc -l <"$work/proxy.log")
+  local drops0
+  drops0=$(udp_rcvbuf_errors)
   start_proxy_again
   up_ms=$(now_ms)
   back_ms=""
@@ -200,7 +202,8 @@ fleet() { # TRANSPORT N
   refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" |
     grep -ciE "refused: too many|dropped: too many|overload|timed out" || true)
   row "every agent back after kill -9 + restart, $transport, $n" \
-    "${back_ms:-never (120 s)} ms" "-" "proxy log lines refused/timed out: $refused"
+    "${back_ms:-never (120 s)} ms" "-" \
+    "proxy log lines refused/timed out: $refused; UDP datagrams dropped (full buffer): $(($(udp_rcvbuf_errors) - drops0))"
   kill "$bench_pid" 2>/dev/null || true
   wait "$bench_pid" 2>/dev/null || true
 }

@@ -44,7 +44,8 @@ scratch_cleanup() {
     for p in "${pids[@]}"; do kill -9 "$p" || true; done
     wait || true
   } 2>/dev/null
-  rm -rf "$work"
+  # BURROW_KEEP_SCRATCH=1 keeps the logs and data for a look afterwards.
+  if [ -n "${BURROW_KEEP_SCRATCH:-}" ]; then echo "kept: $work" >&2; else rm -rf "$work"; fi
 }
 
 # A proxy from $bin on free loopback ports with its data in $work/proxy; sets $port (web and
@@ -162,4 +163,9 @@ limits:
   web_max_connections: 100000
   web_max_connections_per_source: 100000
 YAML
+}
+
+# Datagrams the kernel dropped, machine-wide, because a UDP socket's receive buffer was full.
+udp_rcvbuf_errors() {
+  awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "RcvbufErrors") c = i; h = 1 } else print $c }' /proc/net/snmp
 }

@@ -80,6 +80,7 @@ else
   kill -9 "$proxy_pid"
   wait "$proxy_pid" 2>/dev/null || true
   mark=$(wc -l <"$work/proxy.log")
+  drops0=$(udp_rcvbuf_errors)
   start_proxy
   perf record -F 499 -g -o "$data" -p "$proxy_pid" -- sleep "$secs" >/dev/null 2>&1 &
   perf_pid=$!
@@ -95,7 +96,8 @@ else
   refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" |
     grep -ciE "refused: too many|dropped: too many|overload|timed out" || true)
   echo "after kill -9 and restart: $count of $n tunnels back in $(($(date +%s%3N) - t0)) ms;" \
-    "proxy log lines refused/timed out: $refused"
+    "proxy log lines refused/timed out: $refused;" \
+    "UDP datagrams dropped for a full buffer: $(($(udp_rcvbuf_errors) - drops0))"
   wait "$perf_pid" || true
 fi
 perf report -i "$data" --no-children --sort dso,symbol -g none 2>/dev/null |

@@ -52,7 +52,10 @@ info=$(dpkg-deb -I "$agent_deb")
 grep -q "Package: burrow-agent" <<<"$info" || fail "package name"
 grep -q "Architecture: amd64" <<<"$info" || fail "architecture"
 grep -qx "/etc/burrow/agent.yaml" <<<"$(dpkg-deb -I "$agent_deb" conffiles)" || fail "agent.yaml is not a conffile"
-grep -q " ./usr/bin/burrowctl$" <<<"$(dpkg-deb -c "$proxy_deb")" || fail "the proxy package lacks burrowctl"
+proxy_contents=$(dpkg-deb -c "$proxy_deb")
+grep -q " ./usr/bin/burrowctl$" <<<"$proxy_contents" || fail "the proxy package lacks burrowctl"
+grep -q " ./usr/lib/sysctl.d/50-burrow-proxy.conf$" <<<"$proxy_contents" ||
+  fail "the proxy package lacks its sysctl drop-in (QUIC socket buffers)"
 for t in aarch64-unknown-linux-musl:arm64 armv7-unknown-linux-musleabihf:armhf; do
   triple=${t%%:*}; arch=${t##*:}
   if [ -f "target/$triple/release/burrow-agent" ]; then

@@ -32,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the agent: join the cluster on first start, then run from the stored identity.
     Start(Box<StartArgs>),
+    /// Show the node's identity and the running agent's tunnels and last error.
+    Status(StatusArgs),
     /// Print a commented sample YAML configuration.
     Configure,
     /// Print the version.
@@ -68,6 +70,10 @@ pub struct StartArgs {
     /// through the tunnels].
     #[arg(long, value_name = "ADDR|off")]
     pub ssh_listen: Option<String>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over plain HTTP on this address (e.g.
+    /// 127.0.0.1:3082), or "off" [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    pub diag_listen: Option<String>,
     /// Tunnel transport: auto tries QUIC and falls back to TLS over TCP when UDP is blocked.
     #[arg(long, value_enum, value_name = "MODE")]
     pub transport: Option<TransportMode>,
@@ -94,6 +100,40 @@ pub struct StartArgs {
     pub debug: bool,
 }
 
+#[derive(Debug, Args, Default)]
+pub struct StatusArgs {
+    /// The agent's data dir [default: the config's data_dir, else /var/lib/burrow].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The agent's YAML config file, to find its data dir.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+impl StatusArgs {
+    /// The data dir: the flag, else the config file's, else the default.
+    pub fn data_dir(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(dir) = &self.data_dir {
+            return Ok(dir.clone());
+        }
+        let from_file = match &self.config {
+            Some(path) => read_file_config(path)?.data_dir,
+            None => None,
+        };
+        Ok(from_file.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
+    }
+}
+
 /// The YAML file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +152,7 @@ pub struct FileConfig {
     pub keepalive: Option<String>,
     pub window: Option<String>,
     pub ssh_listen: Option<String>,
+    pub diag_listen: Option<String>,
     /// Where `ssh -L` may connect from this node (sshd's PermitOpen).
     #[serde(default)]
     pub permit_open: Vec<String>,
@@ -149,6 +190,8 @@ pub struct AgentConfig {
     pub window: Window,
     /// A local SSH listener besides the tunnels; `None`: off.
     pub ssh_listen: Option<std::net::SocketAddr>,
+    /// Where /metrics, /healthz and /readyz are served; `None`: off.
+    pub diag_listen: Option<std::net::SocketAddr>,
     /// Where `direct-tcpip` may connect.
     pub permit_open: crate::ssh::PermitOpen,
     pub insecure: bool,
@@ -235,6 +278,7 @@ impl AgentConfig {
                 ))
             })?),
         };
+        let diag_listen = burrow_daemon::diag::parse_listen(args.diag_listen.or(file.diag_listen))?;
         let permit_open =
             crate::ssh::PermitOpen::parse(&file.permit_open).map_err(ConfigError::new)?;
         let keepalive = args
@@ -260,6 +304,7 @@ impl AgentConfig {
             keepalive,
             window,
             ssh_listen,
+            diag_listen,
             permit_open,
             insecure: args.insecure || file.insecure,
             trust_public_web_cert: args.trust_public_web_cert || file.trust_public_web_cert,
@@ -346,6 +391,10 @@ transport: auto
 
 # Also serve SSH on a local address, besides the tunnels ("off" by default).
 #ssh_listen: 0.0.0.0:3022
+
+# Plain-HTTP diagnostics: /metrics (Prometheus text), /healthz, /readyz (200 while the agent
+# holds a tunnel). Off unless set; keep it on loopback.
+#diag_listen: 127.0.0.1:3082
 
 # Where `ssh -L` through this node may connect, as sshd's PermitOpen: any (the default), none,
 # or a list of HOST:PORT entries where either side may be "*". Certificates issued with

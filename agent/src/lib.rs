@@ -6,6 +6,8 @@
 //! - [`identity`]: the node's keys and certificates, stored atomically in the data dir.
 //! - [`labels`]: static and command labels.
 //! - [`pool`]: one tunnel to every proxy, with backoff, transport fallback and keep-alives.
+//! - [`renew`]: the node's certificates renewed over a tunnel before they expire.
+//! - [`telemetry`]: metrics, readiness and the status file; [`status`]: `burrow-agent status`.
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
 
@@ -14,7 +16,12 @@ pub mod identity;
 pub mod join;
 pub mod labels;
 pub mod pool;
+pub mod renew;
 pub mod ssh;
+pub mod status;
+pub mod telemetry;
+
+use std::sync::Arc;
 
 use burrow_net::tls;
 use rustls::pki_types::CertificateDer;
@@ -37,6 +44,9 @@ pub enum AgentError {
     /// The cluster removed this node: exit code 3, which the systemd unit does not restart.
     #[error("{0}")]
     Revoked(String),
+    /// The node's certificates expired (it was offline too long): exit code 3 too.
+    #[error("{0}")]
+    Expired(String),
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
 }
@@ -45,7 +55,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Config(_) => 2,
-            AgentError::Revoked(_) => 3,
+            AgentError::Revoked(_) | AgentError::Expired(_) => 3,
             _ => 1,
         }
     }
@@ -87,6 +97,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             identity
         }
     };
+    check_not_expired(&identity, &config.data_dir)?;
     let base = labels::merge(&[&identity.labels, &config.labels]);
     let labels = labels::spawn(base, config.commands.clone(), shutdown.clone());
     let cas = host_cas(&identity)?;
@@ -94,8 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let addr = join::find_tunnel_addr(&config.proxy, &cas, config.trust_public_web_cert)
         .await
         .unwrap_or_else(|| config.proxy.clone());
-    tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
-    let ssh = std::sync::Arc::new(ssh::SshContext::new(&identity, config.permit_open.clone())?);
+    let ssh = Arc::new(ssh::SshContext::new(&identity, config.permit_open.clone())?);
     if let Some(addr) = config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             AgentError::Runtime(anyhow::anyhow!("cannot listen for SSH on {addr}: {e}"))
@@ -106,12 +116,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         );
         tokio::spawn(ssh::serve_listener(listener, ssh.clone(), shutdown.clone()));
     }
+    let telemetry = Arc::new(telemetry::Telemetry::new(&addr));
+    if let Some(at) = config.diag_listen {
+        let listener = burrow_daemon::diag::bind(at)
+            .await
+            .map_err(|e| AgentError::Runtime(e.into()))?;
+        let bound = listener.local_addr().map_err(anyhow::Error::from)?;
+        telemetry.set_diag_addr(bound.to_string());
+        tokio::spawn(burrow_daemon::diag::serve(
+            listener,
+            telemetry.clone(),
+            shutdown.clone(),
+        ));
+    }
+    telemetry.write_status_now(&config.data_dir);
+    tracing::info!(host_id = %identity.host_id, tunnels = %addr, transport = ?config.transport, "agent ready; opening tunnels");
+    let status_file = tokio::spawn(
+        telemetry
+            .clone()
+            .write_status_file(config.data_dir.clone(), shutdown.clone()),
+    );
     burrow_daemon::notify::ready_and_watchdog(shutdown.clone());
-    pool::run(
+    let tls: renew::SharedTls = Arc::new(std::sync::RwLock::new(Arc::new(tls)));
+    let renewer = Arc::new(renew::Renewer::new(
+        identity.clone(),
+        config.data_dir.clone(),
+        tls.clone(),
+        ssh.clone(),
+        config.trust_public_web_cert,
+    ));
+    let stopped = pool::run(
         pool::PoolConfig {
             addr,
             mode: config.transport,
-            tls: std::sync::Arc::new(tls),
+            tls,
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
@@ -119,16 +157,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             window: config.window,
             dials: ssh,
             held: tokio::sync::watch::Sender::new(0),
+            telemetry: Some(telemetry),
+            renewer: Some(renewer),
         },
-        shutdown,
+        shutdown.clone(),
     )
     .await
     .map_err(|e| match e {
         e @ pool::PoolError::Revoked { .. } => AgentError::Revoked(e.to_string()),
         pool::PoolError::Io(e) => AgentError::Runtime(e.into()),
-    })?;
+    });
+    // The status file's last word: stopped.
+    shutdown.cancel();
+    let _ = status_file.await;
+    stopped?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Refuses to start on certificates that expired while the node was offline: no proxy would take
+/// them, and only a new join gives new ones.
+fn check_not_expired(identity: &Identity, data_dir: &std::path::Path) -> Result<(), AgentError> {
+    let Some((_, not_after)) = tls::validity(&identity.tls_cert) else {
+        return Ok(());
+    };
+    if burrow_daemon::unix_now() < not_after {
+        return Ok(());
+    }
+    let at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after),
+    );
+    Err(AgentError::Expired(format!(
+        "this node's certificates expired at {at}, while it could not reach the cluster to renew them; to join again, move {} away and start with a new token",
+        data_dir.join(identity::IDENTITY_FILE).display()
+    )))
 }
 
 /// The cluster's host CA certificates from the identity.

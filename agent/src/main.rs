@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use burrow_agent::config::{AgentConfig, Cli, Command, SAMPLE_CONFIG};
+use burrow_agent::config::{AgentConfig, Cli, Command, Format, SAMPLE_CONFIG, StatusArgs};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             println!("burrow-agent {}", tunnel_proto::VERSION);
             return ExitCode::SUCCESS;
         }
+        Command::Status(args) => return status(&args),
         Command::Start(args) => *args,
     };
     let config = match AgentConfig::load(args) {
@@ -37,4 +38,32 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn status(args: &StatusArgs) -> ExitCode {
+    let data_dir = match args.data_dir() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match burrow_agent::status::report(&data_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match args.format {
+        Format::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("burrow-agent: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        Format::Text => print!("{}", burrow_agent::status::render(&report, &data_dir)),
+    }
+    ExitCode::SUCCESS
 }

@@ -169,7 +169,9 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
         let config = PoolConfig {
             addr: addr.clone(),
             mode: args.transport,
-            tls: Arc::new(burrow_agent::tunnel_tls(identity, &cas, false)?),
+            tls: Arc::new(std::sync::RwLock::new(Arc::new(burrow_agent::tunnel_tls(
+                identity, &cas, false,
+            )?))),
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
             labels,
@@ -177,6 +179,8 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
             window: burrow_tunnel::Window::DEFAULT,
             dials: service.clone(),
             held: held_tx,
+            telemetry: None,
+            renewer: None,
         };
         let stop = shutdown.clone();
         let name = identity.node_name.clone();

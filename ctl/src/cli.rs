@@ -94,10 +94,14 @@ pub enum AuthCommand {
         #[arg(long, value_name = "COMMAND")]
         force_command: Option<String>,
     },
+    /// Replace the admin identity burrowctl uses (--identity, or DATA_DIR/admin-identity) with a
+    /// new one from the proxy, before it expires (`status` says how long it has left).
+    Renew,
     /// Print a CA for OpenSSH: host → a known_hosts @cert-authority line, user → a
-    /// TrustedUserCAKeys line for sshd.
+    /// TrustedUserCAKeys line for sshd; krl → the binary OpenSSH key revocation list of removed
+    /// nodes' host certificates, for `RevokedHostKeys` in ssh_config (redirect it to a file).
     Export {
-        #[arg(long = "type", value_name = "host|user")]
+        #[arg(long = "type", value_name = "host|user|krl")]
         kind: String,
     },
 }

@@ -23,6 +23,7 @@ use crate::output::{labels_text, print_json, print_table, rfc3339};
 use crate::query::Query;
 
 mod cli;
+mod krl;
 mod nodes;
 mod openssh;
 mod output;
@@ -71,6 +72,9 @@ fn main() -> ExitCode {
 
 struct Admin {
     client: WebClient,
+    identity_path: PathBuf,
+    /// When the admin identity's certificate expires (Unix seconds).
+    expires: Option<u64>,
 }
 
 impl Admin {
@@ -106,7 +110,12 @@ impl Admin {
         .map_err(|e| usage(format!("{what}: {e}")))?;
         let addr = proxy_addr(cli.proxy.as_deref(), &cli.data_dir);
         let client = WebClient::new(&addr, config).map_err(|e| usage(e.to_string()))?;
-        Ok(Self { client })
+        let expires = tls::validity(&text).map(|(_, to)| to);
+        Ok(Self {
+            client,
+            identity_path,
+            expires,
+        })
     }
 }
 
@@ -170,6 +179,14 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             };
             let ttl = parse_ttl(ttl)?;
             auth_sign(&admin, cli.format, user, logins, ttl, permissions, out).await
+        }
+        Command::Auth(AuthCommand::Renew) => renew_identity(&admin, cli.format).await,
+        Command::Auth(AuthCommand::Export { kind }) if kind == "krl" => {
+            let export: api::ExportResponse = admin
+                .client
+                .get(&format!("{}?type=krl", api::AUTH_EXPORT_PATH))
+                .await?;
+            export_krl(cli.format, export)
         }
         Command::Auth(AuthCommand::Export { kind }) => {
             let export: api::ExportResponse = admin
@@ -284,12 +301,20 @@ async fn status(admin: &Admin, format: Format) -> Result<(), Failure> {
             "ca_pin": s.ca_pins.first(),
             "ca_pins": s.ca_pins,
             "public_addr": s.public_addr,
+            "admin_identity_expires": admin.expires,
         })),
         Format::Text | Format::Ansible => {
             println!("Cluster:  {}", s.cluster_name);
             println!("Version:  {}", s.version);
             for pin in &s.ca_pins {
                 println!("CA pin:   {pin}");
+            }
+            if let Some(to) = admin.expires {
+                let days = to.saturating_sub(burrow_daemon::unix_now()) / 86_400;
+                println!(
+                    "Admin identity: valid until {} ({days} days left; `burrowctl auth renew` replaces it)",
+                    rfc3339(to)
+                );
             }
         }
     }
@@ -526,5 +551,83 @@ async fn proxies_ls(admin: &Admin, format: Format) -> Result<(), Failure> {
         })
         .collect();
     print_table(&["ID", "HOSTNAME", "ADDRESS", "VERSION", "STARTED"], &rows);
+    Ok(())
+}
+
+/// `auth export --type krl`: the binary KRL on stdout (not onto a terminal), or in JSON the key
+/// IDs it revokes.
+fn export_krl(format: Format, export: api::ExportResponse) -> Result<(), Failure> {
+    use std::io::{IsTerminal, Write};
+    let ids = &export.revoked_key_ids;
+    if format == Format::Json {
+        print_json(&json!({
+            "type": "krl",
+            "cluster_name": export.cluster_name,
+            "ca_keys": export.keys,
+            "revoked_key_ids": ids,
+        }));
+        return Ok(());
+    }
+    let mut cas = Vec::new();
+    for key in &export.keys {
+        let key = ssh_key::PublicKey::from_openssh(key.trim()).map_err(|e| Failure {
+            code: 1,
+            message: format!("the proxy sent a host CA key that does not parse: {e}"),
+        })?;
+        cas.push(key.to_bytes().map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot encode the host CA key: {e}"),
+        })?);
+    }
+    let comment = format!("burrow cluster {}: removed nodes", export.cluster_name);
+    // The list only grows: its length is a version that grows with it.
+    let bytes = krl::build(
+        &cas,
+        ids,
+        ids.len() as u64,
+        burrow_daemon::unix_now(),
+        &comment,
+    );
+    let mut stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        return Err(usage(
+            "the KRL is binary: redirect it to a file, e.g. burrowctl auth export --type krl > /etc/ssh/burrow.krl",
+        ));
+    }
+    stdout
+        .write_all(&bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot write the KRL: {e}"),
+        })
+}
+
+/// `auth renew`: a new admin identity from the proxy, written over the one in use.
+async fn renew_identity(admin: &Admin, format: Format) -> Result<(), Failure> {
+    let renewed: api::AdminIdentity = admin
+        .client
+        .post(api::AUTH_RENEW_ADMIN_PATH, &json!({}))
+        .await?;
+    let text = renewed.identity.expose();
+    let expires = tls::validity(text)
+        .map(|(_, to)| to)
+        .ok_or_else(|| Failure {
+            code: 1,
+            message: "the proxy sent an admin identity whose certificate does not parse".into(),
+        })?;
+    let path = &admin.identity_path;
+    burrow_daemon::fsutil::write_private_atomic(path, text.as_bytes()).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot write {}: {e}", path.display()),
+    })?;
+    match format {
+        Format::Json => print_json(&json!({ "path": path, "expires": expires })),
+        Format::Text | Format::Ansible => println!(
+            "Renewed the admin identity {}: valid until {}",
+            path.display(),
+            rfc3339(expires)
+        ),
+    }
     Ok(())
 }

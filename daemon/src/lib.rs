@@ -1,8 +1,10 @@
 //! What both daemons do at their edges: read their YAML config file, log to stderr, turn
 //! SIGTERM/SIGINT into a cancelled shutdown token, accept connections on their listeners, tell
 //! systemd how they are ([`notify`]), keep private files private ([`fsutil`]), and read the
-//! host's name and the wall clock. Nothing here knows Burrow's protocol.
+//! host's name and the wall clock, and serve their diagnostics ([`diag`]). Nothing here knows
+//! Burrow's protocol.
 
+pub mod diag;
 pub mod fsutil;
 pub mod notify;
 

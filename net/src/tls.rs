@@ -56,6 +56,15 @@ impl CertRole {
     }
 }
 
+/// When a PEM certificate's validity begins and ends (Unix seconds); `None` if it does not parse.
+pub fn validity(pem: &str) -> Option<(u64, u64)> {
+    let der = parse_certs(pem, "certificate").ok()?.into_iter().next()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    Some((secs(v.not_before), secs(v.not_after)))
+}
+
 /// Whether a certificate (chain already verified) is a proxy's: role proxy and the serverAuth
 /// usage, so that no node or admin certificate from the same CA can pass for the proxy.
 fn is_proxy_certificate(der: &[u8]) -> bool {

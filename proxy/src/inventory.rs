@@ -74,6 +74,16 @@ pub async fn inventory(backend: &dyn Backend) -> Result<Vec<NodeInfo>, BackendEr
     Ok(nodes.into_values().collect())
 }
 
+/// The host ids of every removed node, for the revocation list of their host certificates.
+pub async fn revoked_host_ids(backend: &dyn Backend) -> Result<Vec<String>, BackendError> {
+    Ok(backend
+        .list(state::REVOKED)
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(state::REVOKED).map(str::to_string))
+        .collect())
+}
+
 /// Revokes a node: it is disconnected everywhere and refused from now on.
 pub async fn revoke(backend: &dyn Backend, host_id: &str) -> Result<bool, BackendError> {
     let presence = backend.list(&state::presence_of(host_id)).await?;

@@ -13,6 +13,7 @@
 //! - [`audit`]: the audit log, written by a thread of its own.
 //! - [`sshproxy`]: the SSH jump host (port 3023).
 //! - [`web`]: the HTTPS web port (find, join, admin API, and TCP tunnels by ALPN).
+//! - [`metrics`]: Prometheus metrics and readiness for the diagnostics listener.
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
 
@@ -22,6 +23,7 @@ pub mod backend;
 pub mod config;
 pub mod heap;
 pub mod inventory;
+pub mod metrics;
 pub mod nodelimits;
 pub mod ratelimit;
 pub mod registry;
@@ -72,9 +74,12 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         Storage::Redb => Arc::new(RedbBackend::open(&config.data_dir.join(STATE_FILE))?),
         Storage::Etcd(etcd) => Arc::new(EtcdBackend::connect(etcd).await?),
     };
-    let Some(auth) = bootstrap(&config, backend.clone(), &shutdown).await? else {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let backend = metrics::MeteredBackend::wrap(backend, metrics.clone());
+    let Some(mut auth) = bootstrap(&config, backend.clone(), &shutdown).await? else {
         return Ok(());
     };
+    auth.authorities.set_node_validity(config.node_cert_ttl);
     let auth = Arc::new(auth);
     tracing::info!(
         cluster = %auth.authorities.cluster_name,
@@ -112,6 +117,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         auth.authorities.cluster_name.clone(),
         backend.clone(),
         config.data_dir.join("audit"),
+        auth.clone(),
+        metrics.clone(),
         shutdown.clone(),
     )
     .await
@@ -229,6 +236,20 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         ));
     }
 
+    if let Some(at) = config.diag_listen {
+        let listener = burrow_daemon::diag::bind(at).await?;
+        let diagnostics = metrics::ProxyDiagnostics {
+            proxy_id: proxy_id.clone(),
+            metrics,
+            health: health.clone(),
+            backend: backend.clone(),
+        };
+        tokio::spawn(burrow_daemon::diag::serve(
+            listener,
+            Arc::new(diagnostics),
+            shutdown.clone(),
+        ));
+    }
     let state = Arc::new(web::WebState {
         auth,
         tunnels: tunnels.clone(),
@@ -335,23 +356,34 @@ fn quic_secret(data_dir: &Path) -> anyhow::Result<[u8; burrow_tunnel::QUIC_SECRE
 /// certificate, its key, and the host CA certificate that `burrowctl` trusts the proxy with.
 fn write_admin_identity(data_dir: &Path, authorities: &Authorities) -> anyhow::Result<()> {
     let path = data_dir.join(ADMIN_IDENTITY_FILE);
+    // Kept while it is from this cluster's CA and has more than a third of its life left.
     if let Ok(text) = std::fs::read_to_string(&path)
         && text.contains(&authorities.host_tls_cert_pem)
+        && tls::validity(&text).is_some_and(|(from, to)| {
+            burrow_daemon::unix_now() < to.saturating_sub(to.saturating_sub(from) / 3)
+        })
     {
         return Ok(());
     }
+    let contents = admin_identity(authorities)?;
+    write_private_atomic(&path, contents.expose().as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote the admin identity for burrowctl");
+    Ok(())
+}
+
+/// A new admin identity file: certificate, key, host CA.
+pub fn admin_identity(
+    authorities: &Authorities,
+) -> Result<tunnel_proto::secret::Secret, auth::ca::CaError> {
     let issued = authorities.issue_admin_identity()?;
-    let contents = format!(
+    Ok(tunnel_proto::secret::Secret::new(format!(
         "# Admin identity of Burrow cluster {}: certificate, key, host CA. Keep it secret.\n{}{}{}",
         authorities.cluster_name,
         issued.cert_pem,
         issued.key_pem.expose(),
         authorities.host_tls_cert_pem
-    );
-    write_private_atomic(&path, contents.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "wrote the admin identity for burrowctl");
-    Ok(())
+    )))
 }
 
 fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Result<ServerConfig> {

@@ -84,6 +84,7 @@ pub async fn serve(
     while let Some((tcp, peer)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(startup) = gate.startups.enter(peer.ip()) else {
             tracing::debug!(%peer, "SSH connection dropped: too many unauthenticated connections");
+            tunnels.metrics().rate_limited("ssh_startups");
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -160,7 +161,9 @@ async fn pipe(
     channel: Channel<Msg>,
     stream: burrow_tunnel::TunnelStream,
     leftover: bytes::BytesMut,
+    open: crate::metrics::OpenGauge,
 ) {
+    let _open = open;
     let mut channel = channel.into_stream();
     let mut stream = stream;
     if !leftover.is_empty() && channel.write_all(&leftover).await.is_err() {
@@ -231,7 +234,8 @@ impl russh::server::Handler for JumpHandler {
             Ok((stream, leftover)) => {
                 tracing::info!(user = ?self.user, node = host, port, peer = %self.peer, "forwarding to node");
                 reply.accept().await;
-                tokio::spawn(pipe(channel, stream, leftover));
+                let open = self.tunnels.metrics().ssh_session();
+                tokio::spawn(pipe(channel, stream, leftover, open));
             }
             Err(why) => {
                 tracing::warn!(user = ?self.user, node = host, port, %why, "cannot forward to node");
@@ -264,7 +268,8 @@ impl russh::server::Handler for JumpHandler {
             Ok((stream, leftover)) => {
                 tracing::info!(user = ?self.user, node, port, peer = %self.peer, "forwarding to node (subsystem)");
                 session.channel_success(channel_id)?;
-                tokio::spawn(pipe(channel, stream, leftover));
+                let open = self.tunnels.metrics().ssh_session();
+                tokio::spawn(pipe(channel, stream, leftover, open));
             }
             Err(why) => {
                 tracing::warn!(user = ?self.user, node, port, %why, "cannot forward to node");

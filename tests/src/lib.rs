@@ -777,3 +777,41 @@ impl Drop for Relay {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// `GET path` over plain HTTP/1.1 at `addr` (a daemon's diagnostics listener): the status code
+/// and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The value of sample `name` (with its labels, as in the exposition: `x_total{a="b"}`) in
+/// Prometheus text; `None` if the sample is absent.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Where a daemon serves its diagnostics, from its log line.
+pub fn diag_addr(daemon: &mut Daemon) -> String {
+    daemon
+        .wait_for("diagnostics (/metrics, /healthz, /readyz) on http://")
+        .trim()
+        .to_string()
+}

@@ -70,7 +70,8 @@ fn agent_joins_with_a_token_file_and_restarts_without_one() {
             .unwrap()
             .starts_with("ssh-ed25519-cert-v01@openssh.com ")
     );
-    assert_eq!(files_in(&data), vec!["identity.json"]);
+    // The identity and the running agent's status (`burrow-agent status`), nothing else.
+    assert_eq!(files_in(&data), vec!["identity.json", "status.json"]);
     assert_eq!(agent.stop().code(), Some(0));
 
     // The token is gone (revoked, file deleted): the second start needs none.

@@ -33,6 +33,7 @@ pub const NODES_PATH: &str = "/v1/admin/nodes";
 pub const NODES_REMOVE_PATH: &str = "/v1/admin/nodes/remove";
 pub const AUTH_SIGN_PATH: &str = "/v1/admin/auth/sign";
 pub const AUTH_EXPORT_PATH: &str = "/v1/admin/auth/export";
+pub const AUTH_RENEW_ADMIN_PATH: &str = "/v1/admin/auth/renew-admin";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 
@@ -334,11 +335,26 @@ pub struct SignResponse {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportResponse {
-    /// `host` or `user`.
+    /// `host`, `user` or `krl`.
     pub kind: String,
-    /// CA public keys, OpenSSH format.
+    /// CA public keys, OpenSSH format (for `krl`: the host CAs the revocations are under).
     pub keys: Vec<String>,
     pub cluster_name: String,
+    /// `krl`: the key IDs of removed nodes' host certificates ([`host_cert_key_id`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_key_ids: Vec<String>,
+}
+
+/// A new admin identity (`burrowctl auth renew`): the whole identity file, certificate, key and
+/// host CA, as the proxy writes `DATA_DIR/admin-identity`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminIdentity {
+    pub identity: crate::secret::Secret,
+}
+
+/// The key ID of a node's SSH host certificate: what a revocation list names it by.
+pub fn host_cert_key_id(host_id: &str) -> String {
+    format!("host:{host_id}")
 }
 
 /// A live proxy, as registered in the backend under a lease.

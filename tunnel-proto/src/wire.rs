@@ -63,6 +63,28 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<Refusal>,
     },
+    /// Agent -> proxy (only if the welcome said [`Welcome::renewal`]): new certificates for the
+    /// node, for the TLS key of this tunnel's certificate and this SSH host key. Who the node is
+    /// comes from the tunnel's certificate, not from the request.
+    Renew {
+        ssh_public_key: String,
+    },
+    /// Proxy -> agent, the answer to `Renew`: both certificates, or why not.
+    Renewed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        certificates: Option<NodeCertificates>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// A node's certificates, as a join or a renewal issues them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertificates {
+    /// PEM, signed by the host CA.
+    pub tls_cert: String,
+    /// OpenSSH host certificate.
+    pub ssh_cert: String,
 }
 
 /// Why a proxy refuses or ends a tunnel, for the agent to act on.
@@ -122,6 +144,8 @@ impl Message {
             Message::Reconnect { .. } => "reconnect",
             Message::Audit(_) => "audit",
             Message::Goodbye { .. } => "goodbye",
+            Message::Renew { .. } => "renew",
+            Message::Renewed { .. } => "renewed",
         }
     }
 }
@@ -156,6 +180,9 @@ pub struct Welcome {
     /// that it reconnects at once (the tunnel crate's `nudge` module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nudge_token: Option<String>,
+    /// This proxy renews node certificates over the tunnel ([`Message::Renew`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renewal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -248,6 +275,7 @@ mod tests {
                 ],
                 return_window_ms: None,
                 nudge_token: Some("00112233445566778899aabbccddeeff".into()),
+                renewal: true,
             }),
             Message::Proxies {
                 proxies: vec![],
@@ -278,6 +306,20 @@ mod tests {
             }),
             Message::goodbye("bye"),
             Message::refusal(Refusal::Revoked, "removed"),
+            Message::Renew {
+                ssh_public_key: "ssh-ed25519 AAAA".into(),
+            },
+            Message::Renewed {
+                certificates: Some(NodeCertificates {
+                    tls_cert: "-----BEGIN CERTIFICATE-----".into(),
+                    ssh_cert: "ssh-ed25519-cert-v01@openssh.com AAAA".into(),
+                }),
+                error: None,
+            },
+            Message::Renewed {
+                certificates: None,
+                error: Some("revoked".into()),
+            },
         ]
     }
 

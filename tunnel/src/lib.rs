@@ -55,12 +55,19 @@ pub enum Transport {
     Tcp,
 }
 
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Transport {
+    /// "quic" or "tcp", as logs, presence records and metric labels name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

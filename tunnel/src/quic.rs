@@ -107,6 +107,36 @@ fn dual_stack_udp() -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// The receive buffer a proxy's QUIC socket asks the kernel for. A fleet returning to a
+/// restarted proxy sends thousands of 1,200-byte Initials within its return window; with the
+/// kernel's default (208 KiB) the excess is dropped and each dropped agent waits out QUIC's
+/// retransmission timer (1 s, then 2 s, 4 s...) before it tries again.
+pub const SERVER_UDP_BUFFER: usize = 8 << 20;
+
+/// The proxy's UDP socket on `addr`, with buffers as large as the kernel allows up to
+/// [`SERVER_UDP_BUFFER`] (`net.core.rmem_max` and `wmem_max` cap what an unprivileged process
+/// gets).
+fn server_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SERVER_UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(SERVER_UDP_BUFFER);
+    // Linux reports twice what it grants (its bookkeeping overhead).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < SERVER_UDP_BUFFER / 4 {
+        tracing::warn!(
+            granted_kib = granted / 1024,
+            wanted_kib = SERVER_UDP_BUFFER / 1024,
+            "the kernel caps the QUIC socket's receive buffer: a large fleet returning at once may lose handshakes and wait seconds to retry; raise it with `sysctl -w net.core.rmem_max={}`",
+            SERVER_UDP_BUFFER
+        );
+    } else {
+        tracing::debug!(granted_kib = granted / 1024, "QUIC socket receive buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// How many bytes of secret [`quic_server_endpoint`] takes.
 pub const QUIC_SECRET_LEN: usize = 64;
 
@@ -153,7 +183,7 @@ pub fn quic_server_endpoint(
     // all within seconds (quinn's default, one reset per 20 ms, takes minutes for 10,000). A reset
     // is always smaller than the packet that incited it, so this amplifies nothing.
     endpoint.min_reset_interval(Duration::from_micros(100));
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = server_udp(addr)?;
     let twin = socket.try_clone()?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;

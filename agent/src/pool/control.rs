@@ -8,9 +8,12 @@
 use std::time::Duration;
 
 use tunnel_proto::api::Labels;
-use tunnel_proto::wire::{Heartbeat, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Welcome};
+use tunnel_proto::wire::{
+    Heartbeat, Hello, Message, NodeCertificates, PROTOCOL_VERSION, ProxyEntry, Welcome,
+};
 
 use super::membership::{DialFailure, MAX_RECONNECT_AFTER};
+use crate::telemetry::Disconnect;
 
 /// The first message of a tunnel; `keepalive`: the interval this tunnel's transport uses.
 pub fn hello(host_id: &str, node_name: &str, labels: Labels, keepalive: Duration) -> Message {
@@ -73,6 +76,15 @@ impl End {
             _ => None,
         }
     }
+
+    /// Why the tunnel ended, as the agent's metrics count it.
+    pub fn disconnect(&self) -> Disconnect {
+        match self {
+            End::Reconnect { .. } => Disconnect::ReconnectAdvised,
+            End::Goodbye { .. } => Disconnect::ClosedByProxy,
+            End::Unexpected { .. } => Disconnect::ProtocolError,
+        }
+    }
 }
 
 /// What a message from the proxy asks for.
@@ -81,6 +93,11 @@ pub enum Step {
     Nothing,
     /// A new list of live proxies, for the pool.
     Proxies(Vec<ProxyEntry>),
+    /// The answer to a renewal request.
+    Renewed {
+        certificates: Option<NodeCertificates>,
+        error: Option<String>,
+    },
     End(End),
 }
 
@@ -122,6 +139,13 @@ impl AgentControl {
                 after: Duration::from_millis(after_ms).min(MAX_RECONNECT_AFTER),
             }),
             Message::Goodbye { reason, .. } => Step::End(End::Goodbye { reason }),
+            Message::Renewed {
+                certificates,
+                error,
+            } => Step::Renewed {
+                certificates,
+                error,
+            },
             other => Step::End(End::Unexpected { kind: other.kind() }),
         }
     }
@@ -146,6 +170,7 @@ mod tests {
             proxies: vec![ProxyEntry { id: "p1".into() }],
             return_window_ms: Some(2048),
             nudge_token: None,
+            renewal: false,
         }
     }
 

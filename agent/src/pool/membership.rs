@@ -311,6 +311,11 @@ impl Membership {
         true
     }
 
+    /// How long until the next dial may start.
+    pub fn dial_wait(&self, now: Instant) -> Duration {
+        self.next_dial.saturating_duration_since(now)
+    }
+
     /// Every held tunnel, forgotten: the pool is stopping.
     pub fn release_all(&mut self) -> Vec<u64> {
         self.held.drain().map(|(_, h)| h.tunnel).collect()

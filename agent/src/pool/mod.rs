@@ -29,6 +29,8 @@ use self::membership::{
     Advice, Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note,
 };
 pub use self::timing::Backoff;
+use crate::renew::{Renewer, SharedTls};
+use crate::telemetry::{Disconnect, Telemetry};
 
 mod control;
 mod membership;
@@ -52,7 +54,8 @@ pub enum TransportMode {
 pub struct PoolConfig {
     pub addr: String,
     pub mode: TransportMode,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The node's TLS identity for new tunnels (a renewal replaces it).
+    pub tls: SharedTls,
     pub host_id: String,
     pub node_name: String,
     pub labels: watch::Receiver<Labels>,
@@ -65,6 +68,11 @@ pub struct PoolConfig {
     pub dials: Arc<dyn DialService>,
     /// The pool publishes how many tunnels it holds here.
     pub held: watch::Sender<usize>,
+    /// Metrics, readiness and the status file (the agent's; none for simulated agents).
+    pub telemetry: Option<Arc<Telemetry>>,
+    /// Renews the node's certificates over a tunnel before they expire (none for simulated
+    /// agents).
+    pub renewer: Option<Arc<Renewer>>,
 }
 
 /// What serves a dial stream the proxy opened to port 3022: the node's SSH server in the agent,
@@ -113,6 +121,7 @@ enum PoolEvent {
     Closed {
         proxy_id: String,
         tunnel: u64,
+        why: Disconnect,
         reconnect_after: Option<Duration>,
         return_window: Option<Duration>,
     },
@@ -163,7 +172,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
         match event {
             PoolEvent::Dialed(outcome, dialed) => {
                 let decision = pool.handle_dialed(Instant::now(), outcome);
-                log_notes(&config.addr, pool.take_notes());
+                log_notes(&config, pool.take_notes());
                 match (decision, dialed) {
                     (Decision::GiveUp { reason }, _) => break Err(PoolError::Revoked { reason }),
                     (Decision::Retry, _) => {}
@@ -178,6 +187,9 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                         }
                         let (proxies, held) = pool.counts();
                         tracing::info!(proxy_id = %d.welcome.proxy_id, transport = %d.session.transport(), proxies, held, "tunnel up");
+                        if let Some(t) = &config.telemetry {
+                            t.tunnel_up(&d.welcome.proxy_id, d.session.transport());
+                        }
                         let token = shutdown.child_token();
                         running.insert(tunnel, token.clone());
                         tokio::spawn(run_tunnel(
@@ -201,6 +213,7 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
             PoolEvent::Closed {
                 proxy_id,
                 tunnel,
+                why,
                 reconnect_after,
                 return_window,
             } => {
@@ -210,8 +223,13 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
                     reconnect_after,
                     return_window,
                 };
-                if pool.handle_closed(now, &proxy_id, tunnel, advice) {
+                let held = pool.handle_closed(now, &proxy_id, tunnel, advice);
+                if held {
                     tracing::info!(%proxy_id, held = pool.counts().1, "tunnel down");
+                }
+                if let Some(t) = &config.telemetry {
+                    let delay = (held && !shutdown.is_cancelled()).then(|| pool.dial_wait(now));
+                    t.tunnel_down(&proxy_id, why, held, delay);
                 }
             }
         }
@@ -230,7 +248,8 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
     result
 }
 
-fn log_notes(addr: &str, notes: Vec<Note>) {
+fn log_notes(config: &PoolConfig, notes: Vec<Note>) {
+    let addr = &config.addr;
     for note in notes {
         match note {
             Note::QuicBlocked => {
@@ -243,7 +262,10 @@ fn log_notes(addr: &str, notes: Vec<Note>) {
                 tracing::debug!(%reason, ?retry_in, "QUIC still does not get through")
             }
             Note::DialFailed { reason, retry_in } => {
-                tracing::warn!(%addr, %reason, ?retry_in, "cannot open a tunnel")
+                tracing::warn!(%addr, %reason, ?retry_in, "cannot open a tunnel");
+                if let Some(t) = &config.telemetry {
+                    t.dial_failed(&reason, retry_in);
+                }
             }
         }
     }
@@ -312,12 +334,12 @@ async fn dial_with(
     let keepalive = config
         .keepalive
         .unwrap_or_else(|| Keepalive::default_for(over));
+    let tls = config.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
     let session = match quic {
         Some(endpoint) => {
-            let (tls, window) = (config.tls.clone(), config.window);
-            transport::connect_quic(endpoint, &config.addr, tls, keepalive, window).await
+            transport::connect_quic(endpoint, &config.addr, tls, keepalive, config.window).await
         }
-        None => transport::connect_tcp(&config.addr, config.tls.clone(), keepalive).await,
+        None => transport::connect_tcp(&config.addr, tls, keepalive).await,
     }
     .map_err(|e| failed(&e))?;
     let stream = session.open().await.map_err(|e| failed(&e))?;
@@ -383,14 +405,24 @@ async fn run_tunnel(
         nudges.arm(token, stop.clone());
     }
     let mut machine = AgentControl::new(&config.node_name, &welcome);
+    // Only a proxy that says it renews certificates is asked to.
+    let renewer = config.renewer.clone().filter(|_| welcome.renewal);
     let proxy_id = welcome.proxy_id;
     let mut labels = config.labels.clone();
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
-    let dials = tokio::spawn(serve_dials(session.clone(), config.dials.clone(), audit_tx));
+    let dials = tokio::spawn(serve_dials(
+        session.clone(),
+        config.dials.clone(),
+        audit_tx,
+        config.telemetry.clone(),
+    ));
+    // Why the tunnel ended when the proxy did not say (it says so in `End`).
+    let mut lost = Disconnect::Lost;
     let end = loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
                 let _ = control.write(&Message::goodbye("the agent lets this tunnel go")).await;
+                lost = Disconnect::Released;
                 break None;
             }
             reason = session.closed() => {
@@ -399,6 +431,15 @@ async fn run_tunnel(
             }
             Some(event) = audit_rx.recv() => {
                 if control.write(&Message::Audit(event)).await.is_err() {
+                    break None;
+                }
+                continue;
+            }
+            _ = renewal_due(renewer.as_deref()) => {
+                let Some(renewer) = &renewer else { continue };
+                if let Some(request) = renewer.take(burrow_daemon::unix_now())
+                    && control.write(&request).await.is_err()
+                {
                     break None;
                 }
                 continue;
@@ -420,6 +461,14 @@ async fn run_tunnel(
                 Step::Nothing => {}
                 Step::Proxies(list) => {
                     let _ = events.send(PoolEvent::Proxies(list)).await;
+                }
+                Step::Renewed {
+                    certificates,
+                    error,
+                } => {
+                    if let Some(renewer) = &renewer {
+                        renewer.finish(burrow_daemon::unix_now(), certificates, error);
+                    }
                 }
                 Step::End(end) => break Some(end),
             },
@@ -463,10 +512,24 @@ async fn run_tunnel(
         .send(PoolEvent::Closed {
             proxy_id,
             tunnel,
+            why: end.as_ref().map_or(lost, End::disconnect),
             reconnect_after: end.as_ref().and_then(End::reconnect_after),
             return_window: machine.return_window(),
         })
         .await;
+}
+
+/// Resolves when `renewer` may have a renewal request to send; never without one.
+async fn renewal_due(renewer: Option<&Renewer>) {
+    match renewer {
+        // Looked at again every hour at least: the wall clock may jump (a device without a
+        // real-time clock sets it after boot).
+        Some(r) => {
+            let wait = r.wait(burrow_daemon::unix_now());
+            tokio::time::sleep(wait.min(Duration::from_secs(3600))).await
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Answers the proxy's dial streams: port 3022 reaches the node's SSH server; other ports are
@@ -475,10 +538,12 @@ async fn serve_dials(
     session: Session,
     service: Arc<dyn DialService>,
     audit: mpsc::Sender<AuditEvent>,
+    telemetry: Option<Arc<Telemetry>>,
 ) {
     while let Some(stream) = session.accept().await {
         let service = service.clone();
         let audit = audit.clone();
+        let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let mut framed = Framed::new(stream);
             let Ok(Ok(Some(Message::Dial(DialRequest { port, client_addr })))) =
@@ -511,6 +576,7 @@ async fn serve_dials(
                 );
                 return;
             }
+            let _open = telemetry.as_ref().map(|t| t.ssh_connection());
             service.serve(stream, client_addr, audit).await;
         });
     }

@@ -47,7 +47,10 @@ const CHANNEL_QUEUE: usize = 16;
 
 /// What every SSH connection on this node shares.
 pub struct SshContext {
-    pub config: Arc<russh::server::Config>,
+    /// The server configuration, host certificate included: a renewal swaps it for the next
+    /// connections (those open keep theirs).
+    config: std::sync::RwLock<Arc<russh::server::Config>>,
+    host_key: PrivateKey,
     pub user_cas: Vec<PublicKey>,
     pub node_name: String,
     pub host_id: String,
@@ -66,12 +69,9 @@ impl SshContext {
             .iter()
             .map(|k| PublicKey::from_openssh(k.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut config = burrow_sshd::server_config(key, cert);
-        // Output waits in russh's queue when the client's window is full: at most this many
-        // 32 KB packets per connection (russh's default, 100, is 3 MB on a small device).
-        config.channel_buffer_size = CHANNEL_QUEUE;
         Ok(Self {
-            config: Arc::new(config),
+            config: std::sync::RwLock::new(Arc::new(server_config(key.clone(), cert))),
+            host_key: key,
             user_cas,
             node_name: identity.node_name.clone(),
             host_id: identity.host_id.clone(),
@@ -79,6 +79,30 @@ impl SshContext {
             startups: Arc::new(tokio::sync::Semaphore::new(MAX_STARTUPS)),
         })
     }
+}
+
+impl SshContext {
+    /// The configuration new connections get.
+    pub fn config(&self) -> Arc<russh::server::Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Presents `cert` (a renewed host certificate for the same key) from the next connection on.
+    pub fn set_certificate(&self, cert: Certificate) {
+        let config = Arc::new(server_config(self.host_key.clone(), cert));
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
+
+fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Config {
+    let mut config = burrow_sshd::server_config(key, cert);
+    // Output waits in russh's queue when the client's window is full: at most this many
+    // 32 KB packets per connection (russh's default, 100, is 3 MB on a small device).
+    config.channel_buffer_size = CHANNEL_QUEUE;
+    config
 }
 
 /// Serves one SSH connection on a dial stream. `client` is the user's address as the proxy saw it.
@@ -112,7 +136,7 @@ pub async fn serve(
         unauthenticated: Some((startup, authenticated)),
     };
     burrow_sshd::serve_with_grace(
-        ctx.config.clone(),
+        ctx.config(),
         stream,
         handler,
         burrow_sshd::LOGIN_GRACE,

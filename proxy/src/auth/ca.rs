@@ -26,9 +26,10 @@ use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Node certificates live as long as the CA: a device in the field has no way to renew yet, and
-/// revocation (not expiry) is how an identity is taken away.
-const NODE_VALIDITY: Duration = CA_VALIDITY;
+/// How long a node's TLS and SSH host certificates live unless the proxy's config says
+/// (`node_cert_ttl`): agents renew them over their tunnels from half their lifetime on, so a device
+/// may be offline for about six weeks and still come back by itself.
+pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const WEB_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Clock skew tolerated between the CA and the peers that check its certificates.
@@ -95,6 +96,7 @@ pub struct Authorities {
     host_tls_issuer: Issuer<'static, KeyPair>,
     host_ssh: PrivateKey,
     user_ssh: PrivateKey,
+    node_validity: Duration,
 }
 
 /// A freshly issued certificate with the key the proxy generated for it.
@@ -127,7 +129,17 @@ impl Authorities {
             host_tls_issuer,
             host_ssh,
             user_ssh,
+            node_validity: DEFAULT_NODE_VALIDITY,
         })
+    }
+
+    /// How long the node certificates this CA signs from now on live.
+    pub fn set_node_validity(&mut self, validity: Duration) {
+        self.node_validity = validity;
+    }
+
+    pub fn node_validity(&self) -> Duration {
+        self.node_validity
     }
 
     pub fn host_ssh_public(&self) -> Result<String, CaError> {
@@ -189,17 +201,36 @@ impl Authorities {
         node_name: &str,
     ) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        let params = self.leaf_params(
+        Ok(self
+            .node_params(host_id, node_name)?
+            .signed_by(&csr.public_key, &self.host_tls_issuer)?
+            .pem())
+    }
+
+    /// Signs a node's TLS certificate again for the key of its current one (`spki_der`, from the
+    /// certificate it authenticated a tunnel with): a renewal.
+    pub fn sign_node_key(
+        &self,
+        spki_der: &[u8],
+        host_id: &str,
+        node_name: &str,
+    ) -> Result<String, CaError> {
+        let key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)?;
+        Ok(self
+            .node_params(host_id, node_name)?
+            .signed_by(&key, &self.host_tls_issuer)?
+            .pem())
+    }
+
+    fn node_params(&self, host_id: &str, node_name: &str) -> Result<CertificateParams, CaError> {
+        self.leaf_params(
             CertRole::Node,
             host_id,
             vec![host_id.to_string(), node_name.to_string()],
             // Client only: no verifier may take a node for a server (a proxy above all).
             &[ExtendedKeyUsagePurpose::ClientAuth],
-            NODE_VALIDITY,
-        )?;
-        Ok(params
-            .signed_by(&csr.public_key, &self.host_tls_issuer)?
-            .pem())
+            self.node_validity,
+        )
     }
 
     /// Signs an SSH host certificate for a node, valid for its host id and its name, bare and
@@ -211,17 +242,16 @@ impl Authorities {
         node_name: &str,
     ) -> Result<Certificate, CaError> {
         let mut rng = rand::rng();
-        let valid_after = unix_now().saturating_sub(BACKDATE.as_secs());
-        // u64::MAX is OpenSSH's "forever"; see NODE_VALIDITY for why host certificates don't expire.
+        let now = unix_now();
         let mut builder = SshCertBuilder::new_with_random_nonce(
             &mut rng,
             public_key.key_data().clone(),
-            valid_after,
-            u64::MAX,
+            now.saturating_sub(backdate(self.node_validity).as_secs()),
+            now.saturating_add(self.node_validity.as_secs()),
         )?;
         builder
             .serial(rng.random())?
-            .key_id(format!("host:{host_id}"))?
+            .key_id(tunnel_proto::api::host_cert_key_id(host_id))?
             .cert_type(CertType::Host)?
             .valid_principal(host_id)?
             .valid_principal(node_name)?
@@ -329,8 +359,14 @@ fn distinguished_name(common_name: &str, organization: &str) -> DistinguishedNam
 
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - backdate(validity);
     params.not_after = now + validity;
+}
+
+/// How far before now a certificate living `validity` starts: [`BACKDATE`], or a quarter of a
+/// short lifetime, so that half of the validity window (when agents renew) stays in the future.
+fn backdate(validity: Duration) -> Duration {
+    BACKDATE.min(validity / 4)
 }
 
 fn random_serial() -> SerialNumber {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use tunnel_proto::api::{JoinRequest, JoinResponse, Role};
+use tunnel_proto::wire::NodeCertificates;
 
 use burrow_daemon::unix_now;
 
@@ -92,18 +93,7 @@ impl Auth {
     /// Handles `POST /v1/webapi/host/join`.
     pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse, AuthError> {
         validate_node_name(&req.node_name)?;
-        let ssh_key = PublicKey::from_openssh(req.ssh_public_key.trim()).map_err(|_| {
-            AuthError::BadRequest("ssh_public_key is not an OpenSSH public key".into())
-        })?;
-        if !matches!(
-            ssh_key.algorithm(),
-            Algorithm::Ed25519 | Algorithm::Ecdsa { .. }
-        ) {
-            return Err(AuthError::BadRequest(format!(
-                "ssh_public_key of type {} is not accepted: use ed25519 or ECDSA",
-                ssh_key.algorithm()
-            )));
-        }
+        let ssh_key = node_ssh_key(&req.ssh_public_key)?;
         if req.role != Role::Node {
             return Err(TokenError::RoleNotAllowed {
                 requested: req.role.as_str().into(),
@@ -122,6 +112,34 @@ impl Auth {
             let _ = self.release_name(&req.node_name, &host_id).await;
         }
         issued
+    }
+
+    /// New certificates for a node that asked over its tunnel: its TLS certificate again for the
+    /// key of the one it authenticated with (`spki_der`), and its SSH host key's certificate.
+    /// `host_id` and `node_name` are from that certificate. A removed node gets nothing.
+    pub async fn renew_node(
+        &self,
+        spki_der: &[u8],
+        ssh_public_key: &str,
+        host_id: &str,
+        node_name: &str,
+    ) -> Result<NodeCertificates, AuthError> {
+        let ssh_key = node_ssh_key(ssh_public_key)?;
+        if self.backend.get(&state::node(host_id)).await?.is_none() {
+            return Err(AuthError::BadRequest(
+                "this node was removed from the cluster".into(),
+            ));
+        }
+        let tls_cert = self
+            .authorities
+            .sign_node_key(spki_der, host_id, node_name)?;
+        let ssh_cert = self
+            .authorities
+            .sign_host_ssh(&ssh_key, host_id, node_name)?
+            .to_openssh()
+            .map_err(ca::CaError::from)?;
+        tracing::info!(%host_id, node = %node_name, valid_for = ?self.authorities.node_validity(), "renewed a node's certificates");
+        Ok(NodeCertificates { tls_cert, ssh_cert })
     }
 
     /// Signs the node's certificates and records it, once its name is claimed.
@@ -170,6 +188,22 @@ impl Auth {
             labels: grant.labels,
         })
     }
+}
+
+/// A node's SSH host key, as a join or a renewal sends it: ed25519 or ECDSA only.
+fn node_ssh_key(text: &str) -> Result<PublicKey, AuthError> {
+    let key = PublicKey::from_openssh(text.trim())
+        .map_err(|_| AuthError::BadRequest("ssh_public_key is not an OpenSSH public key".into()))?;
+    if !matches!(
+        key.algorithm(),
+        Algorithm::Ed25519 | Algorithm::Ecdsa { .. }
+    ) {
+        return Err(AuthError::BadRequest(format!(
+            "ssh_public_key of type {} is not accepted: use ed25519 or ECDSA",
+            key.algorithm()
+        )));
+    }
+    Ok(key)
 }
 
 impl Auth {

@@ -68,6 +68,10 @@ pub struct StartArgs {
     /// The host:port agents and users reach this proxy at (often a load balancer); used in join commands.
     #[arg(long, value_name = "HOST:PORT")]
     pub public_addr: Option<String>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over plain HTTP on this address (e.g.
+    /// 127.0.0.1:3081), or "off" [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    pub diag_listen: Option<String>,
     /// A static join token, ROLES:VALUE (e.g. node:s3cret); VALUE may be an absolute path to a
     /// file with one token per line. Static tokens never expire. Repeatable; replaces the config's list.
     #[arg(long = "static-token", value_name = "ROLES:VALUE_OR_ABS_PATH")]
@@ -103,6 +107,8 @@ pub struct FileConfig {
     pub tunnel_listen: Option<String>,
     pub ssh_listen: Option<String>,
     pub public_addr: Option<String>,
+    pub diag_listen: Option<String>,
+    pub node_cert_ttl: Option<String>,
     pub https_cert_file: Option<PathBuf>,
     pub https_key_file: Option<PathBuf>,
     #[serde(default)]
@@ -153,10 +159,14 @@ pub struct ProxyConfig {
     /// `None`: no SSH service.
     pub ssh_listen: Option<SocketAddr>,
     pub public_addr: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served; `None`: off.
+    pub diag_listen: Option<SocketAddr>,
     pub https_files: Option<(PathBuf, PathBuf)>,
     pub static_tokens: Vec<StaticToken>,
     pub storage: Storage,
     pub limits: Limits,
+    /// How long node certificates live (`node_cert_ttl`).
+    pub node_cert_ttl: std::time::Duration,
     pub debug: bool,
 }
 
@@ -204,6 +214,7 @@ impl ProxyConfig {
                 ))
             })?)
         };
+        let diag_listen = burrow_daemon::diag::parse_listen(args.diag_listen.or(file.diag_listen))?;
         let public_addr = args.public_addr.or(file.public_addr);
         if let Some(addr) = &public_addr
             && burrow_net::web::split_host(addr).is_none()
@@ -341,13 +352,30 @@ impl ProxyConfig {
             tunnel_listen,
             ssh_listen,
             public_addr,
+            diag_listen,
             https_files,
             static_tokens,
             storage,
             limits: Limits::merge(file.limits)?,
+            node_cert_ttl: parse_node_cert_ttl(file.node_cert_ttl.as_deref())?,
             debug: args.debug || file.debug,
         })
     }
+}
+
+/// `node_cert_ttl`: 10 s to 10 years (the CA's own lifetime), 90 days if unset.
+fn parse_node_cert_ttl(text: Option<&str>) -> Result<std::time::Duration, ConfigError> {
+    use std::time::Duration;
+    let Some(text) = text else {
+        return Ok(crate::auth::ca::DEFAULT_NODE_VALIDITY);
+    };
+    let fail =
+        |why: &dyn std::fmt::Display| ConfigError::new(format!("node_cert_ttl {text:?}: {why}"));
+    let ttl = humantime::parse_duration(text.trim()).map_err(|e| fail(&e))?;
+    if !(Duration::from_secs(10)..=Duration::from_secs(10 * 365 * 24 * 3600)).contains(&ttl) {
+        return Err(fail(&"expected 10s to 10 years"));
+    }
+    Ok(ttl)
 }
 
 /// Whether an etcd URL is plain http to a host other than loopback.

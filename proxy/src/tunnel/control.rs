@@ -66,6 +66,29 @@ impl TunnelError {
     fn refused(code: Refusal, reason: String) -> Self {
         TunnelError::Refused { code, reason }
     }
+
+    /// The metrics' label for a tunnel refused before admission with this error.
+    pub fn refusal_label(&self) -> &'static str {
+        match self {
+            TunnelError::Identity(_) | TunnelError::BadCertificate(_) => "bad_identity",
+            TunnelError::Refused { code, .. } => match code {
+                Refusal::Revoked => "revoked",
+                Refusal::Overloaded => "over_limit",
+                Refusal::ShuttingDown => "shutting_down",
+                Refusal::UnsupportedVersion => "unsupported_version",
+                Refusal::Protocol | Refusal::Unknown => "bad_hello",
+            },
+            _ => "bad_hello",
+        }
+    }
+
+    /// The metrics' label for an admitted tunnel that ended with this error.
+    pub fn disconnect_label(&self) -> &'static str {
+        match self {
+            TunnelError::Flood | TunnelError::UnwantedStreams => "flood",
+            _ => "protocol_error",
+        }
+    }
 }
 
 /// What the proxy knows about a node when its hello arrives.
@@ -129,7 +152,19 @@ pub enum Action {
     Audit(AuditEvent),
     /// The node said goodbye: end the tunnel cleanly.
     Close,
+    /// Sign the node's certificates again, for this SSH host key (and the tunnel's TLS key).
+    Renew {
+        ssh_public_key: String,
+    },
 }
+
+/// An OpenSSH public key line is a few hundred bytes; anything longer is not one.
+fn short_key(key: String) -> String {
+    if key.len() > 4096 { String::new() } else { key }
+}
+
+/// The least time between two renewals one tunnel may ask for: each costs two signatures.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 /// An open control session on the proxy's side.
 pub struct ProxyControl {
@@ -138,6 +173,7 @@ pub struct ProxyControl {
     last_written: Instant,
     /// The node said something the presence record does not show yet.
     dirty: bool,
+    last_renewal: Option<Instant>,
 }
 
 impl ProxyControl {
@@ -148,7 +184,13 @@ impl ProxyControl {
             budget: NodeBudget::new(now),
             last_written: now,
             dirty: false,
+            last_renewal: None,
         }
+    }
+
+    /// The node's name, from its certificate.
+    pub fn node_name(&self) -> &str {
+        &self.presence.node_name
     }
 
     /// The presence record to write, stamped `last_seen` (Unix seconds).
@@ -205,6 +247,24 @@ impl ProxyControl {
                     return Ok(Action::Nothing);
                 }
                 Ok(nodelimits::sanitize_audit(event).map_or(Action::Nothing, Action::Audit))
+            }
+            Message::Renew { ssh_public_key } => {
+                if self
+                    .last_renewal
+                    .is_some_and(|last| now.duration_since(last) < RENEW_EVERY)
+                {
+                    return Ok(Action::Send(Message::Renewed {
+                        certificates: None,
+                        error: Some(format!(
+                            "renewals come at most every {}s",
+                            RENEW_EVERY.as_secs()
+                        )),
+                    }));
+                }
+                self.last_renewal = Some(now);
+                Ok(Action::Renew {
+                    ssh_public_key: short_key(ssh_public_key),
+                })
             }
             other => Err(TunnelError::Unexpected(other.kind())),
         }
@@ -481,5 +541,41 @@ mod tests {
             panic!()
         };
         assert_eq!(after_ms, 1000);
+    }
+
+    #[test]
+    fn renewals_are_asked_of_the_proxy_at_most_every_five_seconds_per_tunnel() {
+        let start = Instant::now();
+        let mut c = ProxyControl::new(presence(), start);
+        let renew = || Message::Renew {
+            ssh_public_key: "ssh-ed25519 AAAA".into(),
+        };
+        let asked = Action::Renew {
+            ssh_public_key: "ssh-ed25519 AAAA".into(),
+        };
+        assert_eq!(c.handle_message(start, renew()).unwrap(), asked);
+        match c
+            .handle_message(start + Duration::from_secs(4), renew())
+            .unwrap()
+        {
+            Action::Send(Message::Renewed {
+                certificates: None,
+                error: Some(why),
+            }) => assert!(why.contains("at most every 5s"), "{why}"),
+            other => panic!("a second renewal within 5 s: {other:?}"),
+        }
+        let later = start + RENEW_EVERY + Duration::from_secs(1);
+        assert_eq!(c.handle_message(later, renew()).unwrap(), asked);
+        // Nothing a node sends as its key costs more than a bounded string.
+        let huge = Message::Renew {
+            ssh_public_key: "A".repeat(10_000),
+        };
+        let later = later + RENEW_EVERY + Duration::from_secs(1);
+        assert_eq!(
+            c.handle_message(later, huge).unwrap(),
+            Action::Renew {
+                ssh_public_key: String::new()
+            }
+        );
     }
 }

@@ -38,6 +38,7 @@ pub async fn serve_quic(
         let remote: SocketAddr = incoming.remote_address();
         let Some(place) = handshakes.enter(remote.ip()) else {
             tracing::debug!(peer = %remote, "QUIC handshake refused: too many in progress");
+            server.metrics.rate_limited("handshakes");
             incoming.refuse();
             continue;
         };
@@ -69,6 +70,7 @@ pub async fn serve_tcp(
     while let Some((tcp, remote)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(place) = handshakes.enter(remote.ip()) else {
             tracing::debug!(peer = %remote, "tunnel connection dropped: too many handshakes from this source");
+            server.metrics.rate_limited("handshakes");
             continue;
         };
         let acceptor = acceptor.clone();

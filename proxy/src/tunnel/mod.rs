@@ -15,11 +15,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::api::Presence;
-use tunnel_proto::wire::{DialRequest, Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome};
+use tunnel_proto::wire::{Message, PROTOCOL_VERSION, ProxyEntry, Refusal, Welcome};
 
 use burrow_daemon::unix_now;
 
 use crate::backend::{Backend, BackendError, Event};
+use crate::metrics::Metrics;
 use crate::nodelimits::short;
 use crate::state::{self, PROXIES as PROXIES_PREFIX, REVOKED as REVOKED_PREFIX};
 
@@ -27,6 +28,7 @@ mod control;
 mod identity;
 mod listen;
 mod nudge;
+mod renew;
 mod route;
 mod table;
 
@@ -95,6 +97,9 @@ pub struct TunnelServer {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     audit: crate::audit::AuditLog,
+    /// Signs node certificates again when agents ask ([`Message::Renew`]).
+    auth: Arc<crate::auth::Auth>,
+    metrics: Arc<Metrics>,
 }
 
 impl TunnelServer {
@@ -104,6 +109,8 @@ impl TunnelServer {
         cluster_name: String,
         backend: Arc<dyn Backend>,
         audit_dir: std::path::PathBuf,
+        auth: Arc<crate::auth::Auth>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackendError> {
         let pushed = watch::Sender::new(Pushed {
@@ -124,6 +131,8 @@ impl TunnelServer {
             tasks: TaskTracker::new(),
             shutdown,
             audit: crate::audit::AuditLog::new(audit_dir),
+            auth,
+            metrics,
         });
         for (prefix, apply) in [
             (PROXIES_PREFIX, Self::set_proxies as Apply),
@@ -228,68 +237,6 @@ impl TunnelServer {
         }
     }
 
-    /// Opens a dial stream to `target` (a node name or host id) for `port`. Returns the stream and
-    /// any bytes the node sent right after accepting (its SSH banner, say).
-    pub async fn dial(
-        &self,
-        target: &str,
-        port: u16,
-        client_addr: &str,
-    ) -> Result<(TunnelStream, bytes::BytesMut), DialError> {
-        // `NODE.CLUSTER` (what a generated ssh_config dials) is NODE, unless a node is called that.
-        let bare = target
-            .strip_suffix(self.cluster_name.as_str())
-            .and_then(|t| t.strip_suffix('.'))
-            .filter(|t| !t.is_empty());
-        let session = match self.find(target)? {
-            Some(session) => Some(session),
-            None => match bare {
-                Some(bare) => self.find(bare)?,
-                None => None,
-            },
-        };
-        let Some(session) = session else {
-            return Err(match self.offline(target).await {
-                Some(e) => e,
-                None => match bare {
-                    Some(bare) => self
-                        .offline(bare)
-                        .await
-                        .unwrap_or_else(|| DialError::Unknown(target.to_string())),
-                    None => DialError::Unknown(target.to_string()),
-                },
-            });
-        };
-        let stream = session
-            .open()
-            .await
-            .map_err(|e| DialError::Failed(format!("cannot open a stream to {target}: {e}")))?;
-        let mut framed = Framed::new(stream);
-        let exchange = async {
-            framed
-                .write(&Message::Dial(DialRequest {
-                    port,
-                    client_addr: client_addr.to_string(),
-                }))
-                .await?;
-            framed.read().await
-        };
-        match tokio::time::timeout(HELLO_TIMEOUT, exchange).await {
-            Ok(Ok(Some(Message::DialResult { error: None }))) => Ok(framed.into_parts()),
-            Ok(Ok(Some(Message::DialResult { error: Some(e) }))) => {
-                Err(DialError::Refused(short(&e)))
-            }
-            Ok(Ok(other)) => Err(DialError::Failed(format!(
-                "unexpected answer to dial: {}",
-                other.map_or("end of stream", |m| m.kind())
-            ))),
-            Ok(Err(e)) => Err(DialError::Failed(e.to_string())),
-            Err(_) => Err(DialError::Failed(format!(
-                "{target} did not answer the dial"
-            ))),
-        }
-    }
-
     /// Takes a new tunnel; returns at once, the tunnel runs in its own task.
     pub fn accept(self: &Arc<Self>, session: Session) {
         let server = self.clone();
@@ -302,6 +249,11 @@ impl TunnelServer {
             }
             server.churn.fetch_add(1, Ordering::Relaxed);
         });
+    }
+
+    /// The proxy's metrics, which the web port and the SSH jump host count into too.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Tunnels taken plus tunnels ended since the start: it stands still while none come or go.
@@ -320,11 +272,22 @@ impl TunnelServer {
             mut pushed,
             mut machine,
             mut seen,
-        } = Box::pin(self.admit(&session)).await?;
+        } = match Box::pin(self.admit(&session)).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                self.metrics.tunnel_refused(e.refusal_label());
+                return Err(e);
+            }
+        };
         let result = self
             .serve_control(&session, &mut control, &mut pushed, &mut machine, &mut seen)
             .await;
-        if !self.forget(id) {
+        let reason = match &result {
+            Ok(()) if self.shutdown.is_cancelled() => "shutdown",
+            Ok(()) => "closed",
+            Err(e) => e.disconnect_label(),
+        };
+        if !self.forget(id, reason) {
             let _ = self
                 .backend
                 .delete(&state::presence(&host_id, &self.proxy_id))
@@ -378,6 +341,8 @@ impl TunnelServer {
                 };
                 tunnels.insert(id, entry);
                 self.set_return_window(tunnels.len());
+                self.metrics
+                    .tunnel_up(session.transport().as_str(), tunnels.nodes());
             }
             admitted
         };
@@ -410,10 +375,11 @@ impl TunnelServer {
                 proxies,
                 return_window_ms: Some(return_window.as_millis() as u64),
                 nudge_token: nudge.clone(),
+                renewal: true,
             }))
             .await;
         if let Err(e) = welcomed {
-            self.forget(id);
+            self.forget(id, "closed");
             return Err(e.into());
         }
 
@@ -448,13 +414,16 @@ impl TunnelServer {
         })
     }
 
-    /// Drops tunnel `id` from the table; returns whether its node still holds another one.
-    fn forget(&self, id: u64) -> bool {
+    /// Drops tunnel `id` from the table (it ended for `reason`, a metrics label); returns whether
+    /// its node still holds another one.
+    fn forget(&self, id: u64, reason: &'static str) -> bool {
         let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let Some(gone) = tunnels.remove(id) else {
             return false;
         };
         self.set_return_window(tunnels.len());
+        self.metrics
+            .tunnel_down(gone.session.transport().as_str(), reason, tunnels.nodes());
         tunnels.held(&gone.host_id) > 0
     }
 
@@ -524,6 +493,11 @@ impl TunnelServer {
                 }
                 Action::Audit(event) => self.audit.append(&event, machine.host_id()),
                 Action::Close => return Ok(()),
+                Action::Renew { ssh_public_key } => {
+                    let (host_id, name) = (machine.host_id(), machine.node_name());
+                    let reply = self.renewal(session, host_id, name, &ssh_public_key).await;
+                    control.write(&reply).await?
+                }
             }
         }
     }

@@ -1,15 +1,94 @@
-//! Which tunnel a user's dial takes: a node by host id or name (bare or `NODE.CLUSTER`), and
-//! why a node cannot be reached when it has no tunnel here.
+//! A user's dial: which tunnel it takes (a node by host id or name, bare or `NODE.CLUSTER`), the
+//! dial exchange on a new stream, and why a node cannot be reached when it has no tunnel here.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use burrow_tunnel::Session;
+use burrow_tunnel::{Framed, Session, TunnelStream};
 use tunnel_proto::api::Presence;
+use tunnel_proto::wire::{DialRequest, Message};
 
-use super::TunnelServer;
+use super::{HELLO_TIMEOUT, TunnelServer};
+use crate::nodelimits::short;
 use crate::state;
 
 impl TunnelServer {
+    /// Opens a dial stream to `target` (a node name or host id) for `port`. Returns the stream and
+    /// any bytes the node sent right after accepting (its SSH banner, say).
+    pub async fn dial(
+        &self,
+        target: &str,
+        port: u16,
+        client_addr: &str,
+    ) -> Result<(TunnelStream, bytes::BytesMut), DialError> {
+        let start = Instant::now();
+        let result = self.dial_node(target, port, client_addr).await;
+        match &result {
+            Ok(_) => self.metrics.dial("ok", Some(start.elapsed())),
+            Err(e) => self.metrics.dial(e.label(), None),
+        }
+        result
+    }
+
+    async fn dial_node(
+        &self,
+        target: &str,
+        port: u16,
+        client_addr: &str,
+    ) -> Result<(TunnelStream, bytes::BytesMut), DialError> {
+        // `NODE.CLUSTER` (what a generated ssh_config dials) is NODE, unless a node is called that.
+        let bare = target
+            .strip_suffix(self.cluster_name.as_str())
+            .and_then(|t| t.strip_suffix('.'))
+            .filter(|t| !t.is_empty());
+        let session = match self.find(target)? {
+            Some(session) => Some(session),
+            None => match bare {
+                Some(bare) => self.find(bare)?,
+                None => None,
+            },
+        };
+        let Some(session) = session else {
+            return Err(match self.offline(target).await {
+                Some(e) => e,
+                None => match bare {
+                    Some(bare) => self
+                        .offline(bare)
+                        .await
+                        .unwrap_or_else(|| DialError::Unknown(target.to_string())),
+                    None => DialError::Unknown(target.to_string()),
+                },
+            });
+        };
+        let stream = session
+            .open()
+            .await
+            .map_err(|e| DialError::Failed(format!("cannot open a stream to {target}: {e}")))?;
+        let mut framed = Framed::new(stream);
+        let exchange = async {
+            framed
+                .write(&Message::Dial(DialRequest {
+                    port,
+                    client_addr: client_addr.to_string(),
+                }))
+                .await?;
+            framed.read().await
+        };
+        match tokio::time::timeout(HELLO_TIMEOUT, exchange).await {
+            Ok(Ok(Some(Message::DialResult { error: None }))) => Ok(framed.into_parts()),
+            Ok(Ok(Some(Message::DialResult { error: Some(e) }))) => {
+                Err(DialError::Refused(short(&e)))
+            }
+            Ok(Ok(other)) => Err(DialError::Failed(format!(
+                "unexpected answer to dial: {}",
+                other.map_or("end of stream", |m| m.kind())
+            ))),
+            Ok(Err(e)) => Err(DialError::Failed(e.to_string())),
+            Err(_) => Err(DialError::Failed(format!(
+                "{target} did not answer the dial"
+            ))),
+        }
+    }
+
     /// The newest tunnel of the one node whose host id or name is `target`.
     pub(super) fn find(&self, target: &str) -> Result<Option<Session>, DialError> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
@@ -69,4 +148,18 @@ pub enum DialError {
     Refused(String),
     #[error("{0}")]
     Failed(String),
+}
+
+impl DialError {
+    /// The metrics' label for a dial that failed so.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DialError::Unknown(_) => "unknown_node",
+            DialError::Offline { .. } => "offline",
+            DialError::NotHere(_) => "not_here",
+            DialError::Ambiguous { .. } => "ambiguous",
+            DialError::Refused(_) => "refused",
+            DialError::Failed(_) => "failed",
+        }
+    }
 }

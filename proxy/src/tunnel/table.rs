@@ -38,6 +38,11 @@ impl<S: Clone> Table<S> {
     }
 
     /// How many tunnels `host_id` holds here.
+    /// How many nodes hold at least one tunnel.
+    pub fn nodes(&self) -> usize {
+        self.by_host.len()
+    }
+
     pub fn held(&self, host_id: &str) -> usize {
         self.by_host.get(host_id).map_or(0, Vec::len)
     }

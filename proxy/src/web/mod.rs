@@ -92,6 +92,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::NODES_PATH, get(nodes_list))
         .route(api::AUTH_SIGN_PATH, post(auth_sign))
         .route(api::AUTH_EXPORT_PATH, get(auth_export))
+        .route(api::AUTH_RENEW_ADMIN_PATH, post(auth_renew_admin))
         .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
         .fallback(|| async {
@@ -117,6 +118,7 @@ pub async fn serve(
     while let Some((tcp, addr)) = burrow_daemon::accept(&listener, &shutdown).await {
         let Some(place) = gate.enter(addr.ip()) else {
             tracing::debug!(peer = %addr, "web connection dropped: too many from this source");
+            tunnels.metrics().rate_limited("web_connections");
             continue;
         };
         let connection = Connection {
@@ -251,6 +253,9 @@ async fn join(
     let ip = peer.addr.ip();
     if !state.limiter.allowed(ip, Instant::now()) {
         tracing::warn!(peer = %peer.addr, "join refused: too many failed attempts from this address");
+        let metrics = state.tunnels.metrics();
+        metrics.rate_limited("join");
+        metrics.join("rate_limited");
         return Err(ApiFailure::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -269,6 +274,10 @@ async fn join(
         Ok::<_, ApiFailure>(state.auth.join(req).await?)
     }
     .await;
+    state
+        .tunnels
+        .metrics()
+        .join(result.as_ref().map_or_else(|f| f.code, |_| "ok"));
     match result {
         Ok(resp) => Ok(Json(resp)),
         Err(failure) => {
@@ -400,22 +409,43 @@ async fn auth_export(
 ) -> Result<Json<api::ExportResponse>, ApiFailure> {
     let a = &state.auth.authorities;
     let key = match q.kind.as_str() {
-        "host" => a.host_ssh_public(),
+        "host" | "krl" => a.host_ssh_public(),
         "user" => a.user_ssh_public(),
         other => {
             return Err(ApiFailure::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                format!("unknown CA type {other:?}: expected host or user"),
+                format!("unknown export type {other:?}: expected host, user or krl"),
             ));
         }
     }
     .map_err(internal)?;
+    let revoked_key_ids = if q.kind == "krl" {
+        crate::inventory::revoked_host_ids(state.backend.as_ref())
+            .await
+            .map_err(backend_failure)?
+            .iter()
+            .map(|id| api::host_cert_key_id(id))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Json(api::ExportResponse {
         kind: q.kind,
         keys: vec![key],
         cluster_name: a.cluster_name.clone(),
+        revoked_key_ids,
     }))
+}
+
+/// A new admin identity for the admin who asks (with the current one).
+async fn auth_renew_admin(
+    State(state): State<Arc<WebState>>,
+    _: Admin,
+) -> Result<Json<api::AdminIdentity>, ApiFailure> {
+    let identity = crate::admin_identity(&state.auth.authorities).map_err(internal)?;
+    tracing::info!("issued a renewed admin identity");
+    Ok(Json(api::AdminIdentity { identity }))
 }
 
 async fn nodes_list(
