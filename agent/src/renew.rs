@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use russh::keys::ssh_key::Certificate;
-use tunnel_proto::wire::{Message, NodeCertificates};
+use tunnel_proto::wire::{Message, NodeCertificates, Trust};
 
 use crate::identity::Identity;
 use crate::ssh::SshContext;
@@ -124,6 +124,59 @@ impl Renewer {
             s.due = retry_at(now, s.not_after);
             tracing::warn!(%why, retry_in = ?Duration::from_secs(s.due - now), "cannot renew the node's certificates");
         }
+    }
+
+    /// The CAs the proxy says to trust from now on (a CA rotation moved): stored in the identity
+    /// and used for the next tunnels and SSH logins. With `renew_now`, the node's certificates
+    /// are from a CA that no longer signs: renewed at once.
+    pub fn trust(&self, now: u64, trust: Trust) {
+        let renew_now = trust.renew_now;
+        if let Err(why) = self.apply_trust(trust) {
+            tracing::warn!(%why, "cannot take the cluster's new CAs");
+            return;
+        }
+        let mut s = self.lock();
+        if renew_now && s.asked.is_none() && s.due > now {
+            tracing::info!(
+                "the node's certificates are from a CA that no longer signs: renewing them now"
+            );
+            s.due = now;
+        }
+    }
+
+    fn apply_trust(&self, trust: Trust) -> Result<(), String> {
+        let mut next = self.lock().identity.clone();
+        if (&next.host_ca_certs, &next.host_ca_ssh, &next.user_ca_ssh)
+            == (&trust.host_ca_certs, &trust.host_ca_ssh, &trust.user_ca_ssh)
+        {
+            return Ok(());
+        }
+        if trust.host_ca_ssh.is_empty() || trust.user_ca_ssh.is_empty() {
+            return Err("the proxy sent an empty list of SSH CAs".into());
+        }
+        let user_cas = trust
+            .user_ca_ssh
+            .iter()
+            .map(|k| russh::keys::ssh_key::PublicKey::from_openssh(k.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("a user CA key does not parse: {e}"))?;
+        next.host_ca_certs = trust.host_ca_certs;
+        next.host_ca_ssh = trust.host_ca_ssh;
+        next.user_ca_ssh = trust.user_ca_ssh;
+        next.check()?;
+        let cas = crate::host_cas(&next).map_err(|e| e.to_string())?;
+        let tls = crate::tunnel_tls(&next, &cas, self.public_roots).map_err(|e| e.to_string())?;
+        next.save(&self.data_dir).map_err(|e| e.to_string())?;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tls);
+        self.ssh.set_user_cas(user_cas);
+        let pins: Vec<String> = cas
+            .iter()
+            .filter_map(|der| tunnel_proto::pin::CaPin::of_certificate(der).ok())
+            .map(|p| p.to_string())
+            .collect();
+        self.lock().identity = next;
+        tracing::info!(host_ca_pins = ?pins, "the cluster's CAs changed; trusting them from now on");
+        Ok(())
     }
 
     /// Checks new certificates, stores them and uses them from now on.

@@ -104,6 +104,20 @@ pub enum AuthCommand {
         #[arg(long = "type", value_name = "host|user|krl")]
         kind: String,
     },
+    /// Replace a CA without downtime, in phases: init (a new CA, trusted beside the old),
+    /// update_clients (the new CA signs; nodes renew over their tunnels), update_servers (proxies
+    /// take certificates from it), standby (the old CA retired). rollback, before standby, makes
+    /// the old CA sign again. Without --phase: all of them, automatically, over --grace-period.
+    Rotate {
+        #[arg(long = "type", value_name = "host|user", value_parser = ["host", "user"])]
+        kind: String,
+        /// The phase to move to.
+        #[arg(long, value_parser = ["init", "update_clients", "update_servers", "standby", "rollback"])]
+        phase: Option<String>,
+        /// How long an automatic rotation takes (each of its three steps a third of it).
+        #[arg(long, value_name = "DURATION", conflicts_with = "phase", default_value = None)]
+        grace_period: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

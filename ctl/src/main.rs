@@ -23,6 +23,7 @@ use crate::output::{labels_text, print_json, print_table, rfc3339};
 use crate::query::Query;
 
 mod cli;
+mod cluster;
 mod krl;
 mod nodes;
 mod openssh;
@@ -140,7 +141,7 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
     let admin = Admin::connect(cli)?;
     match &cli.command {
         Command::Version => unreachable!("handled before connecting"),
-        Command::Status => status(&admin, cli.format).await,
+        Command::Status => cluster::status(&admin, cli.format).await,
         Command::Tokens(TokensCommand::Add {
             roles,
             ttl,
@@ -180,7 +181,18 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             let ttl = parse_ttl(ttl)?;
             auth_sign(&admin, cli.format, user, logins, ttl, permissions, out).await
         }
-        Command::Auth(AuthCommand::Renew) => renew_identity(&admin, cli.format).await,
+        Command::Auth(AuthCommand::Renew) => cluster::renew_identity(&admin, cli.format).await,
+        Command::Auth(AuthCommand::Rotate {
+            kind,
+            phase,
+            grace_period,
+        }) => {
+            let grace = grace_period
+                .as_deref()
+                .map(cluster::parse_grace)
+                .transpose()?;
+            cluster::rotate(&admin, cli.format, kind, phase.as_deref(), grace).await
+        }
         Command::Auth(AuthCommand::Export { kind }) if kind == "krl" => {
             let export: api::ExportResponse = admin
                 .client
@@ -290,35 +302,6 @@ fn parse_ttl(text: &str) -> Result<Duration, Failure> {
         return Err(usage("--ttl must be at least 1s"));
     }
     Ok(ttl)
-}
-
-async fn status(admin: &Admin, format: Format) -> Result<(), Failure> {
-    let s: StatusResponse = admin.client.get(api::STATUS_PATH).await?;
-    match format {
-        Format::Json => print_json(&json!({
-            "cluster_name": s.cluster_name,
-            "version": s.version,
-            "ca_pin": s.ca_pins.first(),
-            "ca_pins": s.ca_pins,
-            "public_addr": s.public_addr,
-            "admin_identity_expires": admin.expires,
-        })),
-        Format::Text | Format::Ansible => {
-            println!("Cluster:  {}", s.cluster_name);
-            println!("Version:  {}", s.version);
-            for pin in &s.ca_pins {
-                println!("CA pin:   {pin}");
-            }
-            if let Some(to) = admin.expires {
-                let days = to.saturating_sub(burrow_daemon::unix_now()) / 86_400;
-                println!(
-                    "Admin identity: valid until {} ({days} days left; `burrowctl auth renew` replaces it)",
-                    rfc3339(to)
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn tokens_add(
@@ -601,33 +584,4 @@ fn export_krl(format: Format, export: api::ExportResponse) -> Result<(), Failure
             code: 1,
             message: format!("cannot write the KRL: {e}"),
         })
-}
-
-/// `auth renew`: a new admin identity from the proxy, written over the one in use.
-async fn renew_identity(admin: &Admin, format: Format) -> Result<(), Failure> {
-    let renewed: api::AdminIdentity = admin
-        .client
-        .post(api::AUTH_RENEW_ADMIN_PATH, &json!({}))
-        .await?;
-    let text = renewed.identity.expose();
-    let expires = tls::validity(text)
-        .map(|(_, to)| to)
-        .ok_or_else(|| Failure {
-            code: 1,
-            message: "the proxy sent an admin identity whose certificate does not parse".into(),
-        })?;
-    let path = &admin.identity_path;
-    burrow_daemon::fsutil::write_private_atomic(path, text.as_bytes()).map_err(|e| Failure {
-        code: 1,
-        message: format!("cannot write {}: {e}", path.display()),
-    })?;
-    match format {
-        Format::Json => print_json(&json!({ "path": path, "expires": expires })),
-        Format::Text | Format::Ansible => println!(
-            "Renewed the admin identity {}: valid until {}",
-            path.display(),
-            rfc3339(expires)
-        ),
-    }
-    Ok(())
 }

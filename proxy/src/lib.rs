@@ -3,7 +3,8 @@
 //! What lives here:
 //! - [`config`]: flags, YAML and defaults, merged into a validated [`config::ProxyConfig`].
 //! - [`backend`]: the [`backend::Backend`] trait for cluster state; redb and etcd.
-//! - [`auth`]: the certificate authorities, join tokens and node joins.
+//! - [`auth`]: the certificate authorities, their rotation, join tokens and node joins.
+//! - [`certs`]: the proxy's own certificates and client roots, kept current while it runs.
 //! - [`registry`]: the proxy's registration under a lease, and its readiness.
 //! - [`state`]: every backend key and the node record, in one place.
 //! - [`tunnel`]: the tunnel server: authentication, the tunnel table, presence, the proxy list
@@ -20,6 +21,7 @@
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod certs;
 pub mod config;
 pub mod heap;
 pub mod inventory;
@@ -38,14 +40,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use burrow_daemon::fsutil::{ensure_private_dir, write_private_atomic};
-use burrow_net::tls::{self, ALPN_HTTP1};
-use rustls::ServerConfig;
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::wire::ALPN_TUNNEL;
 
-use crate::auth::ca::{Authorities, new_host_id};
+use crate::auth::ca::new_host_id;
 use crate::auth::{Auth, AuthError};
 use crate::backend::{Backend, EtcdBackend, RedbBackend};
 use crate::config::{ProxyConfig, Storage};
@@ -79,18 +78,24 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     let Some(mut auth) = bootstrap(&config, backend.clone(), &shutdown).await? else {
         return Ok(());
     };
-    auth.authorities.set_node_validity(config.node_cert_ttl);
+    auth.set_node_validity(config.node_cert_ttl)?;
     let auth = Arc::new(auth);
+    let authorities = auth.authorities();
     tracing::info!(
-        cluster = %auth.authorities.cluster_name,
-        ca_pin = %auth.authorities.pin,
+        cluster = %authorities.cluster_name,
+        ca_pin = %authorities.pin,
         version = tunnel_proto::VERSION,
         %proxy_id,
         "cluster loaded"
     );
-    write_admin_identity(&config.data_dir, &auth.authorities)?;
+    certs::write_admin_identity(&config.data_dir, &authorities)?;
 
-    let tls = web_tls_config(&config, &auth.authorities)?;
+    let proxy_certs = certs::ProxyCerts::new(&authorities, cert_names(&config))?;
+    let public_cert = match &config.https_files {
+        Some((cert_file, key_file)) => Some(certs::public_cert(cert_file, key_file)?),
+        None => None,
+    };
+    let tls = proxy_certs.web_config(public_cert)?;
     let listener = TcpListener::bind(config.web_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.web_listen))?;
@@ -114,7 +119,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
 
     let tunnels = tunnel::TunnelServer::start(
         proxy_id.clone(),
-        auth.authorities.cluster_name.clone(),
+        authorities.cluster_name.clone(),
         backend.clone(),
         config.data_dir.join("audit"),
         auth.clone(),
@@ -129,9 +134,12 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
     let quic_secret = quic_secret(&config.data_dir)?;
-    let (quic, quic_socket) =
-        burrow_tunnel::quic_server_endpoint(bound, Arc::new(quic_tls_config(&tls)), &quic_secret)
-            .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
+    let (quic, quic_socket) = burrow_tunnel::quic_server_endpoint(
+        bound,
+        Arc::new(certs::quic_config(&tls)),
+        &quic_secret,
+    )
+    .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     let mut nudge_sockets = vec![quic_socket];
     tracing::info!("QUIC tunnels listening on udp {bound}");
     // QUIC handshakes in progress count as the web port's connections do (their own count).
@@ -147,7 +155,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     ));
     let mut tunnel_addrs = Vec::new();
     if let Some(addr) = config.tunnel_listen {
-        let tls = Arc::new(tunnel_tls_config(&auth.authorities, &config)?);
+        let tls = Arc::new(proxy_certs.tunnel_config()?);
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
@@ -190,6 +198,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     ));
 
     let mut ssh_public = None;
+    let mut ssh_host = None;
     if let Some(ssh_addr) = config.ssh_listen {
         let mut names = vec![
             "localhost".to_string(),
@@ -208,7 +217,13 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         }
         names.sort();
         names.dedup();
-        let (key, cert) = sshproxy::host_identity(&config.data_dir, &auth, &proxy_id, &names)?;
+        let host = Arc::new(sshproxy::HostIdentity::load(
+            &config.data_dir,
+            &authorities,
+            &proxy_id,
+            names,
+        )?);
+        ssh_host = Some(host.clone());
         let listener = TcpListener::bind(ssh_addr)
             .await
             .with_context(|| format!("cannot listen for SSH on {ssh_addr}"))?;
@@ -228,13 +243,21 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         );
         tokio::spawn(sshproxy::serve(
             listener,
-            Arc::new(burrow_sshd::server_config(key, cert)),
+            host,
             sshproxy::Gate::new(&config.limits),
             auth.clone(),
             tunnels.clone(),
             shutdown.clone(),
         ));
     }
+
+    tokio::spawn(certs::keep_current(
+        auth.clone(),
+        proxy_certs,
+        ssh_host,
+        config.data_dir.clone(),
+        shutdown.clone(),
+    ));
 
     if let Some(at) = config.diag_listen {
         let listener = burrow_daemon::diag::bind(at).await?;
@@ -352,84 +375,20 @@ fn quic_secret(data_dir: &Path) -> anyhow::Result<[u8; burrow_tunnel::QUIC_SECRE
     Ok(secret)
 }
 
-/// Writes the admin identity unless a valid one is already there. The file holds the admin
-/// certificate, its key, and the host CA certificate that `burrowctl` trusts the proxy with.
-fn write_admin_identity(data_dir: &Path, authorities: &Authorities) -> anyhow::Result<()> {
-    let path = data_dir.join(ADMIN_IDENTITY_FILE);
-    // Kept while it is from this cluster's CA and has more than a third of its life left.
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && text.contains(&authorities.host_tls_cert_pem)
-        && tls::validity(&text).is_some_and(|(from, to)| {
-            burrow_daemon::unix_now() < to.saturating_sub(to.saturating_sub(from) / 3)
-        })
+/// The names the proxy's cluster certificate is valid for, besides the cluster's own: the public
+/// host, the web port's address when it is a specific one, and 127.0.0.1.
+fn cert_names(config: &ProxyConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(public) = &config.public_addr
+        && let Some(host) = burrow_net::web::split_host(public)
     {
-        return Ok(());
+        names.push(host.to_string());
     }
-    let contents = admin_identity(authorities)?;
-    write_private_atomic(&path, contents.expose().as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "wrote the admin identity for burrowctl");
-    Ok(())
-}
-
-/// A new admin identity file: certificate, key, host CA.
-pub fn admin_identity(
-    authorities: &Authorities,
-) -> Result<tunnel_proto::secret::Secret, auth::ca::CaError> {
-    let issued = authorities.issue_admin_identity()?;
-    Ok(tunnel_proto::secret::Secret::new(format!(
-        "# Admin identity of Burrow cluster {}: certificate, key, host CA. Keep it secret.\n{}{}{}",
-        authorities.cluster_name,
-        issued.cert_pem,
-        issued.key_pem.expose(),
-        authorities.host_tls_cert_pem
-    )))
-}
-
-fn web_tls_config(config: &ProxyConfig, authorities: &Authorities) -> anyhow::Result<ServerConfig> {
-    let (chain, key) = match &config.https_files {
-        Some((cert_file, key_file)) => {
-            let cert_pem = std::fs::read_to_string(cert_file)
-                .with_context(|| format!("cannot read https_cert_file {}", cert_file.display()))?;
-            let key_pem = std::fs::read_to_string(key_file)
-                .with_context(|| format!("cannot read https_key_file {}", key_file.display()))?;
-            (
-                tls::parse_certs(&cert_pem, &cert_file.display().to_string())?,
-                tls::parse_key(&key_pem, &key_file.display().to_string())?,
-            )
-        }
-        None => {
-            let mut names = Vec::new();
-            if let Some(public) = &config.public_addr
-                && let Some(host) = burrow_net::web::split_host(public)
-            {
-                names.push(host.to_string());
-            }
-            if !config.web_listen.ip().is_unspecified() {
-                names.push(config.web_listen.ip().to_string());
-            }
-            names.push("127.0.0.1".into());
-            let issued = authorities.issue_web_cert(&names)?;
-            (
-                tls::parse_certs(&issued.cert_pem, "web certificate")?,
-                tls::parse_key(issued.key_pem.expose(), "web key")?,
-            )
-        }
-    };
-    let provider = tls::provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(authorities.host_tls_cert_der.clone().into())?;
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
-    let mut server = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(client_verifier)
-        .with_single_cert(chain, key)
-        .context("the web certificate and key do not match")?;
-    server.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_HTTP1.to_vec()];
-    Ok(server)
+    if !config.web_listen.ip().is_unspecified() {
+        names.push(config.web_listen.ip().to_string());
+    }
+    names.push("127.0.0.1".into());
+    names
 }
 
 /// Where agents should open tunnels: the dedicated listener's port (or the web port) on the
@@ -459,44 +418,6 @@ fn tunnel_addr_entries(addr: &str) -> Vec<tunnel_proto::api::TunnelAddr> {
             alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
         })
         .collect()
-}
-
-/// The dedicated tunnel listener: the cluster's own certificate (even when the web port has one
-/// from public PKI), a node certificate required, tunnels only.
-fn tunnel_tls_config(
-    authorities: &Authorities,
-    config: &ProxyConfig,
-) -> anyhow::Result<ServerConfig> {
-    let mut names = Vec::new();
-    if let Some(host) = config
-        .public_addr
-        .as_deref()
-        .and_then(burrow_net::web::split_host)
-    {
-        names.push(host.to_string());
-    }
-    let issued = authorities.issue_web_cert(&names)?;
-    let provider = tls::provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(authorities.host_tls_cert_der.clone().into())?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let mut server = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            tls::parse_certs(&issued.cert_pem, "tunnel certificate")?,
-            tls::parse_key(issued.key_pem.expose(), "tunnel key")?,
-        )?;
-    server.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-    Ok(server)
-}
-
-/// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required.
-fn quic_tls_config(web: &ServerConfig) -> ServerConfig {
-    let mut config = web.clone();
-    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-    config
 }
 
 /// The address a local client dials to reach a listener bound to `bound`.

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use burrow_daemon::fsutil::write_private_atomic;
@@ -21,8 +21,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth as ClusterAuth;
+use crate::auth::ca::Authorities;
 use crate::config::Limits;
 use crate::ratelimit::{ConnectionGate, GatePermit};
+use tunnel_proto::pin::CaPin;
 
 /// Bytes copied at a time between a user's channel and the node's dial stream.
 const COPY_BUF: usize = 64 * 1024;
@@ -30,27 +32,79 @@ use crate::tunnel::TunnelServer;
 
 const HOST_KEY_FILE: &str = "ssh-host-key";
 
-/// The proxy's SSH host key (created once in the data dir) and its host certificate for `names`.
-pub fn host_identity(
-    data_dir: &Path,
-    auth: &ClusterAuth,
-    proxy_id: &str,
-    names: &[String],
-) -> anyhow::Result<(PrivateKey, Certificate)> {
-    let path = data_dir.join(HOST_KEY_FILE);
-    let key = match std::fs::read_to_string(&path) {
-        Ok(text) => PrivateKey::from_openssh(text)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
-            write_private_atomic(&path, key.to_openssh(LineEnding::LF)?.as_bytes())?;
-            key
+/// The proxy's SSH host key (created once in the data dir) and its host certificate for the
+/// names users reach it by, issued again at two thirds of its life or when a CA rotation changes
+/// the CA it comes from ([`crate::certs::keep_current`]).
+pub struct HostIdentity {
+    key: PrivateKey,
+    proxy_id: String,
+    names: Vec<String>,
+    /// The server configuration new connections get, host certificate included.
+    config: RwLock<Arc<russh::server::Config>>,
+    /// The pin of the CA the certificate is from, and when it is due again.
+    issued: Mutex<(CaPin, u64)>,
+}
+
+impl HostIdentity {
+    pub fn load(
+        data_dir: &Path,
+        authorities: &Authorities,
+        proxy_id: &str,
+        names: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let path = data_dir.join(HOST_KEY_FILE);
+        let key = match std::fs::read_to_string(&path) {
+            Ok(text) => PrivateKey::from_openssh(text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
+                write_private_atomic(&path, key.to_openssh(LineEnding::LF)?.as_bytes())?;
+                key
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        };
+        let (config, issued) = Self::issue(&key, authorities, proxy_id, &names)?;
+        Ok(Self {
+            key,
+            proxy_id: proxy_id.to_string(),
+            names,
+            config: RwLock::new(config),
+            issued: Mutex::new(issued),
+        })
+    }
+
+    fn issue(
+        key: &PrivateKey,
+        authorities: &Authorities,
+        proxy_id: &str,
+        names: &[String],
+    ) -> anyhow::Result<(Arc<russh::server::Config>, (CaPin, u64))> {
+        let cert = authorities.sign_proxy_ssh(key.public_key(), proxy_id, names)?;
+        let (from, to) = (cert.valid_after(), cert.valid_before());
+        let due = from.saturating_add(to.saturating_sub(from) / 3 * 2);
+        let config = Arc::new(burrow_sshd::server_config(key.clone(), cert));
+        Ok((config, (*authorities.server_pin(), due)))
+    }
+
+    /// The configuration new connections get.
+    pub fn config(&self) -> Arc<russh::server::Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Issues the host certificate again if it is due or its CA changed.
+    pub fn refresh(&self, authorities: &Authorities, now: u64) -> anyhow::Result<()> {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if issued.0 == *authorities.server_pin() && now < issued.1 {
+            return Ok(());
         }
-        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-    };
-    let cert = auth
-        .authorities
-        .sign_proxy_ssh(key.public_key(), proxy_id, names)?;
-    Ok((key, cert))
+        let (config, next) = Self::issue(&self.key, authorities, &self.proxy_id, &self.names)?;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *issued = next;
+        tracing::info!("issued the SSH jump host's host certificate again");
+        Ok(())
+    }
 }
 
 /// What an unauthenticated client may hold: a place among the unauthenticated connections
@@ -75,7 +129,7 @@ impl Gate {
 /// Accepts SSH connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
-    config: Arc<russh::server::Config>,
+    host: Arc<HostIdentity>,
     gate: Gate,
     auth: Arc<ClusterAuth>,
     tunnels: Arc<TunnelServer>,
@@ -98,7 +152,7 @@ pub async fn serve(
             sessions: HashMap::new(),
             unauthenticated: Some((startup, authenticated)),
         };
-        let config = config.clone();
+        let config = host.config();
         let grace = gate.grace;
         tokio::spawn(async move {
             let peer = peer.to_string();
@@ -182,8 +236,8 @@ impl russh::server::Handler for JumpHandler {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        let user_ca = std::slice::from_ref(self.auth.authorities.user_ssh_ca());
-        match burrow_sshd::check_user_certificate(cert, user_ca, burrow_daemon::unix_now()) {
+        let user_cas = self.auth.authorities().user_ssh_cas();
+        match burrow_sshd::check_user_certificate(cert, &user_cas, burrow_daemon::unix_now()) {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, login = user, user = cert.key_id(), "SSH user authenticated at the proxy");
                 self.user = Some(cert.key_id().to_string());

@@ -442,6 +442,23 @@ fn node_certificates_renew_over_the_tunnel_with_an_ssh_session_open_across_it() 
     .arg(&data);
     let mut again = Daemon::spawn(cmd, "burrow-agent");
     again.wait_for("tunnel up");
+
+    // The proxy renews its own certificates (they live as long as the nodes'): twice means the
+    // first ones have expired, and burrowctl, the agent and OpenSSH still reach it.
+    eventually(std::time::Duration::from_secs(40), || {
+        let log = proxy.daemon.log();
+        (log.matches("issued the proxy's certificate again").count() >= 2
+            && log
+                .matches("issued the SSH jump host's host certificate again")
+                .count()
+                >= 2)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", proxy.daemon.log()));
+    assert!(proxy.ctl(&["status"]).status.success());
+    let out = run_bounded(&mut ssh("echo late"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "late\n");
 }
 
 #[test]
@@ -511,4 +528,313 @@ fn burrowctl_says_how_long_its_identity_lasts_and_renews_it() {
         "{after_expiry} <= {before_expiry}"
     );
     assert!(!proxy.daemon.log().contains("PRIVATE KEY"));
+}
+
+fn rotate(proxy: &Proxy, kind: &str, phase: &str) -> serde_json::Value {
+    proxy.ctl_json(&["auth", "rotate", "--type", kind, "--phase", phase])
+}
+
+/// Waits until every agent's identity file satisfies `done`.
+fn until_identities(datas: &[&Path], what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    eventually(WAIT, || {
+        datas.iter().all(|d| done(&identity_json(d))).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agents' identities never showed {what}"));
+}
+
+/// `ssh-keygen -L`'s "Signing CA" line of an SSH certificate.
+fn ssh_cert_signer(dir: &Path, cert: &str) -> String {
+    let path = dir.join("signer-cert.pub");
+    std::fs::write(&path, cert).unwrap();
+    let out = run_bounded(Command::new("ssh-keygen").arg("-L").arg("-f").arg(&path));
+    text(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Signing CA: ").map(str::to_string))
+        .unwrap()
+}
+
+/// The SHA256 fingerprint `ssh-keygen -l` gives an OpenSSH public key line.
+fn fingerprint(dir: &Path, key: &str) -> String {
+    let path = dir.join("fp.pub");
+    std::fs::write(&path, key).unwrap();
+    let out = run_bounded(Command::new("ssh-keygen").arg("-l").arg("-f").arg(&path));
+    text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_host_ca_rotation_keeps_three_agents_and_an_open_ssh_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
+    let ssh_addr = proxy
+        .daemon
+        .wait_for("SSH jump host listening on ")
+        .trim()
+        .to_string();
+    let old_pin = proxy.pin();
+    let datas: Vec<_> = (1..=3).map(|i| dir.join(format!("a{i}"))).collect();
+    let data_refs: Vec<&Path> = datas.iter().map(|d| d.as_path()).collect();
+    let mut agents: Vec<Daemon> = [("node1", "tcp"), ("node2", "quic"), ("node3", "auto")]
+        .iter()
+        .zip(&datas)
+        .map(|((name, t), data)| start_agent(&proxy, data, name, &["--transport", t]))
+        .collect();
+    // A node that stays offline through the whole rotation.
+    let away = dir.join("away");
+    start_agent(&proxy, &away, "node4", &["--transport", "tcp"]).stop();
+
+    let alice = Alice::new(&proxy, dir, &ssh_addr);
+    let old_known = std::fs::read(dir.join("known_hosts")).unwrap();
+    let release = dir.join("release");
+    let session = alice
+        .ssh(
+            "node1",
+            &format!(
+                "for i in $(seq 900); do [ -e {0} ] && break; sleep 0.1; done; echo survived",
+                release.display()
+            ),
+        )
+        .spawn()
+        .unwrap();
+
+    // init: a new CA, trusted beside the old one, which still signs.
+    let init = rotate(&proxy, "host", "init");
+    assert_eq!(init["rotation"]["phase"], "init");
+    let pins = init["ca_pins"].as_array().unwrap().clone();
+    assert_eq!(pins.len(), 2, "{init}");
+    assert_eq!(pins[0], old_pin.as_str());
+    let new_pin = pins[1].as_str().unwrap().to_string();
+    let status = proxy.ctl(&["status"]);
+    let status_text = text(&status.stdout);
+    assert!(
+        status_text.contains(&format!("CA pin:   {old_pin} (signs)"))
+            && status_text.contains(&format!(
+                "CA pin:   {new_pin} (trusted during the rotation)"
+            ))
+            && status_text.contains("Rotation: host CA, phase init"),
+        "{status_text}"
+    );
+    until_identities(&data_refs, "both host CAs", |i| {
+        i["host_ca_certs"].as_array().unwrap().len() == 2
+    });
+    let export = proxy.ctl(&["auth", "export", "--type", "host"]);
+    let both = text(&export.stdout);
+    assert_eq!(both.matches("@cert-authority * ").count(), 2, "{both}");
+    std::fs::write(dir.join("known_hosts"), &both).unwrap();
+    let new_ca_line = both.lines().nth(1).unwrap().to_string();
+    let new_ca_key = new_ca_line
+        .trim_start_matches("@cert-authority * ")
+        .to_string();
+
+    // update_clients: the new CA signs; every node renews at once over its tunnel.
+    let before: Vec<_> = data_refs.iter().map(|d| identity_json(d)).collect();
+    rotate(&proxy, "host", "update_clients");
+    let new_fp = fingerprint(dir, &new_ca_key);
+    until_identities(&data_refs, "certificates from the new CA", |i| {
+        ssh_cert_signer(dir, i["ssh_cert"].as_str().unwrap()).contains(&new_fp)
+    });
+    for (data, old) in data_refs.iter().zip(&before) {
+        let now = identity_json(data);
+        assert_ne!(now["tls_cert"], old["tls_cert"]);
+        assert_eq!(now["host_id"], old["host_id"]);
+    }
+    // update_servers, then standby: the old CA is gone.
+    rotate(&proxy, "host", "update_servers");
+    let done = rotate(&proxy, "host", "standby");
+    assert_eq!(done["ca_pins"], serde_json::json!([new_pin]), "{done}");
+    assert!(done["rotation"].is_null(), "{done}");
+    until_identities(&data_refs, "only the new host CA", |i| {
+        i["host_ca_certs"].as_array().unwrap().len() == 1
+    });
+    assert_eq!(proxy.pin(), new_pin);
+    let export = proxy.ctl(&["auth", "export", "--type", "host"]);
+    assert_eq!(text(&export.stdout).trim(), new_ca_line);
+
+    // The session opened before the rotation is still there, and no tunnel was dropped for it.
+    std::fs::write(&release, "").unwrap();
+    let out = finish_bounded(session);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "survived\n");
+    assert_eq!(proxy.daemon.log().matches("tunnel up").count(), 4);
+
+    // Users who trust only the new CA reach every node (the proxy's own SSH certificate is from
+    // it too); users who trust only the old one do not.
+    std::fs::write(dir.join("known_hosts"), format!("{new_ca_line}\n")).unwrap();
+    for node in ["node1", "node2", "node3"] {
+        let out = run_bounded(&mut alice.ssh(node, "echo hi"));
+        assert!(out.status.success(), "{node}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hi\n");
+    }
+    std::fs::write(dir.join("known_hosts"), &old_known).unwrap();
+    let out = run_bounded(&mut alice.ssh("node2", "echo hi"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Host key verification failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A restarted agent tunnels with what it learnt.
+    agents[0].stop();
+    let mut cmd = bin("burrow-agent");
+    cmd.args(["start", "--proxy", &proxy.web_addr, "--data-dir"])
+        .arg(&datas[0]);
+    agents[0] = Daemon::spawn(cmd, "burrow-agent");
+    agents[0].wait_for("tunnel up");
+
+    // The node that was away cannot come back by itself, and says what to do; joined again with
+    // a fresh token and the new pin, it is back.
+    let mut cmd = bin("burrow-agent");
+    cmd.args([
+        "start",
+        "--proxy",
+        &proxy.web_addr,
+        "--transport",
+        "tcp",
+        "--data-dir",
+    ])
+    .arg(&away);
+    let mut stale = Daemon::spawn(cmd, "burrow-agent");
+    stale.wait_for("not from a CA this node trusts; if the cluster's CA was rotated");
+    stale.stop();
+    let old_id = host_id(&away);
+    assert!(proxy.ctl(&["nodes", "rm", &old_id]).status.success());
+    std::fs::rename(away.join("identity.json"), dir.join("old-identity.json")).unwrap();
+    let token = proxy.node_token(&[]);
+    let mut cmd = bin("burrow-agent");
+    cmd.args([
+        "start",
+        "--proxy",
+        &proxy.web_addr,
+        "--ca-pin",
+        &new_pin,
+        "--nodename",
+        "node4",
+        "--token",
+        &token,
+        "--transport",
+        "tcp",
+        "--data-dir",
+    ])
+    .arg(&away);
+    let mut back = Daemon::spawn(cmd, "burrow-agent");
+    back.wait_for("tunnel up");
+    assert_ne!(host_id(&away), old_id);
+}
+
+#[test]
+fn a_user_ca_rotation_rolls_back_and_an_automatic_one_runs_its_phases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
+    let ssh_addr = proxy
+        .daemon
+        .wait_for("SSH jump host listening on ")
+        .trim()
+        .to_string();
+    let data = dir.join("agent");
+    let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
+    let alice = Alice::new(&proxy, dir, &ssh_addr);
+    let old_user_ca = text(&proxy.ctl(&["auth", "export", "--type", "user"]).stdout);
+
+    // Another rotation cannot start while one is under way, and phases go in order.
+    rotate(&proxy, "user", "init");
+    let refused = proxy.ctl(&["auth", "rotate", "--type", "host", "--phase", "init"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("a user CA rotation is under way"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let refused = proxy.ctl(&["auth", "rotate", "--type", "user", "--phase", "standby"]);
+    assert!(
+        text(&refused.stderr).contains("cannot move to standby (next: update_clients)"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let both = text(&proxy.ctl(&["auth", "export", "--type", "user"]).stdout);
+    assert_eq!(both.lines().count(), 2, "{both}");
+    until_identities(&[&data], "both user CAs", |i| {
+        i["user_ca_ssh"].as_array().unwrap().len() == 2
+    });
+
+    // update_clients: certificates come from the new user CA and the node takes them.
+    rotate(&proxy, "user", "update_clients");
+    let bob = dir.join("bob");
+    proxy.sign_user("bob", &whoami(), "1h", &bob);
+    let bob_cert = std::fs::read_to_string(format!("{}-cert.pub", bob.display())).unwrap();
+    let new_user_ca = both.lines().nth(1).unwrap();
+    assert!(ssh_cert_signer(dir, &bob_cert).contains(&fingerprint(dir, new_user_ca)));
+    let config = dir.join("bob_config");
+    write_ssh_config(&config, &dir.join("known_hosts"), &bob);
+    let bob_to = |node: &str| {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&config)
+            .args([
+                "-J",
+                &format!("bob@{ssh_addr}"),
+                "-p",
+                "3022",
+                node,
+                "echo bob",
+            ])
+            .stdin(std::process::Stdio::null());
+        cmd
+    };
+    let out = run_bounded(&mut bob_to("node1"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bob\n");
+
+    // Rolled back: the old CA signs again; at standby the new one is gone, and so are its
+    // certificates.
+    rotate(&proxy, "user", "rollback");
+    let done = rotate(&proxy, "user", "standby");
+    assert!(done["rotation"].is_null(), "{done}");
+    assert_eq!(
+        text(&proxy.ctl(&["auth", "export", "--type", "user"]).stdout),
+        old_user_ca
+    );
+    until_identities(&[&data], "the old user CA only", |i| {
+        i["user_ca_ssh"].as_array().unwrap().len() == 1
+    });
+    let out = run_bounded(&mut bob_to("node1"));
+    assert!(!out.status.success(), "a certificate from the retired CA");
+    let out = run_bounded(&mut alice.ssh("node1", "echo alice"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Automatic: over a 15 s grace period, the proxy moves it through every phase by itself.
+    let auto = proxy.ctl_json(&["auth", "rotate", "--type", "host", "--grace-period", "15s"]);
+    assert_eq!(auto["rotation"]["phase"], "init");
+    assert!(
+        auto["rotation"]["next_phase_at"].as_u64().is_some(),
+        "{auto}"
+    );
+    let old_pin = auto["ca_pins"][0].as_str().unwrap().to_string();
+    let finished = eventually(std::time::Duration::from_secs(40), || {
+        let s = proxy.ctl_json(&["status"]);
+        s["rotation"].is_null().then_some(s)
+    })
+    .expect("the automatic rotation never finished");
+    assert_ne!(finished["ca_pin"].as_str().unwrap(), old_pin);
+    for phase in ["update_clients", "update_servers"] {
+        assert!(
+            proxy.daemon.log().contains(&format!("phase={phase}")),
+            "{}",
+            proxy.daemon.log()
+        );
+    }
+    until_identities(&[&data], "the new host CA only", |i| {
+        i["host_ca_certs"].as_array().unwrap().len() == 1
+    });
+    let out = run_bounded(&mut alice.ssh("node1", "echo after"));
+    assert!(
+        text(&out.stderr).contains("Host key verification failed"),
+        "known_hosts names the retired host CA only: {}",
+        text(&out.stderr)
+    );
 }

@@ -235,6 +235,7 @@ fn hello(host_id: &str) -> tunnel_proto::wire::Message {
         node_name: "x".into(),
         labels: Default::default(),
         keepalive_ms: None,
+        trust_updates: false,
     })
 }
 

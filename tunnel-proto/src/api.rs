@@ -12,6 +12,7 @@
 //! - `GET  /v1/admin/proxies`: [`ProxyList`]
 //! - `GET  /v1/admin/nodes`: [`NodeList`]
 //! - `POST /v1/admin/nodes/remove`: [`NodeRemoveRequest`] -> [`NodeRemoved`]
+//! - `POST /v1/admin/auth/rotate`: [`RotateRequest`] -> [`StatusResponse`]
 //!
 //! Health (no authentication): `GET /readyz`: [`Readiness`] or a `not_ready` error.
 //!
@@ -34,6 +35,7 @@ pub const NODES_REMOVE_PATH: &str = "/v1/admin/nodes/remove";
 pub const AUTH_SIGN_PATH: &str = "/v1/admin/auth/sign";
 pub const AUTH_EXPORT_PATH: &str = "/v1/admin/auth/export";
 pub const AUTH_RENEW_ADMIN_PATH: &str = "/v1/admin/auth/renew-admin";
+pub const AUTH_ROTATE_PATH: &str = "/v1/admin/auth/rotate";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 
@@ -233,6 +235,39 @@ pub struct StatusResponse {
     /// Where users jump through to nodes (HOST:PORT), if this proxy serves SSH.
     #[serde(default)]
     pub ssh_addr: Option<String>,
+    /// A CA rotation under way, if any (`ca_pins` then holds the pins of both host CAs, the one
+    /// that signs first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStatus>,
+}
+
+/// A CA rotation's state (`burrowctl auth rotate`, `burrowctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationStatus {
+    /// `host` or `user`.
+    #[serde(rename = "type")]
+    pub ca_type: String,
+    /// `init`, `update_clients`, `update_servers` or `rollback`.
+    pub phase: String,
+    /// Unix seconds: when the current phase began.
+    pub phase_started: u64,
+    /// Automatic rotations: when the proxies move it to its next phase (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_phase_at: Option<u64>,
+}
+
+/// `POST /v1/admin/auth/rotate`: start a rotation, move one to a phase, or roll it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// `host` or `user`.
+    #[serde(rename = "type")]
+    pub ca_type: String,
+    /// The phase to move to; none: an automatic rotation over `grace_period_secs`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub grace_period_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

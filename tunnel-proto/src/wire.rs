@@ -69,6 +69,9 @@ pub enum Message {
     Renew {
         ssh_public_key: String,
     },
+    /// Proxy -> agent (only if the hello said [`Hello::trust_updates`]), after the welcome and
+    /// whenever a CA rotation changes it: the CAs the node trusts from now on.
+    Trust(Trust),
     /// Proxy -> agent, the answer to `Renew`: both certificates, or why not.
     Renewed {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +79,21 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+}
+
+/// What a node trusts: the cluster's CAs, more than one of a kind while one rotates. The first
+/// host CA certificate is the one that signs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// PEM.
+    pub host_ca_certs: Vec<String>,
+    /// OpenSSH public keys of the host SSH CAs.
+    pub host_ca_ssh: Vec<String>,
+    /// OpenSSH public keys of the user SSH CAs.
+    pub user_ca_ssh: Vec<String>,
+    /// The node's certificates are not from the CA that signs now: renew them at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renew_now: bool,
 }
 
 /// A node's certificates, as a join or a renewal issues them.
@@ -146,6 +164,7 @@ impl Message {
             Message::Goodbye { .. } => "goodbye",
             Message::Renew { .. } => "renew",
             Message::Renewed { .. } => "renewed",
+            Message::Trust(_) => "trust",
         }
     }
 }
@@ -161,6 +180,9 @@ pub struct Hello {
     /// tunnel at the same interval instead of its own (an older agent sends none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_ms: Option<u64>,
+    /// The agent takes [`Message::Trust`] updates (an older agent would end the tunnel on one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trust_updates: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +286,7 @@ mod tests {
                 node_name: "pi".into(),
                 labels: Labels::from([("env".into(), "lab".into())]),
                 keepalive_ms: Some(25_000),
+                trust_updates: true,
             }),
             Message::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,

@@ -9,14 +9,21 @@ use std::time::Duration;
 
 use tunnel_proto::api::Labels;
 use tunnel_proto::wire::{
-    Heartbeat, Hello, Message, NodeCertificates, PROTOCOL_VERSION, ProxyEntry, Welcome,
+    Heartbeat, Hello, Message, NodeCertificates, PROTOCOL_VERSION, ProxyEntry, Trust, Welcome,
 };
 
 use super::membership::{DialFailure, MAX_RECONNECT_AFTER};
 use crate::telemetry::Disconnect;
 
-/// The first message of a tunnel; `keepalive`: the interval this tunnel's transport uses.
-pub fn hello(host_id: &str, node_name: &str, labels: Labels, keepalive: Duration) -> Message {
+/// The first message of a tunnel; `keepalive`: the interval this tunnel's transport uses;
+/// `trust_updates`: the agent follows CA rotations ([`Message::Trust`]).
+pub fn hello(
+    host_id: &str,
+    node_name: &str,
+    labels: Labels,
+    keepalive: Duration,
+    trust_updates: bool,
+) -> Message {
     Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         version: tunnel_proto::VERSION.to_string(),
@@ -24,6 +31,7 @@ pub fn hello(host_id: &str, node_name: &str, labels: Labels, keepalive: Duration
         node_name: node_name.to_string(),
         labels,
         keepalive_ms: Some(keepalive.as_millis().try_into().unwrap_or(u64::MAX)),
+        trust_updates,
     })
 }
 
@@ -98,6 +106,8 @@ pub enum Step {
         certificates: Option<NodeCertificates>,
         error: Option<String>,
     },
+    /// The CAs to trust from now on (a CA rotation moved).
+    Trust(Trust),
     End(End),
 }
 
@@ -146,6 +156,7 @@ impl AgentControl {
                 certificates,
                 error,
             },
+            Message::Trust(trust) => Step::Trust(trust),
             other => Step::End(End::Unexpected { kind: other.kind() }),
         }
     }
@@ -281,7 +292,7 @@ mod tests {
         };
         assert_eq!(hb.labels.get("env").map(String::as_str), Some("prod"));
         assert_eq!(hb.node_name, "n1");
-        let Message::Hello(h) = hello("h1", "n1", labels, Duration::from_secs(25)) else {
+        let Message::Hello(h) = hello("h1", "n1", labels, Duration::from_secs(25), true) else {
             panic!()
         };
         assert_eq!(h.keepalive_ms, Some(25_000));

@@ -320,12 +320,24 @@ async fn dial(
     let _ = events.send(PoolEvent::Dialed(outcome, dialed)).await;
 }
 
+/// A dial error, with what to do when the proxy's certificate is from a CA the node does not
+/// know: the cluster's CA was rotated while the node was offline.
+fn explain(error: String) -> String {
+    if error.contains("UnknownIssuer") {
+        format!(
+            "{error}: the proxy's certificate is not from a CA this node trusts; if the cluster's CA was rotated while this node was offline, join again: move identity.json out of the data dir and start with a fresh token and the new --ca-pin"
+        )
+    } else {
+        error
+    }
+}
+
 /// Opens a tunnel (QUIC with an endpoint, else TCP), says hello and waits for the welcome.
 async fn dial_with(
     config: &PoolConfig,
     quic: Option<&quinn::Endpoint>,
 ) -> Result<Dialed, DialFailure> {
-    let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(e.to_string());
+    let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(explain(e.to_string()));
     let over = if quic.is_some() {
         Transport::Quic
     } else {
@@ -351,6 +363,7 @@ async fn dial_with(
             &config.node_name,
             labels,
             keepalive.interval(),
+            config.renewer.is_some(),
         ))
         .await
         .map_err(|e| failed(&e))?;
@@ -468,6 +481,11 @@ async fn run_tunnel(
                 } => {
                     if let Some(renewer) = &renewer {
                         renewer.finish(burrow_daemon::unix_now(), certificates, error);
+                    }
+                }
+                Step::Trust(trust) => {
+                    if let Some(renewer) = &config.renewer {
+                        renewer.trust(burrow_daemon::unix_now(), trust);
                     }
                 }
                 Step::End(end) => break Some(end),

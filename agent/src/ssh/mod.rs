@@ -51,7 +51,8 @@ pub struct SshContext {
     /// connections (those open keep theirs).
     config: std::sync::RwLock<Arc<russh::server::Config>>,
     host_key: PrivateKey,
-    pub user_cas: Vec<PublicKey>,
+    /// The user CAs logins may be certified by: a CA rotation swaps them.
+    user_cas: std::sync::RwLock<Arc<Vec<PublicKey>>>,
     pub node_name: String,
     pub host_id: String,
     /// Where `direct-tcpip` may connect.
@@ -72,7 +73,7 @@ impl SshContext {
         Ok(Self {
             config: std::sync::RwLock::new(Arc::new(server_config(key.clone(), cert))),
             host_key: key,
-            user_cas,
+            user_cas: std::sync::RwLock::new(Arc::new(user_cas)),
             node_name: identity.node_name.clone(),
             host_id: identity.host_id.clone(),
             permit_open,
@@ -88,6 +89,19 @@ impl SshContext {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The user CAs a login's certificate may be from.
+    pub fn user_cas(&self) -> Arc<Vec<PublicKey>> {
+        self.user_cas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Accepts certificates from `cas` from the next login on.
+    pub fn set_user_cas(&self, cas: Vec<PublicKey>) {
+        *self.user_cas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cas);
     }
 
     /// Presents `cert` (a renewed host certificate for the same key) from the next connection on.
@@ -231,7 +245,7 @@ impl russh::server::Handler for NodeHandler {
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
         let now = burrow_daemon::unix_now();
-        let checked = check_certificate(cert, login, &self.ctx.user_cas, self.client_ip, now)
+        let checked = check_certificate(cert, login, &self.ctx.user_cas(), self.client_ip, now)
             .and_then(|g| match Login::resolve(login) {
                 Ok(Some(l)) => Ok((g, l)),
                 _ => Err(format!("login {login:?} does not exist on this node")),

@@ -24,6 +24,10 @@ use time::OffsetDateTime;
 use tunnel_proto::api::Permissions;
 use tunnel_proto::pin::CaPin;
 use tunnel_proto::secret::Secret;
+use tunnel_proto::wire::Trust;
+
+use super::rotation::{CaType, Phase, StoredRotation};
+use tunnel_proto::api::RotationStatus;
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a node's TLS and SSH host certificates live unless the proxy's config says
@@ -31,7 +35,6 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// may be offline for about six weeks and still come back by itself.
 pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-const WEB_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Clock skew tolerated between the CA and the peers that check its certificates.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
@@ -56,14 +59,21 @@ pub struct StoredAuthorities {
     pub host_ssh_key: Secret,
     pub user_ssh_key: Secret,
     pub created: u64,
+    /// A CA rotation under way ([`super::rotation`]); the fields above hold the CAs that sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<StoredRotation>,
 }
 
 impl StoredAuthorities {
     pub fn generate(cluster_name: &str) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name =
-            distinguished_name(&format!("Burrow host CA for {cluster_name}"), cluster_name);
+        // Each CA its own name: during a rotation two are trusted side by side.
+        let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        params.distinguished_name = distinguished_name(
+            &format!("Burrow host CA for {cluster_name}, {created}"),
+            cluster_name,
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -83,6 +93,7 @@ impl StoredAuthorities {
             host_ssh_key: Secret::new(host_ssh.to_openssh(LineEnding::LF)?.to_string()),
             user_ssh_key: Secret::new(user_ssh.to_openssh(LineEnding::LF)?.to_string()),
             created: unix_now(),
+            rotation: None,
         })
     }
 }
@@ -90,6 +101,7 @@ impl StoredAuthorities {
 /// The loaded authorities, ready to sign.
 pub struct Authorities {
     pub cluster_name: String,
+    /// The host CA that signs.
     pub host_tls_cert_pem: String,
     pub host_tls_cert_der: Vec<u8>,
     pub pin: CaPin,
@@ -97,6 +109,49 @@ pub struct Authorities {
     host_ssh: PrivateKey,
     user_ssh: PrivateKey,
     node_validity: Duration,
+    /// During a host CA rotation: the host CA that does not sign (trusted all the same).
+    other_host: Option<HostCa>,
+    /// During a user CA rotation: the user CA that does not sign (trusted all the same).
+    other_user_ssh: Option<PrivateKey>,
+    rotation: Option<RotationStatus>,
+    /// A host rotation's `update_clients` phase: proxies' own certificates still come from the
+    /// old CA ([`Authorities::server_ca`]).
+    servers_on_other: bool,
+    /// The SSH CAs' public keys (OpenSSH), the signing one first.
+    host_ssh_publics: Vec<String>,
+    user_ssh_publics: Vec<String>,
+}
+
+/// A host CA: its X.509 certificate and key, and its SSH key.
+struct HostCa {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    pin: CaPin,
+    issuer: Issuer<'static, KeyPair>,
+    ssh: PrivateKey,
+}
+
+impl HostCa {
+    fn load(cert_pem: &str, key_pem: &str, ssh_key: &str) -> Result<Self, CaError> {
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
+        let certs = burrow_net::tls::parse_certs(cert_pem, "host CA certificate")
+            .map_err(|e| corrupt("host CA certificate", &e))?;
+        let cert_der = certs[0].to_vec();
+        let pin =
+            CaPin::of_certificate(&cert_der).map_err(|e| corrupt("host CA certificate", &e))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| corrupt("host CA key", &e))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| corrupt("host CA certificate", &e))?;
+        let ssh = PrivateKey::from_openssh(ssh_key).map_err(|e| corrupt("host SSH CA key", &e))?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            pin,
+            issuer,
+            ssh,
+        })
+    }
 }
 
 /// A freshly issued certificate with the key the proxy generated for it.
@@ -109,28 +164,148 @@ impl Authorities {
     pub fn load(stored: &StoredAuthorities) -> Result<Self, CaError> {
         let corrupt =
             |what: &str, e: &dyn std::fmt::Display| CaError::Corrupt(format!("{what}: {e}"));
-        let certs = burrow_net::tls::parse_certs(&stored.host_tls_cert, "host CA certificate")
-            .map_err(|e| corrupt("host CA certificate", &e))?;
-        let der = certs[0].to_vec();
-        let pin = CaPin::of_certificate(&der).map_err(|e| corrupt("host CA certificate", &e))?;
-        let key = KeyPair::from_pem(stored.host_tls_key.expose())
-            .map_err(|e| corrupt("host CA key", &e))?;
-        let host_tls_issuer = Issuer::from_ca_cert_pem(&stored.host_tls_cert, key)
-            .map_err(|e| corrupt("host CA certificate", &e))?;
-        let host_ssh = PrivateKey::from_openssh(stored.host_ssh_key.expose())
-            .map_err(|e| corrupt("host SSH CA key", &e))?;
+        let host = HostCa::load(
+            &stored.host_tls_cert,
+            stored.host_tls_key.expose(),
+            stored.host_ssh_key.expose(),
+        )?;
         let user_ssh = PrivateKey::from_openssh(stored.user_ssh_key.expose())
             .map_err(|e| corrupt("user SSH CA key", &e))?;
+        let mut other_host = None;
+        let mut other_user_ssh = None;
+        if let Some(r) = &stored.rotation {
+            let other = &r.other;
+            match (r.ca_type, &other.tls_cert, &other.tls_key) {
+                (CaType::Host, Some(cert), Some(key)) => {
+                    other_host = Some(HostCa::load(cert, key.expose(), other.ssh_key.expose())?)
+                }
+                (CaType::Host, _, _) => {
+                    return Err(CaError::Corrupt(
+                        "a host CA rotation without the other host CA".into(),
+                    ));
+                }
+                (CaType::User, _, _) => {
+                    other_user_ssh = Some(
+                        PrivateKey::from_openssh(other.ssh_key.expose())
+                            .map_err(|e| corrupt("user SSH CA key", &e))?,
+                    )
+                }
+            }
+        }
+        let mut host_ssh_publics = vec![host.ssh.public_key().to_openssh()?];
+        if let Some(other) = &other_host {
+            host_ssh_publics.push(other.ssh.public_key().to_openssh()?);
+        }
+        let mut user_ssh_publics = vec![user_ssh.public_key().to_openssh()?];
+        if let Some(other) = &other_user_ssh {
+            user_ssh_publics.push(other.public_key().to_openssh()?);
+        }
         Ok(Self {
+            host_ssh_publics,
+            user_ssh_publics,
             cluster_name: stored.cluster_name.clone(),
-            host_tls_cert_pem: stored.host_tls_cert.clone(),
-            host_tls_cert_der: der,
-            pin,
-            host_tls_issuer,
-            host_ssh,
+            host_tls_cert_pem: host.cert_pem,
+            host_tls_cert_der: host.cert_der,
+            pin: host.pin,
+            host_tls_issuer: host.issuer,
+            host_ssh: host.ssh,
             user_ssh,
             node_validity: DEFAULT_NODE_VALIDITY,
+            other_host,
+            other_user_ssh,
+            servers_on_other: stored
+                .rotation
+                .as_ref()
+                .is_some_and(|r| r.ca_type == CaType::Host && r.phase == Phase::UpdateClients),
+            rotation: stored.rotation.as_ref().map(|r| RotationStatus {
+                ca_type: r.ca_type.as_str().to_string(),
+                phase: r.phase.as_str().to_string(),
+                phase_started: r.phase_started,
+                next_phase_at: r.next_phase_at(),
+            }),
         })
+    }
+
+    /// The rotation under way, if any.
+    pub fn rotation(&self) -> Option<&RotationStatus> {
+        self.rotation.as_ref()
+    }
+
+    /// Every host CA certificate (PEM) peers should trust, the one that signs first.
+    pub fn host_ca_certs(&self) -> Vec<String> {
+        let mut certs = vec![self.host_tls_cert_pem.clone()];
+        certs.extend(self.other_host.iter().map(|o| o.cert_pem.clone()));
+        certs
+    }
+
+    /// Every host CA certificate (DER) the proxy checks clients against.
+    pub fn host_ca_ders(&self) -> Vec<Vec<u8>> {
+        let mut ders = vec![self.host_tls_cert_der.clone()];
+        ders.extend(self.other_host.iter().map(|o| o.cert_der.clone()));
+        ders
+    }
+
+    /// The pins of the host CAs, the one that signs first.
+    pub fn pins(&self) -> Vec<CaPin> {
+        let mut pins = vec![self.pin];
+        pins.extend(self.other_host.iter().map(|o| o.pin));
+        pins
+    }
+
+    /// The host SSH CAs' public keys (OpenSSH), the one that signs first.
+    pub fn host_ssh_publics(&self) -> Vec<String> {
+        self.host_ssh_publics.clone()
+    }
+
+    /// The user SSH CAs' public keys (OpenSSH), the one that signs first.
+    pub fn user_ssh_publics(&self) -> Vec<String> {
+        self.user_ssh_publics.clone()
+    }
+
+    /// The user SSH CAs a user certificate may be from.
+    pub fn user_ssh_cas(&self) -> Vec<PublicKey> {
+        let mut keys = vec![self.user_ssh.public_key().clone()];
+        keys.extend(self.other_user_ssh.iter().map(|k| k.public_key().clone()));
+        keys
+    }
+
+    /// What a node should trust now; `renew_now` if its certificates are not from the CA that
+    /// signs.
+    pub fn trust(&self, renew_now: bool) -> Trust {
+        Trust {
+            host_ca_certs: self.host_ca_certs(),
+            host_ca_ssh: self.host_ssh_publics(),
+            user_ca_ssh: self.user_ssh_publics(),
+            renew_now,
+        }
+    }
+
+    /// Whether `leaf_der` was signed by the host CA that signs now.
+    pub fn signed_this(&self, leaf_der: &[u8]) -> bool {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(&self.host_tls_cert_der) else {
+            return false;
+        };
+        x509_parser::parse_x509_certificate(leaf_der)
+            .is_ok_and(|(_, leaf)| leaf.verify_signature(Some(ca.public_key())).is_ok())
+    }
+
+    /// The CA the proxies' own certificates come from: in a host rotation's `update_clients`
+    /// phase the new CA signs for nodes while proxies keep presenting the old one's, so that an
+    /// agent that has not learnt the new CA yet still reaches them.
+    fn server_ca(&self) -> (&Issuer<'static, KeyPair>, &PrivateKey) {
+        match &self.other_host {
+            Some(old) if self.servers_on_other => (&old.issuer, &old.ssh),
+            _ => (&self.host_tls_issuer, &self.host_ssh),
+        }
+    }
+
+    /// The pin of [`Authorities::server_ca`]'s CA: a proxy's certificates are reissued when it
+    /// changes.
+    pub fn server_pin(&self) -> &CaPin {
+        match &self.other_host {
+            Some(old) if self.servers_on_other => &old.pin,
+            _ => &self.pin,
+        }
     }
 
     /// How long the node certificates this CA signs from now on live.
@@ -150,18 +325,25 @@ impl Authorities {
         Ok(self.user_ssh.public_key().to_openssh()?)
     }
 
-    /// The proxy's certificate for its web port: valid for [`CLUSTER_SERVER_NAME`] and `names`.
+    /// The proxy's certificate for its web port and tunnels: valid for [`CLUSTER_SERVER_NAME`]
+    /// and `names`, for as long as node certificates, from [`Authorities::server_ca`].
     pub fn issue_web_cert(&self, names: &[String]) -> Result<IssuedPair, CaError> {
         let mut sans = vec![CLUSTER_SERVER_NAME.to_string(), "localhost".to_string()];
         sans.extend(names.iter().filter(|n| !n.is_empty()).cloned());
         sans.dedup();
-        self.issue_pair(
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = self.leaf_params(
             CertRole::Proxy,
             "burrow-proxy",
             sans,
             &[ExtendedKeyUsagePurpose::ServerAuth],
-            WEB_VALIDITY,
-        )
+            self.node_validity,
+        )?;
+        let cert = params.signed_by(&key, self.server_ca().0)?;
+        Ok(IssuedPair {
+            cert_pem: cert.pem(),
+            key_pem: Secret::new(key.serialize_pem()),
+        })
     }
 
     /// The admin identity `burrowctl` authenticates with.
@@ -302,7 +484,8 @@ impl Authorities {
         Ok(builder.sign(&self.user_ssh)?)
     }
 
-    /// Signs a proxy's SSH host certificate for the names users reach it by.
+    /// Signs a proxy's SSH host certificate for the names users reach it by, for as long as node
+    /// certificates, by [`Authorities::server_ca`].
     pub fn sign_proxy_ssh(
         &self,
         public_key: &PublicKey,
@@ -310,11 +493,12 @@ impl Authorities {
         names: &[String],
     ) -> Result<Certificate, CaError> {
         let mut rng = rand::rng();
+        let now = unix_now();
         let mut builder = SshCertBuilder::new_with_random_nonce(
             &mut rng,
             public_key.key_data().clone(),
-            unix_now().saturating_sub(BACKDATE.as_secs()),
-            u64::MAX,
+            now.saturating_sub(backdate(self.node_validity).as_secs()),
+            now.saturating_add(self.node_validity.as_secs()),
         )?;
         builder
             .serial(rng.random())?
@@ -323,7 +507,7 @@ impl Authorities {
         for name in names {
             builder.valid_principal(name.as_str())?;
         }
-        Ok(builder.sign(&self.host_ssh)?)
+        Ok(builder.sign(self.server_ca().1)?)
     }
 
     pub fn user_ssh_ca(&self) -> &PublicKey {

@@ -1,9 +1,13 @@
 //! The cluster's auth logic: bootstrap of the authorities, join tokens, and node joins.
 
 pub mod ca;
+pub mod rotation;
 pub mod tokens;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use tunnel_proto::api::{JoinRequest, JoinResponse, Role};
@@ -35,11 +39,23 @@ pub enum AuthError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Rotate(#[from] rotation::RotateError),
+}
+
+/// The authorities as loaded, with the record they were loaded from.
+struct Loaded {
+    raw: Vec<u8>,
+    authorities: Arc<Authorities>,
 }
 
 pub struct Auth {
     backend: Arc<dyn Backend>,
-    pub authorities: Authorities,
+    loaded: RwLock<Loaded>,
+    /// Every change of the authorities (a rotation's phase), for the tunnels and the proxy's own
+    /// certificates.
+    changes: watch::Sender<Arc<Authorities>>,
+    node_validity: Duration,
     pub tokens: TokenStore,
 }
 
@@ -52,25 +68,29 @@ impl Auth {
         requested_name: Option<&str>,
         static_tokens: Vec<StaticToken>,
     ) -> Result<Self, AuthError> {
-        let stored = match backend.get(state::AUTHORITIES).await? {
-            Some(raw) => parse_stored(&raw)?,
+        let (raw, stored) = match backend.get(state::AUTHORITIES).await? {
+            Some(raw) => {
+                let stored = parse_stored(&raw)?;
+                (raw, stored)
+            }
             None => {
                 let name = requested_name.map_or_else(default_cluster_name, str::to_string);
                 let fresh = StoredAuthorities::generate(&name)?;
                 let json = serde_json::to_vec(&fresh).expect("authorities serialize");
                 if backend
-                    .compare_and_swap(state::AUTHORITIES, None, json, None)
+                    .compare_and_swap(state::AUTHORITIES, None, json.clone(), None)
                     .await?
                 {
                     tracing::info!(cluster = %name, "created a new cluster with fresh host and user CAs");
-                    fresh
+                    (json, fresh)
                 } else {
                     let raw = backend.get(state::AUTHORITIES).await?.ok_or_else(|| {
                         BackendError::Storage(
                             "cluster authorities vanished during bootstrap".into(),
                         )
                     })?;
-                    parse_stored(&raw)?
+                    let stored = parse_stored(&raw)?;
+                    (raw, stored)
                 }
             }
         };
@@ -82,12 +102,115 @@ impl Auth {
                 requested: requested.to_string(),
             });
         }
-        let authorities = Authorities::load(&stored)?;
+        let authorities = Arc::new(Authorities::load(&stored)?);
         Ok(Self {
             tokens: TokenStore::new(backend.clone(), static_tokens),
             backend,
-            authorities,
+            changes: watch::Sender::new(authorities.clone()),
+            loaded: RwLock::new(Loaded { raw, authorities }),
+            node_validity: ca::DEFAULT_NODE_VALIDITY,
         })
+    }
+
+    /// The authorities as they are now.
+    pub fn authorities(&self) -> Arc<Authorities> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .authorities
+            .clone()
+    }
+
+    /// Told of every change of the authorities.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Authorities>> {
+        self.changes.subscribe()
+    }
+
+    /// How long the node (and proxy) certificates signed from now on live.
+    pub fn set_node_validity(&mut self, validity: Duration) -> Result<(), AuthError> {
+        self.node_validity = validity;
+        let loaded = self.loaded.get_mut().unwrap_or_else(|p| p.into_inner());
+        let mut authorities = Authorities::load(&parse_stored(&loaded.raw)?)?;
+        authorities.set_node_validity(validity);
+        loaded.authorities = Arc::new(authorities);
+        self.changes.send_replace(loaded.authorities.clone());
+        Ok(())
+    }
+
+    /// Reads the authorities record again and takes it if it changed (another proxy moved a
+    /// rotation on). Returns whether it changed.
+    pub async fn reload(&self) -> Result<bool, AuthError> {
+        let Some(raw) = self.backend.get(state::AUTHORITIES).await? else {
+            return Err(ca::CaError::Corrupt("the cluster authorities are gone".into()).into());
+        };
+        self.take(raw)
+    }
+
+    fn take(&self, raw: Vec<u8>) -> Result<bool, AuthError> {
+        if self.loaded.read().unwrap_or_else(|p| p.into_inner()).raw == raw {
+            return Ok(false);
+        }
+        let mut authorities = Authorities::load(&parse_stored(&raw)?)?;
+        authorities.set_node_validity(self.node_validity);
+        let authorities = Arc::new(authorities);
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Loaded {
+            raw,
+            authorities: authorities.clone(),
+        };
+        if let Some(r) = authorities.rotation() {
+            tracing::info!(ca = %r.ca_type, phase = %r.phase, pins = ?authorities.pins().iter().map(ToString::to_string).collect::<Vec<_>>(), "CA rotation");
+        } else {
+            tracing::info!(ca_pin = %authorities.pin, "CA rotation: standby");
+        }
+        self.changes.send_replace(authorities);
+        Ok(true)
+    }
+
+    /// Moves a CA rotation (`burrowctl auth rotate`): to `target`, or, without one, starts an
+    /// automatic rotation over `grace`. One compare-and-swap of the authorities record.
+    pub async fn rotate(
+        &self,
+        ca_type: rotation::CaType,
+        target: Option<rotation::Phase>,
+        grace: Option<Duration>,
+    ) -> Result<Arc<Authorities>, AuthError> {
+        self.change(|stored| rotation::step(stored, ca_type, target, grace, unix_now()).map(Some))
+            .await?;
+        Ok(self.authorities())
+    }
+
+    /// Moves an automatic rotation on when its time has come (any proxy may; one wins).
+    pub async fn advance_rotation(&self) -> Result<(), AuthError> {
+        self.change(|stored| Ok(rotation::advance(stored, unix_now())))
+            .await
+    }
+
+    /// Applies `edit` to the stored authorities with compare-and-swap, retrying on a race.
+    async fn change(
+        &self,
+        edit: impl Fn(&StoredAuthorities) -> Result<Option<StoredAuthorities>, rotation::RotateError>,
+    ) -> Result<(), AuthError> {
+        for _ in 0..5 {
+            let Some(raw) = self.backend.get(state::AUTHORITIES).await? else {
+                return Err(ca::CaError::Corrupt("the cluster authorities are gone".into()).into());
+            };
+            let Some(next) = edit(&parse_stored(&raw)?)? else {
+                self.take(raw)?;
+                return Ok(());
+            };
+            let json = serde_json::to_vec(&next).expect("authorities serialize");
+            if self
+                .backend
+                .compare_and_swap(state::AUTHORITIES, Some(&raw), json.clone(), None)
+                .await?
+            {
+                self.take(json)?;
+                return Ok(());
+            }
+        }
+        Err(AuthError::Backend(BackendError::Storage(
+            "the cluster authorities keep changing under this rotation; try again".into(),
+        )))
     }
 
     /// Handles `POST /v1/webapi/host/join`.
@@ -130,15 +253,14 @@ impl Auth {
                 "this node was removed from the cluster".into(),
             ));
         }
-        let tls_cert = self
-            .authorities
-            .sign_node_key(spki_der, host_id, node_name)?;
-        let ssh_cert = self
-            .authorities
+        // One snapshot for both: a rotation between them would sign them by different CAs.
+        let authorities = self.authorities();
+        let tls_cert = authorities.sign_node_key(spki_der, host_id, node_name)?;
+        let ssh_cert = authorities
             .sign_host_ssh(&ssh_key, host_id, node_name)?
             .to_openssh()
             .map_err(ca::CaError::from)?;
-        tracing::info!(%host_id, node = %node_name, valid_for = ?self.authorities.node_validity(), "renewed a node's certificates");
+        tracing::info!(%host_id, node = %node_name, valid_for = ?self.node_validity, "renewed a node's certificates");
         Ok(NodeCertificates { tls_cert, ssh_cert })
     }
 
@@ -151,14 +273,13 @@ impl Auth {
         grant: tokens::Grant,
     ) -> Result<JoinResponse, AuthError> {
         let host_id = host_id.to_string();
-        let tls_cert = self
-            .authorities
+        let authorities = self.authorities();
+        let tls_cert = authorities
             .sign_node_csr(&req.tls_csr, &host_id, &req.node_name)
             .map_err(|_| {
                 AuthError::BadRequest("tls_csr is not a valid, signed PKCS#10 request".into())
             })?;
-        let ssh_cert = self
-            .authorities
+        let ssh_cert = authorities
             .sign_host_ssh(ssh_key, &host_id, &req.node_name)?
             .to_openssh()
             .map_err(ca::CaError::from)?;
@@ -179,12 +300,12 @@ impl Auth {
         tracing::info!(%host_id, node = %req.node_name, token = %grant.token_id, "node joined");
         Ok(JoinResponse {
             host_id,
-            cluster_name: self.authorities.cluster_name.clone(),
+            cluster_name: authorities.cluster_name.clone(),
             ssh_cert,
             tls_cert,
-            host_ca_certs: vec![self.authorities.host_tls_cert_pem.clone()],
-            host_ca_ssh: vec![self.authorities.host_ssh_public()?],
-            user_ca_ssh: vec![self.authorities.user_ssh_public()?],
+            host_ca_certs: authorities.host_ca_certs(),
+            host_ca_ssh: authorities.host_ssh_publics(),
+            user_ca_ssh: authorities.user_ssh_publics(),
             labels: grant.labels,
         })
     }
@@ -214,7 +335,7 @@ impl Auth {
         let mut reserved = vec![
             burrow_net::tls::CLUSTER_SERVER_NAME.to_string(),
             "localhost".to_string(),
-            self.authorities.cluster_name.clone(),
+            self.authorities().cluster_name.clone(),
         ];
         for proxy in crate::registry::list(self.backend.as_ref()).await? {
             reserved.push(proxy.id);
@@ -291,8 +412,8 @@ mod tests {
             .await
             .unwrap();
         let again = Auth::bootstrap(b.clone(), None, vec![]).await.unwrap();
-        assert_eq!(a.authorities.pin, again.authorities.pin);
-        assert_eq!(again.authorities.cluster_name, "c1");
+        assert_eq!(a.authorities().pin, again.authorities().pin);
+        assert_eq!(again.authorities().cluster_name, "c1");
         let err = Auth::bootstrap(b, Some("other"), vec![])
             .await
             .err()

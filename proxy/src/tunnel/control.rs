@@ -332,6 +332,7 @@ mod tests {
             node_name: "n1".into(),
             labels: Labels::from([("env".to_string(), "prod".to_string())]),
             keepalive_ms: None,
+            trust_updates: false,
         }
     }
 

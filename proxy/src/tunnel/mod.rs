@@ -37,6 +37,7 @@ use self::control::{Action, Facts, ProxyControl};
 use self::identity::{NodeIdentity, node_identity};
 pub use self::listen::{is_tunnel_alpn, serve_quic, serve_tcp};
 pub use self::nudge::nudge_former_agents;
+use self::renew::TrustWatch;
 pub use self::route::DialError;
 use self::table::{Entry, Table};
 
@@ -77,6 +78,8 @@ struct Admitted {
     node_name: String,
     control: Framed<TunnelStream>,
     pushed: watch::Receiver<Pushed>,
+    /// The cluster's CAs, followed for an agent that takes trust updates.
+    trust: Option<TrustWatch>,
     machine: ProxyControl,
     /// When this tunnel last wrote its node's seen record (`write_presence`).
     seen: u64,
@@ -270,6 +273,7 @@ impl TunnelServer {
             node_name,
             mut control,
             mut pushed,
+            mut trust,
             mut machine,
             mut seen,
         } = match Box::pin(self.admit(&session)).await {
@@ -280,7 +284,13 @@ impl TunnelServer {
             }
         };
         let result = self
-            .serve_control(&session, &mut control, &mut pushed, &mut machine, &mut seen)
+            .serve_control(
+                &session,
+                &mut control,
+                (&mut pushed, &mut trust),
+                &mut machine,
+                &mut seen,
+            )
             .await;
         let reason = match &result {
             Ok(()) if self.shutdown.is_cancelled() => "shutdown",
@@ -378,7 +388,13 @@ impl TunnelServer {
                 renewal: true,
             }))
             .await;
-        if let Err(e) = welcomed {
+        // What the node trusts, right after the welcome: it may have been away during a rotation.
+        let trust = hello.trust_updates.then(|| self.auth.subscribe());
+        let trusted = match (&welcomed, &trust) {
+            (Ok(()), Some(_)) => control.write(&self.trust_message(session)).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = welcomed.and(trusted) {
             self.forget(id, "closed");
             return Err(e.into());
         }
@@ -409,6 +425,7 @@ impl TunnelServer {
             node_name,
             control,
             pushed,
+            trust,
             machine: ProxyControl::new(presence, Instant::now()),
             seen,
         })
@@ -438,7 +455,7 @@ impl TunnelServer {
         &self,
         session: &Session,
         control: &mut Framed<TunnelStream>,
-        pushed: &mut watch::Receiver<Pushed>,
+        (pushed, trust): (&mut watch::Receiver<Pushed>, &mut Option<TrustWatch>),
         machine: &mut ProxyControl,
         seen: &mut u64,
     ) -> Result<(), TunnelError> {
@@ -459,6 +476,13 @@ impl TunnelServer {
                     }
                     let Pushed { proxies, return_window } = pushed.borrow_and_update().clone();
                     control.write(&ProxyControl::proxies_changed(proxies, return_window)).await?;
+                    continue;
+                }
+                // A CA rotation moved: tell the node what to trust (and to renew).
+                changed = renew::trust_changed(trust) => {
+                    if changed {
+                        control.write(&self.trust_message(session)).await?;
+                    }
                     continue;
                 }
                 // Agents open no stream but their control stream: reset any other at once

@@ -1,14 +1,48 @@
 //! Node certificates renewed over the tunnel ([`Message::Renew`]). Who the node is, and which TLS
 //! key to certify, come from the certificate the tunnel authenticated with, never from the
-//! request; a removed node gets nothing.
+//! request; a removed node gets nothing. And what a node trusts ([`Message::Trust`]): sent after
+//! the welcome and whenever a CA rotation moves, with `renew_now` when the tunnel's certificate
+//! is not from the CA that signs.
+
+use std::sync::Arc;
 
 use burrow_tunnel::Session;
+use tokio::sync::watch;
 use tunnel_proto::wire::Message;
 
 use super::TunnelServer;
 use crate::auth::AuthError;
+use crate::auth::ca::Authorities;
+
+/// A tunnel's view of the cluster's authorities.
+pub type TrustWatch = watch::Receiver<Arc<Authorities>>;
+
+/// Resolves when the authorities changed (true), or never for an agent that takes no trust
+/// updates; false once the proxy drops its side (shutting down).
+pub(super) async fn trust_changed(trust: &mut Option<TrustWatch>) -> bool {
+    match trust {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => true,
+            Err(_) => {
+                *trust = None;
+                false
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
 
 impl TunnelServer {
+    /// What the node on `session` should trust now.
+    pub(super) fn trust_message(&self, session: &Session) -> Message {
+        let authorities = self.auth.authorities();
+        let renew_now = session
+            .peer_certificates()
+            .first()
+            .is_some_and(|leaf| !authorities.signed_this(leaf));
+        Message::Trust(authorities.trust(renew_now))
+    }
+
     /// The answer to a node's renewal request on `session`.
     pub(super) async fn renewal(
         &self,

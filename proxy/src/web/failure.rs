@@ -51,6 +51,10 @@ impl From<AuthError> for ApiFailure {
                 ApiFailure::new(StatusCode::CONFLICT, "name_taken", e.to_string())
             }
             AuthError::Backend(b) => backend_failure(b),
+            AuthError::Rotate(crate::auth::rotation::RotateError::Ca(e)) => internal(e),
+            AuthError::Rotate(r) => {
+                ApiFailure::new(StatusCode::CONFLICT, "rotation_phase", r.to_string())
+            }
             other => internal(other),
         }
     }

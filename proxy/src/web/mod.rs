@@ -93,6 +93,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::AUTH_SIGN_PATH, post(auth_sign))
         .route(api::AUTH_EXPORT_PATH, get(auth_export))
         .route(api::AUTH_RENEW_ADMIN_PATH, post(auth_renew_admin))
+        .route(api::AUTH_ROTATE_PATH, post(auth_rotate))
         .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
         .fallback(|| async {
@@ -236,11 +237,11 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
 }
 
 async fn find(State(state): State<Arc<WebState>>) -> Json<FindResponse> {
-    let a = &state.auth.authorities;
+    let a = state.auth.authorities();
     Json(FindResponse {
         cluster_name: a.cluster_name.clone(),
         server_version: tunnel_proto::VERSION.to_string(),
-        host_ca_certs: vec![a.host_tls_cert_pem.clone()],
+        host_ca_certs: a.host_ca_certs(),
         tunnel_addrs: state.tunnel_addrs.clone(),
     })
 }
@@ -313,14 +314,51 @@ async fn status(
     State(state): State<Arc<WebState>>,
     _: Admin,
 ) -> Result<Json<StatusResponse>, ApiFailure> {
-    let a = &state.auth.authorities;
-    Ok(Json(StatusResponse {
+    Ok(Json(status_of(&state, &state.auth.authorities())))
+}
+
+fn status_of(state: &WebState, a: &crate::auth::ca::Authorities) -> StatusResponse {
+    StatusResponse {
         cluster_name: a.cluster_name.clone(),
         version: tunnel_proto::VERSION.to_string(),
-        ca_pins: vec![a.pin.to_string()],
+        ca_pins: a.pins().iter().map(ToString::to_string).collect(),
         public_addr: state.public_addr.clone(),
         ssh_addr: state.ssh_addr.clone(),
-    }))
+        rotation: a.rotation().cloned(),
+    }
+}
+
+/// `burrowctl auth rotate`: a CA rotation started, moved to a phase, or rolled back.
+async fn auth_rotate(
+    State(state): State<Arc<WebState>>,
+    _: Admin,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<StatusResponse>, ApiFailure> {
+    use crate::auth::rotation::{CaType, Phase};
+    let req: api::RotateRequest = parse_body(body)?;
+    let bad = |m: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    let ca_type = CaType::parse(&req.ca_type).ok_or_else(|| {
+        bad(format!(
+            "unknown CA type {:?}: expected host or user",
+            req.ca_type
+        ))
+    })?;
+    let phase = match req.phase.as_deref() {
+        None => None,
+        Some(p) => Some(Phase::parse(p).ok_or_else(|| {
+            bad(format!(
+                "unknown phase {p:?}: expected init, update_clients, update_servers, standby or rollback"
+            ))
+        })?),
+    };
+    let grace = req.grace_period_secs.map(Duration::from_secs);
+    let a = state.auth.rotate(ca_type, phase, grace).await?;
+    tracing::info!(
+        ca = ca_type.as_str(),
+        phase = phase.map_or("init (automatic)", Phase::as_str),
+        "CA rotation moved by an admin"
+    );
+    Ok(Json(status_of(&state, &a)))
 }
 
 async fn ready(State(state): State<Arc<WebState>>) -> Result<Json<api::Readiness>, ApiFailure> {
@@ -388,7 +426,7 @@ async fn auth_sign(
         .map_err(|_| bad("public_key is not an OpenSSH public key".into()))?;
     let cert = state
         .auth
-        .authorities
+        .authorities()
         .sign_user_ssh(&key, &req.user, &req.logins, ttl, &req.permissions)
         .and_then(|c| Ok(c.to_openssh()?))
         .map_err(internal)?;
@@ -407,10 +445,10 @@ async fn auth_export(
     _: Admin,
     Query(q): Query<ExportQuery>,
 ) -> Result<Json<api::ExportResponse>, ApiFailure> {
-    let a = &state.auth.authorities;
-    let key = match q.kind.as_str() {
-        "host" | "krl" => a.host_ssh_public(),
-        "user" => a.user_ssh_public(),
+    let a = state.auth.authorities();
+    let keys = match q.kind.as_str() {
+        "host" | "krl" => a.host_ssh_publics(),
+        "user" => a.user_ssh_publics(),
         other => {
             return Err(ApiFailure::new(
                 StatusCode::BAD_REQUEST,
@@ -418,8 +456,7 @@ async fn auth_export(
                 format!("unknown export type {other:?}: expected host, user or krl"),
             ));
         }
-    }
-    .map_err(internal)?;
+    };
     let revoked_key_ids = if q.kind == "krl" {
         crate::inventory::revoked_host_ids(state.backend.as_ref())
             .await
@@ -432,7 +469,7 @@ async fn auth_export(
     };
     Ok(Json(api::ExportResponse {
         kind: q.kind,
-        keys: vec![key],
+        keys,
         cluster_name: a.cluster_name.clone(),
         revoked_key_ids,
     }))
@@ -443,7 +480,7 @@ async fn auth_renew_admin(
     State(state): State<Arc<WebState>>,
     _: Admin,
 ) -> Result<Json<api::AdminIdentity>, ApiFailure> {
-    let identity = crate::admin_identity(&state.auth.authorities).map_err(internal)?;
+    let identity = crate::certs::admin_identity(&state.auth.authorities()).map_err(internal)?;
     tracing::info!("issued a renewed admin identity");
     Ok(Json(api::AdminIdentity { identity }))
 }
