@@ -305,7 +305,12 @@ pub async fn keep_current(
                 if let Err(e) = auth.reload().await {
                     tracing::debug!(error = %e, "cannot read the cluster authorities again");
                 }
-                if let Err(e) = auth.advance_rotation().await {
+                let due = auth
+                    .authorities()
+                    .rotation()
+                    .and_then(|r| r.next_phase_at)
+                    .is_some_and(|at| at <= unix_now());
+                if due && let Err(e) = auth.advance_rotation().await {
                     tracing::warn!(error = %e, "cannot move the CA rotation on");
                 }
             }

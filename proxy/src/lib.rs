@@ -96,10 +96,13 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         None => None,
     };
     let tls = proxy_certs.web_config(public_cert)?;
-    let listener = TcpListener::bind(config.web_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.web_listen))?;
-    let bound = listener.local_addr()?;
+    let quic_secret = quic_secret(&config.data_dir)?;
+    let (listener, bound, quic, quic_socket) = bind_pair(
+        config.web_listen,
+        Arc::new(certs::quic_config(&tls)),
+        &quic_secret,
+    )
+    .await?;
 
     let health = Arc::new(Health::default());
     let info = tunnel_proto::api::ProxyInfo {
@@ -133,13 +136,6 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         move || churn.churn(),
         shutdown.clone(),
     ));
-    let quic_secret = quic_secret(&config.data_dir)?;
-    let (quic, quic_socket) = burrow_tunnel::quic_server_endpoint(
-        bound,
-        Arc::new(certs::quic_config(&tls)),
-        &quic_secret,
-    )
-    .with_context(|| format!("cannot listen for QUIC on udp {bound}"))?;
     let mut nudge_sockets = vec![quic_socket];
     tracing::info!("QUIC tunnels listening on udp {bound}");
     // QUIC handshakes in progress count as the web port's connections do (their own count).
@@ -156,13 +152,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     let mut tunnel_addrs = Vec::new();
     if let Some(addr) = config.tunnel_listen {
         let tls = Arc::new(proxy_certs.tunnel_config()?);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for tunnels on {addr}"))?;
-        let bound = listener.local_addr()?;
-        let (quic, quic_socket) =
-            burrow_tunnel::quic_server_endpoint(bound, tls.clone(), &quic_secret)
-                .with_context(|| format!("cannot listen for QUIC tunnels on udp {bound}"))?;
+        let (listener, bound, quic, quic_socket) =
+            bind_pair(addr, tls.clone(), &quic_secret).await?;
         nudge_sockets.push(quic_socket);
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.
@@ -373,6 +364,41 @@ fn quic_secret(data_dir: &Path) -> anyhow::Result<[u8; burrow_tunnel::QUIC_SECRE
     write_private_atomic(&path, &secret)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret)
+}
+
+/// A TCP listener at `addr` and a QUIC endpoint on the same port. With port 0 the kernel picks
+/// the TCP port, and a UDP socket may already hold that number: another port is tried then (a
+/// few times) rather than failing.
+async fn bind_pair(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    quic_secret: &[u8; burrow_tunnel::QUIC_SECRET_LEN],
+) -> anyhow::Result<(
+    TcpListener,
+    SocketAddr,
+    quinn::Endpoint,
+    std::net::UdpSocket,
+)> {
+    let mut tries = 0;
+    loop {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        match burrow_tunnel::quic_server_endpoint(bound, tls.clone(), quic_secret) {
+            Ok((quic, socket)) => return Ok((listener, bound, quic, socket)),
+            Err(e)
+                if addr.port() == 0 && tries < 16 && e.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot listen for QUIC on udp {bound}"))
+                );
+            }
+        }
+    }
 }
 
 /// The names the proxy's cluster certificate is valid for, besides the cluster's own: the public
