@@ -323,7 +323,7 @@ async fn dial(
 /// A dial error, with what to do when the proxy's certificate is from a CA the node does not
 /// know: the cluster's CA was rotated while the node was offline.
 fn explain(error: String) -> String {
-    if error.contains("UnknownIssuer") {
+    if error.contains("UnknownIssuer") || error.contains("BadSignature") {
         format!(
             "{error}: the proxy's certificate is not from a CA this node trusts; if the cluster's CA was rotated while this node was offline, join again: move identity.json out of the data dir and start with a fresh token and the new --ca-pin"
         )

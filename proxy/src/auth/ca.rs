@@ -68,10 +68,11 @@ impl StoredAuthorities {
     pub fn generate(cluster_name: &str) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        // Each CA its own name: during a rotation two are trusted side by side.
-        let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        // Each CA its own name: during a rotation two are trusted side by side, and a verifier
+        // looks the issuer up by name.
+        let tag = tunnel_proto::hex(&rand::random::<[u8; 4]>());
         params.distinguished_name = distinguished_name(
-            &format!("Burrow host CA for {cluster_name}, {created}"),
+            &format!("Burrow host CA for {cluster_name} {tag}"),
             cluster_name,
         );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
