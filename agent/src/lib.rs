@@ -7,6 +7,7 @@
 //! - [`labels`]: static and command labels.
 //! - [`pool`]: one tunnel to every proxy, with backoff, transport fallback and keep-alives.
 //! - [`renew`]: the node's certificates renewed over a tunnel before they expire.
+//! - [`record`]: session recordings (asciicast v2) spooled in the data dir and sent to a proxy.
 //! - [`telemetry`]: metrics, readiness and the status file; [`status`]: `burrow-agent status`.
 //!
 //! `main` parses the command line and calls [`run`], which tests can call too.
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod join;
 pub mod labels;
 pub mod pool;
+pub mod record;
 pub mod renew;
 pub mod ssh;
 pub mod status;
@@ -105,7 +107,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let addr = join::find_tunnel_addr(&config.proxy, &cas, config.trust_public_web_cert)
         .await
         .unwrap_or_else(|| config.proxy.clone());
-    let ssh = Arc::new(ssh::SshContext::new(&identity, config.permit_open.clone())?);
+    let recordings = Arc::new(record::Uploader::new(&config.data_dir));
+    let mut ssh = ssh::SshContext::new(&identity, config.permit_open.clone())?;
+    ssh.recordings = Some(recordings.clone());
+    let ssh = Arc::new(ssh);
     if let Some(addr) = config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             AgentError::Runtime(anyhow::anyhow!("cannot listen for SSH on {addr}: {e}"))
@@ -159,6 +164,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             held: tokio::sync::watch::Sender::new(0),
             telemetry: Some(telemetry),
             renewer: Some(renewer),
+            recordings: Some(recordings),
         },
         shutdown.clone(),
     )

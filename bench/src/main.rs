@@ -181,6 +181,7 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
             held: held_tx,
             telemetry: None,
             renewer: None,
+            recordings: None,
         };
         let stop = shutdown.clone();
         let name = identity.node_name.clone();

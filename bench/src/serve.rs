@@ -4,11 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use burrow_agent::pool::DialService;
+use burrow_agent::pool::{DialInfo, DialService};
 use burrow_tunnel::TunnelStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tunnel_proto::wire::AuditEvent;
 
 type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -16,12 +14,7 @@ type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub struct Echo;
 
 impl DialService for Echo {
-    fn serve(
-        self: Arc<Self>,
-        stream: TunnelStream,
-        _: String,
-        _: mpsc::Sender<AuditEvent>,
-    ) -> Served {
+    fn serve(self: Arc<Self>, stream: TunnelStream, _: DialInfo) -> Served {
         Box::pin(async move {
             let (mut r, mut w) = tokio::io::split(stream);
             let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -38,15 +31,10 @@ pub struct Banner;
 pub const BANNER: &[u8] = b"SSH-2.0-burrow-bench\r\n";
 
 impl DialService for Banner {
-    fn serve(
-        self: Arc<Self>,
-        mut stream: TunnelStream,
-        client: String,
-        audit: mpsc::Sender<AuditEvent>,
-    ) -> Served {
+    fn serve(self: Arc<Self>, mut stream: TunnelStream, dial: DialInfo) -> Served {
         Box::pin(async move {
             if stream.write_all(BANNER).await.is_ok() && stream.flush().await.is_ok() {
-                Arc::new(Echo).serve(stream, client, audit).await;
+                Arc::new(Echo).serve(stream, dial).await;
             }
         })
     }
@@ -56,12 +44,7 @@ impl DialService for Banner {
 pub struct Sink;
 
 impl DialService for Sink {
-    fn serve(
-        self: Arc<Self>,
-        mut stream: TunnelStream,
-        _: String,
-        _: mpsc::Sender<AuditEvent>,
-    ) -> Served {
+    fn serve(self: Arc<Self>, mut stream: TunnelStream, _: DialInfo) -> Served {
         Box::pin(async move {
             let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
             let _ = stream.shutdown().await;
@@ -73,12 +56,7 @@ impl DialService for Sink {
 pub struct Source;
 
 impl DialService for Source {
-    fn serve(
-        self: Arc<Self>,
-        stream: TunnelStream,
-        _: String,
-        _: mpsc::Sender<AuditEvent>,
-    ) -> Served {
+    fn serve(self: Arc<Self>, stream: TunnelStream, _: DialInfo) -> Served {
         Box::pin(async move {
             let (mut r, mut w) = tokio::io::split(stream);
             let chunk = vec![0u8; 64 * 1024];

@@ -64,8 +64,36 @@ pub enum Command {
         #[arg(long, value_name = "EXPR")]
         query: Option<String>,
     },
+    /// Recorded SSH sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// Replay a recorded session in this terminal, with its timing.
+    Play {
+        session_id: String,
+        /// Faster (2) or slower (0.5) than it happened.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// The longest pause between two outputs, however long the user was idle.
+        #[arg(long, value_name = "DURATION", default_value = "2s")]
+        idle_limit: String,
+    },
     /// Print burrowctl's version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// List recorded sessions, oldest first: id, user, login, node, start, end, duration, size.
+    Ls {
+        /// Only this node's (name or host id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Only this user's (the certificate's user).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Write a session's recording (asciicast v2, for `asciinema play`) to stdout.
+    Export { session_id: String },
 }
 
 #[derive(Debug, Subcommand)]

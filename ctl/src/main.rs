@@ -17,7 +17,8 @@ use tunnel_proto::api::{
 use tunnel_proto::secret::token_from_arg;
 
 use crate::cli::{
-    AuthCommand, Cli, Command, DEFAULT_PROXY, Format, NodesCommand, ProxiesCommand, TokensCommand,
+    AuthCommand, Cli, Command, DEFAULT_PROXY, Format, NodesCommand, ProxiesCommand,
+    SessionsCommand, TokensCommand,
 };
 use crate::output::{labels_text, print_json, print_table, rfc3339};
 use crate::query::Query;
@@ -29,6 +30,7 @@ mod nodes;
 mod openssh;
 mod output;
 mod query;
+mod sessions;
 
 /// An error and the exit code it deserves: 2 for usage and configuration, 1 for the rest.
 struct Failure {
@@ -244,6 +246,17 @@ async fn execute(cli: &Cli) -> Result<(), Failure> {
             };
             nodes::ls(&admin, request).await
         }
+        Command::Sessions(SessionsCommand::Ls { node, user }) => {
+            sessions::ls(&admin, cli.format, node.as_deref(), user.as_deref()).await
+        }
+        Command::Sessions(SessionsCommand::Export { session_id }) => {
+            sessions::export(&admin, session_id).await
+        }
+        Command::Play {
+            session_id,
+            speed,
+            idle_limit,
+        } => sessions::play(&admin, session_id, *speed, idle_limit).await,
         Command::SshConfig { client, query } => {
             nodes::ssh_config(&admin, client, parse_query(query.as_deref())?).await
         }

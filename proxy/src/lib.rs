@@ -12,6 +12,7 @@
 //! - [`inventory`]: nodes as the cluster knows them: `nodes ls`, `nodes rm`, node names.
 //! - [`nodelimits`]: what a joined node may make the proxy do (rates, sizes, counts).
 //! - [`audit`]: the audit log, written by a thread of its own.
+//! - [`recordings`]: session recordings nodes send, stored, indexed and served.
 //! - [`sshproxy`]: the SSH jump host (port 3023).
 //! - [`web`]: the HTTPS web port (find, join, admin API, and TCP tunnels by ALPN).
 //! - [`metrics`]: Prometheus metrics and readiness for the diagnostics listener.
@@ -28,6 +29,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod nodelimits;
 pub mod ratelimit;
+pub mod recordings;
 pub mod registry;
 pub mod sshproxy;
 pub mod state;
@@ -120,12 +122,18 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
 
+    let recordings = Arc::new(recordings::Recordings::new(
+        &config.data_dir,
+        backend.clone(),
+        proxy_id.clone(),
+        config.session_recording,
+    ));
     let tunnels = tunnel::TunnelServer::start(
         proxy_id.clone(),
         authorities.cluster_name.clone(),
         backend.clone(),
         config.data_dir.join("audit"),
-        auth.clone(),
+        (auth.clone(), recordings.clone()),
         metrics.clone(),
         shutdown.clone(),
     )
@@ -266,6 +274,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     let state = Arc::new(web::WebState {
         auth,
+        recordings,
         tunnels: tunnels.clone(),
         backend,
         health,

@@ -48,6 +48,20 @@ impl TokenBucket {
         }
     }
 
+    /// Takes one token, going into debt if there is none: returns how long until the debt is
+    /// paid, the time to wait before acting.
+    pub fn take_paced(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.updated = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_sec)
+        }
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
@@ -62,10 +76,15 @@ impl TokenBucket {
     }
 }
 
+/// Recording chunks (up to 24 KiB each): a burst, then a steady rate, paced rather than refused.
+const RECORDING_BURST: f64 = 64.0;
+const RECORDING_PER_SEC: f64 = 40.0;
+
 /// The budget of one tunnel's node.
 pub struct NodeBudget {
     messages: TokenBucket,
     audit: TokenBucket,
+    recording: TokenBucket,
     unexpected_streams: u32,
     /// Audit events dropped for the rate, for the log.
     pub audit_dropped: u64,
@@ -76,6 +95,7 @@ impl NodeBudget {
         Self {
             messages: TokenBucket::new(MESSAGE_BURST, MESSAGES_PER_SEC, now),
             audit: TokenBucket::new(AUDIT_BURST, AUDIT_PER_SEC, now),
+            recording: TokenBucket::new(RECORDING_BURST, RECORDING_PER_SEC, now),
             unexpected_streams: 0,
             audit_dropped: 0,
         }
@@ -93,6 +113,12 @@ impl NodeBudget {
             self.audit_dropped += 1;
         }
         ok
+    }
+
+    /// A recording chunk: how long to wait before taking it, so that a node's recordings arrive
+    /// at most at the steady rate whatever it sends (chunks are taken one after another).
+    pub fn recording(&mut self, now: Instant) -> Duration {
+        self.recording.take_paced(now)
     }
 
     /// A stream the node opened that nobody asked for (it is reset); `false`: close the tunnel.

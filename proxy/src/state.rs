@@ -12,6 +12,8 @@
 //! | `/seen/<host id>` | the node's last [`tunnel_proto::api::Presence`] anywhere: when it was last seen, for `nodes ls` and "offline since" once its presence records are gone |
 //! | `/revoked/<host id>` | when the node was removed |
 //! | `/proxies/<proxy id>` | [`tunnel_proto::api::ProxyInfo`], under a lease |
+//! | `/sessions/<session id>` | [`tunnel_proto::api::SessionRecord`]: a stored recording and the proxy that holds it |
+//! | `/recording-usage/<host id>` | bytes of recordings the node has stored (decimal) |
 
 use serde::{Deserialize, Serialize};
 use tunnel_proto::api::Labels;
@@ -24,6 +26,16 @@ pub const PRESENCE: &str = "/presence/";
 pub const SEEN: &str = "/seen/";
 pub const REVOKED: &str = "/revoked/";
 pub const PROXIES: &str = "/proxies/";
+pub const SESSIONS: &str = "/sessions/";
+pub const RECORDING_USAGE: &str = "/recording-usage/";
+
+pub fn session(session_id: &str) -> String {
+    format!("{SESSIONS}{session_id}")
+}
+
+pub fn recording_usage(host_id: &str) -> String {
+    format!("{RECORDING_USAGE}{host_id}")
+}
 
 pub fn token(hash_hex: &str) -> String {
     format!("{TOKENS}{hash_hex}")

@@ -13,6 +13,8 @@
 //! - `GET  /v1/admin/nodes`: [`NodeList`]
 //! - `POST /v1/admin/nodes/remove`: [`NodeRemoveRequest`] -> [`NodeRemoved`]
 //! - `POST /v1/admin/auth/rotate`: [`RotateRequest`] -> [`StatusResponse`]
+//! - `GET  /v1/admin/sessions?node=N&user=U`: [`SessionList`]
+//! - `GET  /v1/admin/sessions/cast?id=ID&offset=N`: [`SessionCast`]
 //!
 //! Health (no authentication): `GET /readyz`: [`Readiness`] or a `not_ready` error.
 //!
@@ -36,6 +38,8 @@ pub const AUTH_SIGN_PATH: &str = "/v1/admin/auth/sign";
 pub const AUTH_EXPORT_PATH: &str = "/v1/admin/auth/export";
 pub const AUTH_RENEW_ADMIN_PATH: &str = "/v1/admin/auth/renew-admin";
 pub const AUTH_ROTATE_PATH: &str = "/v1/admin/auth/rotate";
+pub const SESSIONS_PATH: &str = "/v1/admin/sessions";
+pub const SESSION_CAST_PATH: &str = "/v1/admin/sessions/cast";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 
@@ -254,6 +258,40 @@ pub struct RotationStatus {
     /// Automatic rotations: when the proxies move it to its next phase (unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_phase_at: Option<u64>,
+}
+
+/// A stored session recording, as the backend indexes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: String,
+    /// The node, from its certificate.
+    pub host_id: String,
+    pub node: String,
+    /// The user's certificate key id and the login, as the node reported them.
+    pub user: String,
+    pub login: String,
+    /// `shell` or `exec`.
+    pub kind: String,
+    /// Unix milliseconds.
+    pub started: u64,
+    pub ended: u64,
+    /// Bytes of the `.cast` file.
+    pub size: u64,
+    /// The proxy that holds the file.
+    pub proxy_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionList {
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// A piece of a recording: whole lines of its asciicast text from `offset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionCast {
+    pub session: SessionRecord,
+    pub offset: u64,
+    pub data: String,
 }
 
 /// `POST /v1/admin/auth/rotate`: start a rotation, move one to a phase, or roll it back.

@@ -72,6 +72,19 @@ pub enum Message {
     /// Proxy -> agent (only if the hello said [`Hello::trust_updates`]), after the welcome and
     /// whenever a CA rotation changes it: the CAs the node trusts from now on.
     Trust(Trust),
+    /// Agent -> proxy (only if the welcome said [`Welcome::recording`]).
+    Recording(RecordingChunk),
+    /// Proxy -> agent, the answer to `Recording`: how many bytes of it the proxy holds (the
+    /// agent goes on from there), whether it is complete and stored, or why it was refused (the
+    /// agent drops it).
+    RecordingAck {
+        session_id: String,
+        size: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stored: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// Proxy -> agent, the answer to `Renew`: both certificates, or why not.
     Renewed {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,6 +178,8 @@ impl Message {
             Message::Renew { .. } => "renew",
             Message::Renewed { .. } => "renewed",
             Message::Trust(_) => "trust",
+            Message::Recording(_) => "recording",
+            Message::RecordingAck { .. } => "recording_ack",
         }
     }
 }
@@ -205,6 +220,45 @@ pub struct Welcome {
     /// This proxy renews node certificates over the tunnel ([`Message::Renew`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub renewal: bool,
+    /// Which sessions the node records and sends to the proxy ([`Message::Recording`]); none:
+    /// the proxy takes no recordings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingMode>,
+}
+
+/// Which SSH sessions a node records (the proxy's `session_recording:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingMode {
+    /// Shells and commands (not file transfers).
+    All,
+    /// Sessions with a terminal only.
+    Pty,
+    Off,
+}
+
+/// Agent -> proxy: a piece of a session recording (asciicast v2 text, whole lines), at `offset`
+/// in its file. The last one carries `end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingChunk {
+    pub session_id: String,
+    pub offset: u64,
+    pub data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<RecordingEnd>,
+}
+
+/// What a finished recording was: the node's account of its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingEnd {
+    /// The user's certificate key id.
+    pub user: String,
+    pub login: String,
+    /// `shell` or `exec`.
+    pub kind: String,
+    /// Unix milliseconds.
+    pub started: u64,
+    pub ended: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -299,6 +353,7 @@ mod tests {
                 return_window_ms: None,
                 nudge_token: Some("00112233445566778899aabbccddeeff".into()),
                 renewal: true,
+                recording: Some(RecordingMode::All),
             }),
             Message::Proxies {
                 proxies: vec![],

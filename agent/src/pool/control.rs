@@ -108,6 +108,13 @@ pub enum Step {
     },
     /// The CAs to trust from now on (a CA rotation moved).
     Trust(Trust),
+    /// The proxy's answer about a recording.
+    RecordingAck {
+        session_id: String,
+        size: u64,
+        stored: bool,
+        error: Option<String>,
+    },
     End(End),
 }
 
@@ -157,6 +164,17 @@ impl AgentControl {
                 error,
             },
             Message::Trust(trust) => Step::Trust(trust),
+            Message::RecordingAck {
+                session_id,
+                size,
+                stored,
+                error,
+            } => Step::RecordingAck {
+                session_id,
+                size,
+                stored,
+                error,
+            },
             other => Step::End(End::Unexpected { kind: other.kind() }),
         }
     }
@@ -182,6 +200,7 @@ mod tests {
             return_window_ms: Some(2048),
             nudge_token: None,
             renewal: false,
+            recording: None,
         }
     }
 

@@ -9,8 +9,6 @@
 //! on TCP it keeps trying QUIC and moves each tunnel back when QUIC reaches its proxy.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::api::Labels;
-use tunnel_proto::wire::{AuditEvent, DialRequest, Message, ProxyEntry, Welcome};
+use tunnel_proto::wire::{AuditEvent, Message, ProxyEntry, Welcome};
 
 use self::control::{AgentControl, End, Step};
 use self::membership::{
@@ -33,8 +31,12 @@ use crate::renew::{Renewer, SharedTls};
 use crate::telemetry::{Disconnect, Telemetry};
 
 mod control;
+mod dials;
 mod membership;
 mod timing;
+
+use self::dials::serve_dials;
+pub use self::dials::{DialInfo, DialService, SSH_PORT};
 
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `auto` gives QUIC before falling back to TCP.
@@ -73,34 +75,10 @@ pub struct PoolConfig {
     /// Renews the node's certificates over a tunnel before they expire (none for simulated
     /// agents).
     pub renewer: Option<Arc<Renewer>>,
+    /// Sends the node's session recordings to proxies that take them (none for simulated
+    /// agents).
+    pub recordings: Option<Arc<crate::record::Uploader>>,
 }
-
-/// What serves a dial stream the proxy opened to port 3022: the node's SSH server in the agent,
-/// an echo or a byte sink in `burrow-bench`'s simulated agents.
-pub trait DialService: Send + Sync + 'static {
-    /// Serves one stream until it ends; `client_addr` is the user's address as the proxy saw it,
-    /// and `audit` carries audit events to the proxy.
-    fn serve(
-        self: Arc<Self>,
-        stream: TunnelStream,
-        client_addr: String,
-        audit: mpsc::Sender<AuditEvent>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
-}
-
-impl DialService for crate::ssh::SshContext {
-    fn serve(
-        self: Arc<Self>,
-        stream: TunnelStream,
-        client_addr: String,
-        audit: mpsc::Sender<AuditEvent>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(crate::ssh::serve(self, stream, client_addr, audit))
-    }
-}
-
-/// The node port dial streams reach the SSH server on.
-pub const SSH_PORT: u16 = 3022;
 
 /// Why the pool stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -421,12 +399,20 @@ async fn run_tunnel(
     // Only a proxy that says it renews certificates is asked to.
     let renewer = config.renewer.clone().filter(|_| welcome.renewal);
     let proxy_id = welcome.proxy_id;
+    // Recordings go only to a proxy that says it takes them.
+    let recordings = config
+        .recordings
+        .clone()
+        .filter(|_| welcome.recording.is_some());
+    if let Some(r) = &recordings {
+        r.tunnel_up(&proxy_id, welcome.recording);
+    }
     let mut labels = config.labels.clone();
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
     let dials = tokio::spawn(serve_dials(
         session.clone(),
         config.dials.clone(),
-        audit_tx,
+        (proxy_id.clone(), audit_tx),
         config.telemetry.clone(),
     ));
     // Why the tunnel ended when the proxy did not say (it says so in `End`).
@@ -444,6 +430,15 @@ async fn run_tunnel(
             }
             Some(event) = audit_rx.recv() => {
                 if control.write(&Message::Audit(event)).await.is_err() {
+                    break None;
+                }
+                continue;
+            }
+            _ = upload_ready(recordings.as_deref()) => {
+                let Some(r) = &recordings else { continue };
+                if let Some(chunk) = r.next_chunk(&proxy_id, burrow_daemon::unix_now())
+                    && control.write(&chunk).await.is_err()
+                {
                     break None;
                 }
                 continue;
@@ -481,6 +476,16 @@ async fn run_tunnel(
                 } => {
                     if let Some(renewer) = &renewer {
                         renewer.finish(burrow_daemon::unix_now(), certificates, error);
+                    }
+                }
+                Step::RecordingAck {
+                    session_id,
+                    size,
+                    stored,
+                    error,
+                } => {
+                    if let Some(r) = &recordings {
+                        r.answer(&proxy_id, &session_id, size, stored, error);
                     }
                 }
                 Step::Trust(trust) => {
@@ -524,6 +529,9 @@ async fn run_tunnel(
     if let Some(token) = nudge {
         nudges.disarm(&token);
     }
+    if let Some(r) = &recordings {
+        r.tunnel_down(&proxy_id);
+    }
     session.close("tunnel closed");
     dials.abort();
     let _ = events
@@ -537,6 +545,14 @@ async fn run_tunnel(
         .await;
 }
 
+/// Resolves when `recordings` may have a chunk to send; never without them.
+async fn upload_ready(recordings: Option<&crate::record::Uploader>) {
+    match recordings {
+        Some(r) => r.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves when `renewer` may have a renewal request to send; never without one.
 async fn renewal_due(renewer: Option<&Renewer>) {
     match renewer {
@@ -547,55 +563,5 @@ async fn renewal_due(renewer: Option<&Renewer>) {
             tokio::time::sleep(wait.min(Duration::from_secs(3600))).await
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Answers the proxy's dial streams: port 3022 reaches the node's SSH server; other ports are
-/// refused with a reason the proxy shows the user.
-async fn serve_dials(
-    session: Session,
-    service: Arc<dyn DialService>,
-    audit: mpsc::Sender<AuditEvent>,
-    telemetry: Option<Arc<Telemetry>>,
-) {
-    while let Some(stream) = session.accept().await {
-        let service = service.clone();
-        let audit = audit.clone();
-        let telemetry = telemetry.clone();
-        tokio::spawn(async move {
-            let mut framed = Framed::new(stream);
-            let Ok(Ok(Some(Message::Dial(DialRequest { port, client_addr })))) =
-                tokio::time::timeout(WELCOME_TIMEOUT, framed.read()).await
-            else {
-                return;
-            };
-            if port != SSH_PORT {
-                let _ = framed
-                    .write(&Message::DialResult {
-                        error: Some(format!(
-                            "this node serves SSH on port {SSH_PORT}, not {port}"
-                        )),
-                    })
-                    .await;
-                return;
-            }
-            if framed
-                .write(&Message::DialResult { error: None })
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let (stream, leftover) = framed.into_parts();
-            if !leftover.is_empty() {
-                // The proxy sends nothing after a dial until it has the answer.
-                tracing::warn!(
-                    "the proxy sent bytes before the dial was answered; dropping the stream"
-                );
-                return;
-            }
-            let _open = telemetry.as_ref().map(|t| t.ssh_connection());
-            service.serve(stream, client_addr, audit).await;
-        });
     }
 }

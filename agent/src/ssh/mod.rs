@@ -59,6 +59,8 @@ pub struct SshContext {
     pub permit_open: PermitOpen,
     /// Places for connections that have not logged in yet (sshd's MaxStartups).
     pub startups: Arc<tokio::sync::Semaphore>,
+    /// Where session recordings go (none: sessions are not recorded).
+    pub recordings: Option<Arc<crate::record::Uploader>>,
 }
 
 impl SshContext {
@@ -78,6 +80,7 @@ impl SshContext {
             host_id: identity.host_id.clone(),
             permit_open,
             startups: Arc::new(tokio::sync::Semaphore::new(MAX_STARTUPS)),
+            recordings: None,
         })
     }
 }
@@ -119,11 +122,13 @@ fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Config {
     config
 }
 
-/// Serves one SSH connection on a dial stream. `client` is the user's address as the proxy saw it.
+/// Serves one SSH connection on a dial stream. `client` is the user's address as the proxy saw
+/// it, `via` the proxy whose tunnel carried it (none on the local listener).
 pub async fn serve(
     ctx: Arc<SshContext>,
     stream: TunnelStream,
     client: String,
+    via: Option<String>,
     audit: mpsc::Sender<AuditEvent>,
 ) {
     // Like sshd's MaxStartups: a bounded number of connections that have not logged in yet, each
@@ -140,6 +145,7 @@ pub async fn serve(
             .rsplit_once(':')
             .and_then(|(ip, _)| ip.trim_matches(['[', ']']).parse().ok()),
         client,
+        via,
         audit,
         login: None,
         user: None,
@@ -180,6 +186,7 @@ pub async fn serve_listener(
             ctx.clone(),
             Box::new(tcp),
             peer.to_string(),
+            None,
             audit.clone(),
         ));
     }
@@ -192,12 +199,17 @@ struct ChanState {
     stdin: Option<mpsc::Sender<Vec<u8>>>,
     master: Option<Arc<OwnedFd>>,
     group: Option<Arc<ProcessGroup>>,
+    /// The session's id (audit events, its recording) once its program runs.
+    session_id: Option<String>,
+    recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 struct NodeHandler {
     ctx: Arc<SshContext>,
     client: String,
     client_ip: Option<IpAddr>,
+    /// The proxy whose tunnel carried the connection: where its recordings go first.
+    via: Option<String>,
     audit: mpsc::Sender<AuditEvent>,
     login: Option<Login>,
     user: Option<String>,
@@ -211,6 +223,19 @@ struct NodeHandler {
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::oneshot::Sender<()>,
     )>,
+}
+
+/// A connection that ends without closing its channels (the user's link or the proxy died) hangs
+/// up on their programs, as sshd does: a shell left behind would run on unseen, and its session
+/// (and recording) would never end.
+impl Drop for NodeHandler {
+    fn drop(&mut self) {
+        for (_, state) in self.channels.drain() {
+            if let Some(group) = state.group {
+                group.signal(nix::sys::signal::Signal::SIGHUP);
+            }
+        }
+    }
 }
 
 impl NodeHandler {
@@ -416,8 +441,18 @@ impl russh::server::Handler for NodeHandler {
         _ph: u32,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(master) = self.channels.get(&id).and_then(|c| c.master.clone()) {
-            process::set_window_size(&master, clamp(cols), clamp(rows));
+        let Some(state) = self.channels.get(&id) else {
+            return Ok(());
+        };
+        if let Some(master) = &state.master {
+            process::set_window_size(master, clamp(cols), clamp(rows));
+        }
+        if let Some(recorder) = &state.recorder {
+            recorder.resize(u32::from(clamp(cols)), u32::from(clamp(rows)));
+        }
+        if let Some(session_id) = state.session_id.clone() {
+            let size = format!("{}x{}", clamp(cols), clamp(rows));
+            self.event("resize", &[("session_id", session_id), ("size", size)]);
         }
         Ok(())
     }

@@ -10,6 +10,8 @@ use russh::server::Handle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::record::Recorder;
+
 /// Output on its way to the client: (extended stream, bytes).
 type Chunk = (Option<u32>, Vec<u8>);
 
@@ -59,6 +61,7 @@ pub async fn pump_pty(
     mut input: mpsc::Receiver<Vec<u8>>,
     handle: Handle,
     id: ChannelId,
+    recorder: Option<Arc<Recorder>>,
 ) {
     let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) else {
         return;
@@ -79,6 +82,9 @@ pub async fn pump_pty(
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break, // EIO once the last process on the terminal is gone
             Ok(n) => {
+                if let Some(r) = &recorder {
+                    r.output(&buf[..n]);
+                }
                 if !out.send(None, buf[..n].to_vec()).await {
                     break;
                 }
@@ -95,8 +101,8 @@ pub async fn pump_pipes(
     stdout: Option<tokio::process::ChildStdout>,
     stderr: Option<tokio::process::ChildStderr>,
     mut input: mpsc::Receiver<Vec<u8>>,
-    handle: Handle,
-    id: ChannelId,
+    (handle, id): (Handle, ChannelId),
+    recorder: Option<Arc<Recorder>>,
 ) {
     let writing = tokio::spawn(async move {
         let Some(mut stdin) = stdin else { return };
@@ -109,13 +115,21 @@ pub async fn pump_pipes(
         let _ = stdin.shutdown().await;
     });
     let (sender, forwarding) = output_forwarder(handle, id);
+    // A recording shows stdout and stderr as the one terminal a user would have seen.
     let out = {
         let sender = sender.clone();
+        let recorder = recorder.clone();
         async move {
             let Some(mut stdout) = stdout else { return };
             let mut buf = vec![0u8; 32 * 1024];
             while let Ok(n) = stdout.read(&mut buf).await {
-                if n == 0 || !sender.send(None, buf[..n].to_vec()).await {
+                if n == 0 {
+                    break;
+                }
+                if let Some(r) = &recorder {
+                    r.output(&buf[..n]);
+                }
+                if !sender.send(None, buf[..n].to_vec()).await {
                     break;
                 }
             }
@@ -127,7 +141,13 @@ pub async fn pump_pipes(
             let Some(mut stderr) = stderr else { return };
             let mut buf = vec![0u8; 16 * 1024];
             while let Ok(n) = stderr.read(&mut buf).await {
-                if n == 0 || !sender.send(Some(1), buf[..n].to_vec()).await {
+                if n == 0 {
+                    break;
+                }
+                if let Some(r) = &recorder {
+                    r.output(&buf[..n]);
+                }
+                if !sender.send(Some(1), buf[..n].to_vec()).await {
                     break;
                 }
             }

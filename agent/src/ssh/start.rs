@@ -9,11 +9,22 @@ use russh::ChannelId;
 use russh::server::Session;
 use tokio::sync::mpsc;
 use tunnel_proto::api::Labels;
-use tunnel_proto::wire::AuditEvent;
+use tunnel_proto::wire::{AuditEvent, RecordingMode};
 
 use super::NodeHandler;
 use super::process::{self, Io, Program};
 use super::pump;
+
+/// Whether a session is recorded under `mode`: shells and commands with a terminal, and
+/// commands without one unless they are file transfers (`scp`, audited as such instead).
+fn records(mode: RecordingMode, with_pty: bool, command: Option<&str>) -> bool {
+    let transfer = command.is_some_and(|c| c.trim_start().starts_with("scp "));
+    match mode {
+        RecordingMode::All => with_pty || !transfer,
+        RecordingMode::Pty => with_pty,
+        RecordingMode::Off => false,
+    }
+}
 
 /// What a session channel asked to run.
 pub(super) enum Start {
@@ -72,12 +83,36 @@ impl NodeHandler {
             }
         };
         session.channel_success(id)?;
-        let session_id = format!("{:016x}", rand::random::<u64>());
+        // 128 random bits: a recording is stored under it, and a node must not be able to guess
+        // another's.
+        let session_id = tunnel_proto::hex(&rand::random::<[u8; 16]>());
         let kind = match &what {
             Start::Shell => "shell",
             Start::Exec(_) => "exec",
             Start::Sftp => "sftp",
         };
+        let with_pty = !matches!(what, Start::Sftp) && state.pty.is_some();
+        let recorder = match (&self.ctx.recordings, &what) {
+            (Some(up), Start::Shell | Start::Exec(_))
+                if records(up.mode(), with_pty, command.as_deref()) =>
+            {
+                let (size, term) = state.pty.as_ref().map_or(((80, 24), "dumb"), |p| {
+                    ((u32::from(p.cols), u32::from(p.rows)), p.term.as_str())
+                });
+                let title = format!("{}@{}", login.name, self.ctx.node_name);
+                crate::record::Recorder::start(
+                    up,
+                    &session_id,
+                    size,
+                    term,
+                    title,
+                    self.via.as_deref(),
+                )
+            }
+            _ => None,
+        };
+        state.session_id = Some(session_id.clone());
+        state.recorder = recorder.clone();
         state.group = Some(spawned.group.clone());
         let handle = session.handle();
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
@@ -86,7 +121,13 @@ impl NodeHandler {
             Io::Pty(master) => {
                 let master = Arc::new(master);
                 state.master = Some(master.clone());
-                tokio::spawn(pump::pump_pty(master, rx, handle.clone(), id))
+                tokio::spawn(pump::pump_pty(
+                    master,
+                    rx,
+                    handle.clone(),
+                    id,
+                    recorder.clone(),
+                ))
             }
             Io::Pipes => {
                 let child = &mut spawned.child;
@@ -97,8 +138,8 @@ impl NodeHandler {
                     stdout,
                     stderr,
                     rx,
-                    handle.clone(),
-                    id,
+                    (handle.clone(), id),
+                    recorder.clone(),
                 ))
             }
         };
@@ -119,12 +160,21 @@ impl NodeHandler {
             &[
                 ("session_id", fields["session_id"].clone()),
                 ("kind", kind.into()),
+                ("recorded", recorder.is_some().to_string()),
             ],
+        );
+        let who = (
+            self.user.clone().unwrap_or_default(),
+            login.name.clone(),
+            kind,
         );
         let (mut child, group) = (spawned.child, spawned.group);
         tokio::spawn(async move {
             let status = process::wait(&mut child, &group).await;
             let _ = output.await;
+            if let Some(recorder) = &recorder {
+                recorder.finish(&who.0, &who.1, who.2);
+            }
             let (code, signal) = match &status {
                 Ok(s) => (s.code(), s.signal()),
                 Err(_) => (Some(255), None),

@@ -109,6 +109,7 @@ pub struct FileConfig {
     pub public_addr: Option<String>,
     pub diag_listen: Option<String>,
     pub node_cert_ttl: Option<String>,
+    pub session_recording: Option<tunnel_proto::wire::RecordingMode>,
     pub https_cert_file: Option<PathBuf>,
     pub https_key_file: Option<PathBuf>,
     #[serde(default)]
@@ -167,6 +168,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// How long node certificates live (`node_cert_ttl`).
     pub node_cert_ttl: std::time::Duration,
+    /// Which sessions nodes record (`session_recording`: all, pty or off).
+    pub session_recording: tunnel_proto::wire::RecordingMode,
     pub debug: bool,
 }
 
@@ -358,6 +361,9 @@ impl ProxyConfig {
             storage,
             limits: Limits::merge(file.limits)?,
             node_cert_ttl: parse_node_cert_ttl(file.node_cert_ttl.as_deref())?,
+            session_recording: file
+                .session_recording
+                .unwrap_or(tunnel_proto::wire::RecordingMode::All),
             debug: args.debug || file.debug,
         })
     }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use burrow_tunnel::FrameError;
 use tunnel_proto::api::{Labels, Presence};
-use tunnel_proto::wire::{AuditEvent, Hello, Message, PROTOCOL_VERSION, ProxyEntry, Refusal};
+use tunnel_proto::wire::{
+    AuditEvent, Hello, Message, PROTOCOL_VERSION, ProxyEntry, RecordingChunk, Refusal,
+};
 
 use crate::nodelimits::{self, NodeBudget, PRESENCE_MIN_INTERVAL, short};
 
@@ -156,6 +158,11 @@ pub enum Action {
     Renew {
         ssh_public_key: String,
     },
+    /// Store a piece of a session recording, after `wait` (the node's recording rate).
+    Recording {
+        chunk: RecordingChunk,
+        wait: Duration,
+    },
 }
 
 /// An OpenSSH public key line is a few hundred bytes; anything longer is not one.
@@ -205,6 +212,11 @@ impl ProxyControl {
     }
 
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<Action, TunnelError> {
+        // Recordings have a rate of their own (paced, not refused): a long one is many chunks.
+        if let Message::Recording(chunk) = msg {
+            let wait = self.budget.recording(now);
+            return Ok(Action::Recording { chunk, wait });
+        }
         if !self.budget.message(now) {
             return Err(TunnelError::Flood);
         }

@@ -102,6 +102,8 @@ pub struct TunnelServer {
     audit: crate::audit::AuditLog,
     /// Signs node certificates again when agents ask ([`Message::Renew`]).
     auth: Arc<crate::auth::Auth>,
+    /// Stores the session recordings nodes send ([`Message::Recording`]).
+    recordings: Arc<crate::recordings::Recordings>,
     metrics: Arc<Metrics>,
 }
 
@@ -112,7 +114,7 @@ impl TunnelServer {
         cluster_name: String,
         backend: Arc<dyn Backend>,
         audit_dir: std::path::PathBuf,
-        auth: Arc<crate::auth::Auth>,
+        (auth, recordings): (Arc<crate::auth::Auth>, Arc<crate::recordings::Recordings>),
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackendError> {
@@ -135,6 +137,7 @@ impl TunnelServer {
             shutdown,
             audit: crate::audit::AuditLog::new(audit_dir),
             auth,
+            recordings,
             metrics,
         });
         for (prefix, apply) in [
@@ -386,6 +389,7 @@ impl TunnelServer {
                 return_window_ms: Some(return_window.as_millis() as u64),
                 nudge_token: nudge.clone(),
                 renewal: true,
+                recording: Some(self.recordings.mode()),
             }))
             .await;
         // What the node trusts, right after the welcome: it may have been away during a rotation.
@@ -517,6 +521,13 @@ impl TunnelServer {
                 }
                 Action::Audit(event) => self.audit.append(&event, machine.host_id()),
                 Action::Close => return Ok(()),
+                Action::Recording { chunk, wait } => {
+                    tokio::time::sleep(wait).await;
+                    let (host_id, name) = (machine.host_id(), machine.node_name());
+                    if let Some(reply) = self.recordings.receive(host_id, name, chunk).await {
+                        control.write(&reply).await?
+                    }
+                }
                 Action::Renew { ssh_public_key } => {
                     let (host_id, name) = (machine.host_id(), machine.node_name());
                     let reply = self.renewal(session, host_id, name, &ssh_public_key).await;

@@ -39,6 +39,7 @@ use crate::registry::{self, Health};
 use crate::tunnel::{self, TunnelServer};
 
 mod failure;
+mod sessions;
 
 pub use self::failure::ApiFailure;
 use self::failure::{backend_failure, body_failure, internal, parse_body};
@@ -52,6 +53,7 @@ const JOIN_FAILURE_REFILL: Duration = Duration::from_secs(6);
 
 pub struct WebState {
     pub auth: Arc<Auth>,
+    pub recordings: Arc<crate::recordings::Recordings>,
     pub tunnels: Arc<TunnelServer>,
     pub backend: Arc<dyn Backend>,
     pub health: Arc<Health>,
@@ -94,6 +96,8 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::AUTH_EXPORT_PATH, get(auth_export))
         .route(api::AUTH_RENEW_ADMIN_PATH, post(auth_renew_admin))
         .route(api::AUTH_ROTATE_PATH, post(auth_rotate))
+        .route(api::SESSIONS_PATH, get(sessions::list))
+        .route(api::SESSION_CAST_PATH, get(sessions::cast))
         .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
         .fallback(|| async {
@@ -293,7 +297,7 @@ async fn join(
 
 /// Proof that a request came with the cluster's admin identity: an admin route takes it as an
 /// argument, and axum answers 401 before the handler runs when it cannot be had.
-struct Admin;
+pub(crate) struct Admin;
 
 impl<S: Send + Sync> FromRequestParts<S> for Admin {
     type Rejection = ApiFailure;

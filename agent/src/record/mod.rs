@@ -1,0 +1,324 @@
+//! Session recordings: what a session's terminal showed, in the asciicast v2 format, written to
+//! the node's data dir as the session runs and sent to a proxy over a tunnel ([`upload`]).
+//!
+//! A recording is `DATA_DIR/recordings/<session id>.cast`: a header line (`{"version": 2,
+//! "width", "height", "timestamp", "env", "title"}`), then one event per line, `[seconds, "o",
+//! text]` for output and `[seconds, "r", "WxH"]` for a resize. The session's input is not
+//! recorded (passwords typed at a prompt are not echoed, so they are not in the output either).
+//! Output is decoded as UTF-8 across reads (a character split between two reads is kept whole;
+//! invalid bytes become U+FFFD, as asciinema does) and cut into events of at most
+//! [`EVENT_BYTES`] bytes, so that every line fits a tunnel message. `<session id>.end` appears
+//! when the session ended; the recording is then complete. Bounded: at most [`MAX_RECORDING`]
+//! bytes a recording (output beyond is left out, and the recording says so in a last event), and
+//! no new recording while the spool holds [`MAX_SPOOL`] bytes.
+
+pub mod upload;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tunnel_proto::wire::RecordingEnd;
+
+pub use self::upload::Uploader;
+
+/// Output bytes one event holds at most (its line is at most about six times that, escaped).
+pub const EVENT_BYTES: usize = 2048;
+/// The largest recording a session makes.
+pub const MAX_RECORDING: u64 = 32 * 1024 * 1024;
+/// No new recording starts while the recordings waiting on this node take this much.
+pub const MAX_SPOOL: u64 = 256 * 1024 * 1024;
+pub const DIR: &str = "recordings";
+
+/// A session being recorded.
+pub struct Recorder {
+    session_id: String,
+    dir: PathBuf,
+    started: Instant,
+    started_ms: u64,
+    state: Mutex<State>,
+    uploader: Arc<Uploader>,
+}
+
+struct State {
+    file: Option<File>,
+    written: u64,
+    /// The start of a UTF-8 character whose end is in the next read.
+    pending: Vec<u8>,
+    truncated: bool,
+}
+
+/// The header line of an asciicast v2 file.
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    width: u32,
+    height: u32,
+    timestamp: u64,
+    env: std::collections::BTreeMap<String, String>,
+    title: String,
+}
+
+impl Recorder {
+    /// Starts recording session `session_id` in the uploader's spool, or `None` (and a warning)
+    /// when the spool is full or the file cannot be made.
+    pub fn start(
+        uploader: &Arc<Uploader>,
+        session_id: &str,
+        (width, height): (u32, u32),
+        term: &str,
+        title: String,
+        via: Option<&str>,
+    ) -> Option<Arc<Self>> {
+        let dir = uploader.dir().to_path_buf();
+        let spooled = spool_size(&dir);
+        if spooled >= MAX_SPOOL {
+            tracing::warn!(
+                session_id,
+                spooled,
+                "not recording: the node's recordings waiting for a proxy fill the spool"
+            );
+            return None;
+        }
+        // Where it goes first is known before the uploader can see the recording.
+        if let Some(via) = via {
+            let _ = burrow_daemon::fsutil::ensure_private_dir(&dir).and_then(|()| {
+                burrow_daemon::fsutil::write_private_atomic(
+                    &dir.join(format!("{session_id}.via")),
+                    via.as_bytes(),
+                )
+            });
+        }
+        let made = burrow_daemon::fsutil::ensure_private_dir(&dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode_private()
+                .open(dir.join(format!("{session_id}.cast")))
+        });
+        let mut file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(session_id, error = %e, "cannot record the session");
+                return None;
+            }
+        };
+        let header = Header {
+            version: 2,
+            width: width.clamp(1, 10_000),
+            height: height.clamp(1, 10_000),
+            timestamp: burrow_daemon::unix_now(),
+            env: [("TERM".to_string(), term.to_string())].into(),
+            title,
+        };
+        let mut line = serde_json::to_vec(&header).expect("headers serialize");
+        line.push(b'\n');
+        let written = file.write_all(&line).map(|()| line.len() as u64).ok()?;
+        uploader.wake();
+        Some(Arc::new(Self {
+            session_id: session_id.to_string(),
+            dir,
+            started: Instant::now(),
+            started_ms: burrow_daemon::unix_now_ms(),
+            state: Mutex::new(State {
+                file: Some(file),
+                written,
+                pending: Vec::new(),
+                truncated: false,
+            }),
+            uploader: uploader.clone(),
+        }))
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `bytes` the terminal showed.
+    pub fn output(&self, bytes: &[u8]) {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut s = self.lock();
+        let mut all = std::mem::take(&mut s.pending);
+        all.extend_from_slice(bytes);
+        let (text, rest) = decode_utf8(&all);
+        s.pending = rest.to_vec();
+        for piece in split_at_chars(&text, EVENT_BYTES) {
+            write_event(&mut s, t, &event(t, "o", piece));
+        }
+        drop(s);
+        self.uploader.wake();
+    }
+
+    /// Records a window change.
+    pub fn resize(&self, width: u32, height: u32) {
+        let t = self.started.elapsed().as_secs_f64();
+        write_event(
+            &mut self.lock(),
+            t,
+            &event(t, "r", &format!("{width}x{height}")),
+        );
+        self.uploader.wake();
+    }
+
+    /// Ends the recording: what is left of a character, then the `.end` file that makes it
+    /// complete.
+    pub fn finish(&self, user: &str, login: &str, kind: &str) {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut s = self.lock();
+        if !s.pending.is_empty() {
+            let rest = String::from_utf8_lossy(&std::mem::take(&mut s.pending)).into_owned();
+            write_event(&mut s, t, &event(t, "o", &rest));
+        }
+        if let Some(file) = s.file.take() {
+            let _ = file.sync_data();
+        }
+        drop(s);
+        let end = RecordingEnd {
+            user: user.to_string(),
+            login: login.to_string(),
+            kind: kind.to_string(),
+            started: self.started_ms,
+            ended: burrow_daemon::unix_now_ms(),
+        };
+        let path = self.dir.join(format!("{}.end", self.session_id));
+        let json = serde_json::to_vec(&end).expect("ends serialize");
+        if let Err(e) = burrow_daemon::fsutil::write_private_atomic(&path, &json) {
+            tracing::warn!(session_id = %self.session_id, error = %e, "cannot finish the session's recording");
+        }
+        self.uploader.wake();
+    }
+}
+
+/// One event line: `[t, kind, data]`.
+fn event(t: f64, kind: &str, data: &str) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&(Seconds(t), kind, data)).expect("events serialize");
+    line.push(b'\n');
+    line
+}
+
+/// Seconds with microseconds, as asciinema writes them.
+struct Seconds(f64);
+
+impl Serialize for Seconds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64((self.0 * 1e6).round() / 1e6)
+    }
+}
+
+fn write_event(s: &mut State, t: f64, line: &[u8]) {
+    if s.truncated {
+        return;
+    }
+    let Some(file) = s.file.as_mut() else { return };
+    if s.written + line.len() as u64 > MAX_RECORDING {
+        s.truncated = true;
+        let note = "\r\n[burrow: the recording stops here: it reached its size limit]\r\n";
+        let _ = file.write_all(&event(t, "o", note));
+        return;
+    }
+    if file.write_all(line).is_ok() {
+        s.written += line.len() as u64;
+    }
+}
+
+/// The longest valid UTF-8 text at the start of `bytes` (invalid sequences replaced), and the
+/// incomplete character at its end, if any.
+fn decode_utf8(bytes: &[u8]) -> (String, &[u8]) {
+    let mut text = String::new();
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                text.push_str(s);
+                return (text, &[]);
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                text.push_str(std::str::from_utf8(good).expect("checked"));
+                match e.error_len() {
+                    // Incomplete at the end: kept for the next read.
+                    None => return (text, bad),
+                    Some(n) => {
+                        text.push('\u{FFFD}');
+                        rest = &bad[n..];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `text` in pieces of at most `max` bytes, cut between characters.
+fn split_at_chars(text: &str, max: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(max);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        pieces.push(piece);
+        rest = tail;
+    }
+    pieces
+}
+
+fn spool_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Files the agent writes only for itself.
+trait PrivateMode {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl PrivateMode for std::fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_between_reads_is_kept_whole_and_invalid_bytes_are_replaced() {
+        let snow = "☃".as_bytes();
+        let split = [b"ab", &snow[..2]].concat();
+        let (text, rest) = decode_utf8(&split);
+        assert_eq!((text.as_str(), rest), ("ab", &snow[..2]));
+        let whole = [&snow[..2], &snow[2..], b"c"].concat();
+        let (text, rest) = decode_utf8(&whole);
+        assert_eq!((text.as_str(), rest.len()), ("☃c", 0));
+        let (text, _) = decode_utf8(b"a\xffb");
+        assert_eq!(text, "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn events_are_cut_between_characters_within_the_limit() {
+        let text = "é".repeat(3000);
+        let pieces = split_at_chars(&text, EVENT_BYTES);
+        assert!(pieces.iter().all(|p| p.len() <= EVENT_BYTES));
+        assert_eq!(pieces.concat(), text);
+        let line = event(1.5, "o", "\u{1b}[0m\"x\"\n");
+        assert_eq!(line, b"[1.5,\"o\",\"\\u001b[0m\\\"x\\\"\\n\"]\n");
+    }
+}

@@ -1,0 +1,320 @@
+//! Session recordings: made on the node as asciicast v2, sent over the tunnel, stored by a
+//! proxy, listed, exported and replayed with burrowctl, through any proxy of the cluster.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use burrow_tests::*;
+
+fn whoami() -> String {
+    let out = run_bounded(Command::new("id").arg("-un"));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A user with a certificate for this machine's login and the cluster's host CA in known_hosts.
+struct User {
+    config: PathBuf,
+}
+
+impl User {
+    fn new(proxy: &Proxy, dir: &Path) -> User {
+        proxy.sign_user("alice", &whoami(), "1h", &dir.join("alice"));
+        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
+        assert!(known.status.success(), "{}", text(&known.stderr));
+        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
+        let config = dir.join("ssh_config");
+        write_ssh_config(&config, &dir.join("known_hosts"), &dir.join("alice"));
+        User { config }
+    }
+
+    /// `ssh -J` through the jump host at `jump` (HOST:PORT) to `node`, with `args` after.
+    fn ssh(&self, jump: &str, node: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.config)
+            .args(["-J", &format!("alice@{jump}"), "-p", "3022"])
+            .args(args)
+            .arg(node)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// A terminal session: `input` typed, line by line, a little apart.
+    fn typed(&self, jump: &str, node: &str, input: &[&str]) -> std::process::Child {
+        let mut child = self
+            .ssh(jump, node, &["-tt"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        for line in input {
+            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Kept open: the session ends when the shell exits, not at the end of its input.
+        child.stdin = Some(stdin);
+        child
+    }
+}
+
+fn jump_addr(proxy: &mut Proxy) -> String {
+    proxy
+        .daemon
+        .wait_for("SSH jump host listening on ")
+        .trim()
+        .to_string()
+}
+
+/// The stored sessions, once there are `n`.
+fn until_sessions(proxy: &Proxy, args: &[&str], n: usize) -> Vec<serde_json::Value> {
+    let mut all = vec!["sessions", "ls"];
+    all.extend_from_slice(args);
+    eventually(WAIT, || {
+        let list = proxy.ctl_json(&all)["sessions"].as_array().unwrap().clone();
+        (list.len() >= n).then_some(list)
+    })
+    .unwrap_or_else(|| panic!("never {n} sessions: {}", text(&proxy.ctl(&all).stdout)))
+}
+
+/// Checks `cast` is asciicast v2 (a header, then `[time, "o"|"r", data]` in time order) and
+/// returns what the terminal showed.
+fn shown(cast: &str) -> String {
+    let mut lines = cast.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2, "{cast}");
+    assert!(header["width"].as_u64().unwrap() > 0 && header["height"].as_u64().unwrap() > 0);
+    let mut last = 0.0;
+    let mut out = String::new();
+    for line in lines {
+        let (t, kind, data): (f64, String, String) =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(t >= last, "events in time order: {line}");
+        last = t;
+        assert!(kind == "o" || kind == "r", "{line}");
+        if kind == "o" {
+            out.push_str(&data);
+        }
+    }
+    out
+}
+
+fn export(proxy: &Proxy, id: &str) -> String {
+    let out = proxy.ctl(&["sessions", "export", id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
+    let jump = jump_addr(&mut proxy);
+    let data = dir.join("agent");
+    let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
+    let user = User::new(&proxy, dir);
+
+    let session = user.typed(&jump, "node1", &["echo typed-$((6*7))", "exit"]);
+    let out = finish_bounded(session);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("typed-42"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let list = until_sessions(&proxy, &[], 1);
+    let s = &list[0];
+    assert_eq!(s["user"], "alice");
+    assert_eq!(s["login"], whoami().as_str());
+    assert_eq!(s["node"], "node1");
+    assert_eq!(s["kind"], "shell");
+    assert!(s["ended"].as_u64().unwrap() >= s["started"].as_u64().unwrap());
+    let id = s["session_id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+
+    // The file parses as asciicast v2 and holds what the terminal showed.
+    let cast = export(&proxy, &id);
+    let terminal = shown(&cast);
+    assert!(terminal.contains("typed-42"), "{terminal}");
+    assert_eq!(cast.len() as u64, s["size"].as_u64().unwrap());
+    let stored = proxy.data_dir.join(format!("log/sessions/{id}.cast"));
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), cast);
+    assert_eq!(mode(&stored), 0o600);
+    // Sent: the node keeps no copy.
+    eventually(WAIT, || {
+        files_in(&data.join("recordings")).is_empty().then_some(())
+    })
+    .expect("the node's spool empties");
+
+    // Replayed with its timing (fast here).
+    let played = proxy.ctl(&["play", &id, "--speed", "50"]);
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("typed-42"));
+    let text_list = text(&proxy.ctl(&["sessions", "ls"]).stdout);
+    assert!(
+        text_list.contains(&id) && text_list.contains("alice") && text_list.contains("node1"),
+        "{text_list}"
+    );
+
+    // A command without a terminal is recorded too; filters pick sessions.
+    let out = run_bounded(user.ssh(&jump, "node1", &[]).arg("echo exec-recorded"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = until_sessions(&proxy, &["--node", "node1", "--user", "alice"], 2);
+    let exec = list
+        .iter()
+        .find(|s| s["kind"] == "exec")
+        .expect("the exec session");
+    let cast = export(&proxy, exec["session_id"].as_str().unwrap());
+    assert!(shown(&cast).contains("exec-recorded"), "{cast}");
+    let none = proxy.ctl_json(&["sessions", "ls", "--user", "bob"]);
+    assert_eq!(none["sessions"], serde_json::json!([]));
+    let missing = proxy.ctl(&["sessions", "export", "00000000000000000000000000000000"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("no recording has id"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    // The audit log links the session to its recording.
+    let audit = std::fs::read_dir(proxy.data_dir.join("audit"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(
+        audit.contains(&id) && audit.contains("\"recorded\":\"true\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn with_session_recording_pty_commands_are_not_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("proxy.yaml"), "session_recording: pty\n").unwrap();
+    let config = dir.join("proxy.yaml");
+    let mut proxy = Proxy::start(&dir.join("proxy"), &["--config", config.to_str().unwrap()]);
+    let jump = jump_addr(&mut proxy);
+    let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
+    let user = User::new(&proxy, dir);
+    let out = run_bounded(user.ssh(&jump, "node1", &[]).arg("echo not-recorded"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = finish_bounded(user.typed(&jump, "node1", &["echo recorded", "exit"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = until_sessions(&proxy, &[], 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let list_again = proxy.ctl_json(&["sessions", "ls"])["sessions"].clone();
+    assert_eq!(list.len(), 1, "{list_again}");
+    assert_eq!(list_again.as_array().unwrap().len(), 1, "{list_again}");
+    assert_eq!(list[0]["kind"], "shell");
+}
+
+fn etcd_args(etcd: &Etcd, public: &str) -> Vec<String> {
+    vec![
+        "--storage".into(),
+        "etcd".into(),
+        "--etcd-endpoint".into(),
+        etcd.url.clone(),
+        "--public-addr".into(),
+        public.into(),
+    ]
+}
+
+#[test]
+fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let etcd = Etcd::start(dir);
+    let addrs: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", closed_port()))
+        .collect();
+    let lb = Haproxy::start(dir, &addrs.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = etcd_args(&etcd, &lb.addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = |i: usize| Proxy::start_at(&dir.join(format!("proxy{i}")), &addrs[i], &args);
+    let mut a = start(0);
+    let b = start(1);
+    let (a_id, b_id) = (a.ready().unwrap(), b.ready().unwrap());
+    // Joined through the balancer once its health checks reach both proxies.
+    let mut seen = std::collections::BTreeSet::new();
+    eventually(WAIT, || {
+        if let Ok(id) = ready_at(&lb.addr) {
+            seen.insert(id);
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .expect("the balancer reaches both proxies");
+    let jump_a = jump_addr(&mut a);
+    let data = dir.join("agent");
+    let agent = start_agent_via(&a, &lb.addr, &data, "node1", &["--transport", "tcp"]);
+    let host = host_id(&data);
+    let both = [a_id.clone(), b_id.clone()].into_iter().collect();
+    eventually(WAIT, || (tunnels_of(&b, &host) == both).then_some(()))
+        .expect("a tunnel to each proxy");
+    let user = User::new(&a, dir);
+
+    // A session through proxy A, which dies in the middle of it: the user's connection goes with
+    // it, the node's recording of it all is sent to B.
+    let session = user.typed(&jump_a, "node1", &["echo before-$((1+1))"]);
+    std::thread::sleep(Duration::from_secs(2));
+    a.daemon.kill();
+    let out = finish_bounded(session);
+    assert!(
+        text(&out.stdout).contains("before-2"),
+        "{}",
+        text(&out.stdout)
+    );
+    let list = eventually(WAIT, || {
+        let list = b.ctl_json(&["sessions", "ls"])["sessions"]
+            .as_array()
+            .unwrap()
+            .clone();
+        (!list.is_empty()).then_some(list)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not at B; the agent:\n{}\nB:\n{}",
+            agent.log(),
+            b.daemon.log()
+        )
+    });
+    assert_eq!(list[0]["proxy_id"], b_id.as_str());
+    let first = list[0]["session_id"].as_str().unwrap().to_string();
+    assert!(shown(&export(&b, &first)).contains("before-2"));
+
+    // A comes back; a session through it is stored there, and played through B.
+    let mut a = start(0);
+    let jump_a = jump_addr(&mut a);
+    eventually(WAIT, || (tunnels_of(&b, &host) == both).then_some(()))
+        .expect("a tunnel to A again");
+    let out = run_bounded(user.ssh(&jump_a, "node1", &[]).arg("echo stored-on-a"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = until_sessions(&b, &[], 2);
+    let second = list
+        .iter()
+        .find(|s| s["session_id"] != first.as_str())
+        .unwrap();
+    assert_eq!(second["proxy_id"], a_id.as_str());
+    let id = second["session_id"].as_str().unwrap();
+    let via_b = export(&b, id);
+    assert_eq!(via_b, export(&a, id));
+    assert!(shown(&via_b).contains("stored-on-a"));
+    let played = b.ctl(&["play", id, "--speed", "50"]);
+    assert!(text(&played.stdout).contains("stored-on-a"));
+    assert!(!b.data_dir.join(format!("log/sessions/{id}.cast")).exists());
+
+    // With its holder down, a recording says where it is.
+    drop(a);
+    let out = b.ctl(&["sessions", "export", id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("held by proxy {a_id}")),
+        "{}",
+        text(&out.stderr)
+    );
+}
