@@ -318,3 +318,111 @@ fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn file_transfers_are_audited_with_their_paths_and_are_not_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
+    let jump = jump_addr(&mut proxy);
+    let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
+    let user = User::new(&proxy, dir);
+    let src = dir.join("src.txt");
+    std::fs::write(&src, "transfer me\n").unwrap();
+    let (by_scp, by_sftp) = (dir.join("by-scp"), dir.join("by-sftp"));
+    let scp = |from: &str, to: &str| {
+        let out = run_bounded(
+            Command::new("scp")
+                .arg("-O")
+                .arg("-F")
+                .arg(&user.config)
+                .args(["-J", &format!("alice@{jump}"), "-P", "3022", from, to]),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    // Legacy scp: an upload to the node, a download from it.
+    let remote = format!("node1:{}", by_scp.display());
+    scp(src.to_str().unwrap(), &remote);
+    scp(&remote, dir.join("scp-back").to_str().unwrap());
+    // SFTP: put, get, rename, remove.
+    let batch = format!(
+        "put {src} {up}\nget {up} {back}\nrename {up} {up}.2\nrm {up}.2\n",
+        src = src.display(),
+        up = by_sftp.display(),
+        back = dir.join("sftp-back").display(),
+    );
+    let mut sftp = Command::new("sftp");
+    sftp.arg("-F")
+        .arg(&user.config)
+        .args([
+            "-J",
+            &format!("alice@{jump}"),
+            "-P",
+            "3022",
+            "-b",
+            "-",
+            "node1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sftp.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let out = finish_bounded(child);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sftp-back")).unwrap(),
+        "transfer me\n"
+    );
+
+    let audit_dir = proxy.data_dir.join("audit");
+    let events = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_dir(&audit_dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|e| e["event"] == name)
+            .collect()
+    };
+    let wanted = |e: &serde_json::Value, key: &str, value: &str, path: &Path| {
+        e[key] == value && e["path"] == path.to_str().unwrap() && e["session_id"].is_string()
+    };
+    eventually(WAIT, || {
+        let scps = events("scp");
+        let sftps = events("sftp");
+        let up = dir.join("by-sftp");
+        (scps
+            .iter()
+            .any(|e| wanted(e, "direction", "upload", &by_scp))
+            && scps
+                .iter()
+                .any(|e| wanted(e, "direction", "download", &by_scp))
+            && sftps.iter().any(|e| wanted(e, "operation", "upload", &up))
+            && sftps
+                .iter()
+                .any(|e| wanted(e, "operation", "download", &up))
+            && sftps
+                .iter()
+                .any(|e| e["operation"] == "rename" && e["to"] == format!("{}.2", up.display()))
+            && sftps.iter().any(|e| e["operation"] == "remove"))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("scp: {:?}\nsftp: {:?}", events("scp"), events("sftp")));
+    // File contents are not recorded as sessions.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        proxy.ctl_json(&["sessions", "ls"])["sessions"],
+        serde_json::json!([])
+    );
+}

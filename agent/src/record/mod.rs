@@ -313,6 +313,45 @@ mod tests {
     }
 
     #[test]
+    fn a_recording_is_a_header_then_output_and_resizes_in_order_then_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = Arc::new(Uploader::new(tmp.path()));
+        let id = "0123456789abcdef0123456789abcdef";
+        let rec = Recorder::start(&up, id, (100, 30), "xterm", "me@pi".into(), Some("p1")).unwrap();
+        rec.output("hé".as_bytes());
+        rec.output(&"☃".as_bytes()[..1]);
+        rec.resize(120, 40);
+        rec.output(&"☃".as_bytes()[1..]);
+        rec.finish("alice", "pi", "shell");
+        let cast = std::fs::read_to_string(up.dir().join(format!("{id}.cast"))).unwrap();
+        let mut lines = cast.lines();
+        let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(
+            (header["version"].as_u64(), header["width"].as_u64()),
+            (Some(2), Some(100))
+        );
+        assert_eq!(header["env"]["TERM"], "xterm");
+        let events: Vec<(f64, String, String)> =
+            lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+        let kinds: Vec<(&str, &str)> = events
+            .iter()
+            .map(|(_, k, d)| (k.as_str(), d.as_str()))
+            .collect();
+        assert_eq!(kinds, [("o", "hé"), ("r", "120x40"), ("o", "☃")]);
+        assert!(events.windows(2).all(|w| w[0].0 <= w[1].0));
+        let end: RecordingEnd =
+            serde_json::from_slice(&std::fs::read(up.dir().join(format!("{id}.end"))).unwrap())
+                .unwrap();
+        assert_eq!((end.user.as_str(), end.kind.as_str()), ("alice", "shell"));
+        assert_eq!(
+            std::fs::read_to_string(up.dir().join(format!("{id}.via"))).unwrap(),
+            "p1"
+        );
+        // A session id is used once.
+        assert!(Recorder::start(&up, id, (1, 1), "x", String::new(), None).is_none());
+    }
+
+    #[test]
     fn events_are_cut_between_characters_within_the_limit() {
         let text = "é".repeat(3000);
         let pieces = split_at_chars(&text, EVENT_BYTES);

@@ -18,6 +18,7 @@ mod policy;
 mod process;
 mod pump;
 mod start;
+mod transfer;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -202,6 +203,8 @@ struct ChanState {
     /// The session's id (audit events, its recording) once its program runs.
     session_id: Option<String>,
     recorder: Option<Arc<crate::record::Recorder>>,
+    /// An SFTP session's requests, read for the audit log.
+    sftp: Option<transfer::SftpWatch>,
 }
 
 struct NodeHandler {
@@ -400,7 +403,25 @@ impl russh::server::Handler for NodeHandler {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(tx) = self.channels.get(&id).and_then(|c| c.stdin.clone()) {
+        let Some(state) = self.channels.get_mut(&id) else {
+            return Ok(());
+        };
+        let ops = state
+            .sftp
+            .as_mut()
+            .map(|w| w.feed(data))
+            .unwrap_or_default();
+        let (tx, session_id) = (state.stdin.clone(), state.session_id.clone());
+        for op in ops {
+            let mut fields = vec![
+                ("session_id", session_id.clone().unwrap_or_default()),
+                ("operation", op.op.to_string()),
+                ("path", op.path),
+            ];
+            fields.extend(op.to.map(|to| ("to", to)));
+            self.event("sftp", &fields);
+        }
+        if let Some(tx) = tx {
             let _ = tx.send(data.to_vec()).await;
         }
         Ok(())

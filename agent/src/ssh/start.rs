@@ -69,6 +69,7 @@ impl NodeHandler {
             (Start::Exec(c), None) => (Program::Command(c), Some(c.clone())),
             (Start::Shell, None) => (Program::Shell, None),
         };
+        let is_sftp = matches!(program, Program::Sftp);
         let pty = match program {
             Program::Sftp => None,
             _ => state.pty.as_ref(),
@@ -113,6 +114,10 @@ impl NodeHandler {
         };
         state.session_id = Some(session_id.clone());
         state.recorder = recorder.clone();
+        if is_sftp {
+            state.sftp = Some(super::transfer::SftpWatch::default());
+        }
+        let transfer = command.as_deref().and_then(super::transfer::scp);
         state.group = Some(spawned.group.clone());
         let handle = session.handle();
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
@@ -163,6 +168,16 @@ impl NodeHandler {
                 ("recorded", recorder.is_some().to_string()),
             ],
         );
+        if let Some((direction, path)) = transfer {
+            self.event(
+                "scp",
+                &[
+                    ("session_id", fields["session_id"].clone()),
+                    ("direction", direction.to_string()),
+                    ("path", path),
+                ],
+            );
+        }
         let who = (
             self.user.clone().unwrap_or_default(),
             login.name.clone(),
