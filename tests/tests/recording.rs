@@ -60,6 +60,47 @@ impl User {
     }
 }
 
+/// Runs `ssh` on a real terminal (80x24) driven by a small Python program: logs in, makes the
+/// window 100x30, types its stdin line by line, and prints everything the terminal showed.
+const TERMINAL: &str = r#"
+import fcntl, os, select, struct, sys, termios, time
+master, slave = os.openpty()
+def size(rows, cols):
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+size(24, 80)
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.close(slave)
+out = b""
+def pump(secs):
+    global out
+    end = time.time() + secs
+    while time.time() < end:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            out += data
+pump(3)
+size(30, 100)  # the kernel tells ssh (SIGWINCH), ssh tells the node
+pump(1)
+for line in sys.stdin.read().splitlines():
+    os.write(master, line.encode() + b"\n")
+    pump(1)
+pump(20)
+_, status = os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
 fn jump_addr(proxy: &mut Proxy) -> String {
     proxy
         .daemon
@@ -117,8 +158,25 @@ fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
     let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
     let user = User::new(&proxy, dir);
 
-    let session = user.typed(&jump, "node1", &["echo typed-$((6*7))", "exit"]);
-    let out = finish_bounded(session);
+    let driver = dir.join("terminal.py");
+    std::fs::write(&driver, TERMINAL).unwrap();
+    let ssh = user.ssh(&jump, "node1", &["-t"]);
+    let mut terminal = Command::new("python3");
+    terminal
+        .arg(&driver)
+        .arg(ssh.get_program())
+        .args(ssh.get_args())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = terminal.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo typed-$((6*7))\nexit\n")
+        .unwrap();
+    let out = finish_bounded(child);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("typed-42"),
@@ -140,6 +198,13 @@ fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
     let cast = export(&proxy, &id);
     let terminal = shown(&cast);
     assert!(terminal.contains("typed-42"), "{terminal}");
+    // The terminal's size, then its change, as the node saw them.
+    let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(cast.contains(r#","r","100x30"]"#), "{cast}");
     assert_eq!(cast.len() as u64, s["size"].as_u64().unwrap());
     let stored = proxy.data_dir.join(format!("log/sessions/{id}.cast"));
     assert_eq!(std::fs::read_to_string(&stored).unwrap(), cast);
@@ -190,6 +255,11 @@ fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
         audit.contains(&id) && audit.contains("\"recorded\":\"true\""),
         "{audit}"
     );
+    let resized = audit.lines().any(|l| {
+        let e: serde_json::Value = serde_json::from_str(l).unwrap();
+        e["event"] == "resize" && e["size"] == "100x30" && e["session_id"] == id.as_str()
+    });
+    assert!(resized, "{audit}");
 }
 
 #[test]
