@@ -26,13 +26,14 @@ have nft || need_apt+=(nftables)                     # the NAT router in the tes
 have conntrack || need_apt+=(conntrack)              # the router forgetting its mappings
 have tcpdump || need_apt+=(tcpdump)                  # bytes on the wire (scripts/idle-cost.sh)
 have heaptrack || need_apt+=(heaptrack)              # heap by allocation site (scripts/heap-profile.sh)
+[ -x /usr/sbin/squid ] || need_apt+=(squid)          # the HTTP proxy an agent goes out through in tests
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
   # Packages may start their own service; the tests start their own instances on free ports.
-  for svc in etcd haproxy ssh; do
+  for svc in etcd haproxy ssh squid; do
     $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi

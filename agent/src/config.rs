@@ -87,6 +87,10 @@ pub struct StartArgs {
     /// link whose bandwidth times round trip is larger [default: 2MiB, OpenSSH's channel window].
     #[arg(long, value_name = "SIZE")]
     pub window: Option<String>,
+    /// Go out through this HTTP proxy with CONNECT (http://[user:password@]host:port), or "off"
+    /// [default: $HTTPS_PROXY / $https_proxy, with $NO_PROXY; none]. Tunnels then use TCP.
+    #[arg(long, value_name = "URL|off")]
+    pub egress_proxy: Option<String>,
     /// Do not verify the proxy's web certificate when joining (development only: a token can be
     /// stolen by whoever answers at the proxy's address).
     #[arg(long)]
@@ -153,6 +157,7 @@ pub struct FileConfig {
     pub window: Option<String>,
     pub ssh_listen: Option<String>,
     pub diag_listen: Option<String>,
+    pub egress_proxy: Option<String>,
     /// Where `ssh -L` may connect from this node (sshd's PermitOpen).
     #[serde(default)]
     pub permit_open: Vec<String>,
@@ -194,6 +199,9 @@ pub struct AgentConfig {
     pub diag_listen: Option<std::net::SocketAddr>,
     /// Where `direct-tcpip` may connect.
     pub permit_open: crate::ssh::PermitOpen,
+    /// The HTTP proxy connections to the cluster go out through, and where that setting came
+    /// from (for the log).
+    pub egress: Option<(burrow_net::egress::Egress, &'static str)>,
     pub insecure: bool,
     /// Accept a publicly trusted web certificate besides the cluster's CA.
     pub trust_public_web_cert: bool,
@@ -292,6 +300,9 @@ impl AgentConfig {
             .map(|text| parse_window(&text))
             .transpose()?
             .unwrap_or_default();
+        let egress = egress_from(args.egress_proxy.or(file.egress_proxy), |name| {
+            std::env::var(name).ok()
+        })?;
         Ok(Self {
             data_dir,
             token,
@@ -306,11 +317,37 @@ impl AgentConfig {
             ssh_listen,
             diag_listen,
             permit_open,
+            egress,
             insecure: args.insecure || file.insecure,
             trust_public_web_cert: args.trust_public_web_cert || file.trust_public_web_cert,
             debug: args.debug || file.debug,
         })
     }
+}
+
+/// The egress proxy: the setting (`off`: none, whatever the environment says), else
+/// `HTTPS_PROXY` (or `https_proxy`) with `NO_PROXY` (or `no_proxy`) from `env`.
+fn egress_from(
+    setting: Option<String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<(burrow_net::egress::Egress, &'static str)>, ConfigError> {
+    let first = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
+    };
+    let no_proxy = first(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
+    let (url, from) = match setting.as_deref().map(str::trim) {
+        Some("off") => return Ok(None),
+        Some(url) if !url.is_empty() => (url.to_string(), "egress_proxy"),
+        _ => match first(&["HTTPS_PROXY", "https_proxy"]) {
+            Some(url) => (url, "HTTPS_PROXY"),
+            None => return Ok(None),
+        },
+    };
+    burrow_net::egress::Egress::parse(&url, &no_proxy)
+        .map(|e| Some((e, from)))
+        .map_err(ConfigError::new)
 }
 
 fn parse_keepalive(text: &str) -> Result<Keepalive, ConfigError> {
@@ -388,6 +425,11 @@ transport: auto
 # only faster where bandwidth times round trip is larger (2MiB carries 160 Mbit/s at 100 ms).
 # Default: 2MiB, OpenSSH's channel window. TLS + yamux tunnels size their windows themselves.
 #window: 2MiB
+
+# Out through an HTTP proxy (CONNECT), for networks whose only way out is one; tunnels then use
+# TCP. Default: $HTTPS_PROXY (with $NO_PROXY) from the environment (systemd: Environment= or an
+# EnvironmentFile); "off" ignores it.
+#egress_proxy: http://user:password@proxy.example:3128
 
 # Also serve SSH on a local address, besides the tunnels ("off" by default).
 #ssh_listen: 0.0.0.0:3022
@@ -490,6 +532,38 @@ mod tests {
         };
         let e = AgentConfig::merge(no_proxy, FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("--proxy"), "{e}");
+    }
+
+    #[test]
+    fn the_egress_proxy_comes_from_the_setting_else_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let from = |setting: Option<&str>, vars| {
+            egress_from(setting.map(str::to_string), env(vars))
+                .unwrap()
+                .map(|(e, from)| (e.to_string(), from, e.applies_to("lb.corp:3080")))
+        };
+        let vars: &[(&str, &str)] = &[
+            ("https_proxy", "http://u:p@env:3128"),
+            ("NO_PROXY", ".corp"),
+        ];
+        assert_eq!(
+            from(None, vars),
+            Some(("http://env:3128".into(), "HTTPS_PROXY", false))
+        );
+        assert_eq!(
+            from(Some("http://set:8080"), vars),
+            Some(("http://set:8080".into(), "egress_proxy", false))
+        );
+        assert_eq!(from(Some("off"), vars), None);
+        assert_eq!(from(None, &[]), None);
+        let bad = egress_from(Some("socks5://x:1".into()), env(&[])).unwrap_err();
+        assert!(bad.to_string().contains("expected http://"), "{bad}");
     }
 
     #[test]

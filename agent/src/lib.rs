@@ -63,9 +63,32 @@ impl AgentError {
     }
 }
 
+/// The tunnel transport to `addr`: over an egress proxy, TCP only (an HTTP proxy carries no UDP,
+/// so QUIC is not even tried).
+fn transport_for(mode: pool::TransportMode, addr: &str) -> Result<pool::TransportMode, AgentError> {
+    let Some(egress) = burrow_net::egress::for_target(addr) else {
+        return Ok(mode);
+    };
+    match mode {
+        pool::TransportMode::Quic => Err(AgentError::Config(format!(
+            "transport quic cannot go through the egress proxy {egress} (it carries TCP only): use auto or tcp, or name {addr} in NO_PROXY"
+        ))),
+        _ => {
+            tracing::info!(%addr, egress_proxy = %egress, "tunnels use TLS over TCP through the egress proxy");
+            Ok(pool::TransportMode::Tcp)
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` is cancelled: loads the node's identity, or joins the cluster
 /// to get one.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if let Some((egress, from)) = &config.egress {
+        tracing::info!(egress_proxy = %egress, from, "connections to the cluster go out through an HTTP proxy (CONNECT)");
+        burrow_net::egress::install(egress.clone());
+        // Said before anything is done, where it can be known now.
+        transport_for(config.transport, &config.proxy)?;
+    }
     let identity = match Identity::load(&config.data_dir)? {
         Some(identity) => {
             tracing::info!(
@@ -150,10 +173,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         ssh.clone(),
         config.trust_public_web_cert,
     ));
+    let mode = transport_for(config.transport, &addr)?;
     let stopped = pool::run(
         pool::PoolConfig {
             addr,
-            mode: config.transport,
+            mode,
             tls,
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),

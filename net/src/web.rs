@@ -14,7 +14,6 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use tunnel_proto::api::{ApiError, ApiErrorBody};
@@ -110,7 +109,7 @@ impl WebClient {
             addr: self.addr.clone(),
             reason,
         };
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::egress::connect(&self.addr))
             .await
             .map_err(|_| {
                 unreachable(format!(

@@ -152,7 +152,7 @@ pub async fn connect_tcp(
         addr: addr.to_string(),
         reason,
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, burrow_net::egress::connect(addr))
         .await
         .map_err(|_| fail("timed out".into()))?
         .map_err(|e| fail(e.to_string()))?;
