@@ -269,6 +269,14 @@ impl Proxy {
         })
     }
 
+    /// Where its SSH jump host listens (HOST:PORT), once it says so.
+    pub fn ssh_addr(&mut self) -> String {
+        self.daemon
+            .wait_for("SSH jump host listening on ")
+            .trim()
+            .to_string()
+    }
+
     pub fn pin(&self) -> String {
         self.ctl_json(&["status"])["ca_pin"]
             .as_str()
@@ -299,6 +307,13 @@ impl Proxy {
         args.extend_from_slice(extra);
         self.ctl_json(&args)["token"].as_str().unwrap().to_string()
     }
+}
+
+/// The login the tests run as (their nodes' sessions run as it).
+pub fn whoami() -> String {
+    text(&Command::new("id").arg("-un").output().unwrap().stdout)
+        .trim()
+        .to_string()
 }
 
 pub fn text(bytes: &[u8]) -> String {

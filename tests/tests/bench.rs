@@ -72,11 +72,7 @@ fn the_load_tool_joins_its_agents_once_and_brings_their_tunnels_up_on_both_trans
 fn simulated_agents_answer_dials_through_the_jump_host_with_an_echo() {
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = Proxy::start(&dir.path().join("proxy"), &[]);
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     // The reports go to stdout; the harness reads stderr.
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "exec \"$0\" \"$@\" 1>&2"])

@@ -465,11 +465,7 @@ fn anonymous_clients_get_bounded_time_and_places_on_the_ssh_and_web_ports() {
         &dir.path().join("proxy"),
         &["--config", config.to_str().unwrap()],
     );
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
 
     // SSH: three unauthenticated connections get a banner; a fourth from the same source is
     // dropped at once; the grace time then closes the three.

@@ -108,11 +108,7 @@ fn an_agent_behind_an_http_proxy_joins_tunnels_and_serves_ssh_through_it() {
         &format!("127.0.0.1:{port}"),
         &["--public-addr", &public],
     );
-    let jump = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let jump = proxy.ssh_addr();
     let squid = Squid::start(dir, port);
     let pin = proxy.pin();
     let joining = |name: &str| -> Vec<String> {

@@ -78,11 +78,7 @@ fn metrics_readiness_and_status_follow_tunnels_dials_and_a_lost_proxy() {
             "127.0.0.1:0",
         ],
     );
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     let pdiag = diag_addr(&mut proxy.daemon);
     let (code, body) = http_get(&pdiag, "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
@@ -247,12 +243,6 @@ fn metrics_readiness_and_status_follow_tunnels_dials_and_a_lost_proxy() {
     assert_eq!(status["agent"], "stopped", "{status}");
 }
 
-fn whoami() -> String {
-    text(&Command::new("id").arg("-un").output().unwrap().stdout)
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn status_of_a_node_that_never_ran_and_a_bad_diag_address() {
     let tmp = tempfile::tempdir().unwrap();
@@ -391,11 +381,7 @@ fn node_certificates_renew_over_the_tunnel_with_an_ssh_session_open_across_it() 
     std::fs::write(dir.join("proxy.yaml"), "node_cert_ttl: 20s\n").unwrap();
     let config = dir.join("proxy.yaml");
     let mut proxy = Proxy::start(&dir.join("proxy"), &["--config", config.to_str().unwrap()]);
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     let data = dir.join("agent");
     let mut agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
     let before = identity_json(&data);
@@ -570,11 +556,7 @@ fn a_host_ca_rotation_keeps_three_agents_and_an_open_ssh_session() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     let old_pin = proxy.pin();
     let datas: Vec<_> = (1..=3).map(|i| dir.join(format!("a{i}"))).collect();
     let data_refs: Vec<&Path> = datas.iter().map(|d| d.as_path()).collect();
@@ -731,11 +713,7 @@ fn a_user_ca_rotation_rolls_back_and_an_automatic_one_runs_its_phases() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     let data = dir.join("agent");
     let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
     let alice = Alice::new(&proxy, dir, &ssh_addr);

@@ -27,11 +27,7 @@ impl Fleet {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let mut proxy = Proxy::start(&dir.join("proxy"), &["--cluster-name", CLUSTER]);
-        let ssh_addr = proxy
-            .daemon
-            .wait_for("SSH jump host listening on ")
-            .trim()
-            .to_string();
+        let ssh_addr = proxy.ssh_addr();
         let agents = nodes
             .iter()
             .map(|(name, labels)| start_agent(&proxy, &dir.join(name), name, &["--labels", labels]))

@@ -36,11 +36,7 @@ fn run_under_qemu(qemu: &str, target: &str, machine: u16) {
     let agent = arm_agent(target, machine);
     let dir = tempfile::tempdir().unwrap();
     let mut proxy = Proxy::start(&dir.path().join("proxy"), &[]);
-    let ssh_addr = proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string();
+    let ssh_addr = proxy.ssh_addr();
     let token = token_file(dir.path(), &proxy.node_token(&[]));
     let data = dir.path().join("agent");
     let name = format!("arm-{}", &target[..target.find('-').unwrap()]);

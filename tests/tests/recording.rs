@@ -8,11 +8,6 @@ use std::time::Duration;
 
 use burrow_tests::*;
 
-fn whoami() -> String {
-    let out = run_bounded(Command::new("id").arg("-un"));
-    text(&out.stdout).trim().to_string()
-}
-
 /// A user with a certificate for this machine's login and the cluster's host CA in known_hosts.
 struct User {
     config: PathBuf,
@@ -101,14 +96,6 @@ sys.stdout.buffer.write(out)
 sys.exit(os.waitstatus_to_exitcode(status))
 "#;
 
-fn jump_addr(proxy: &mut Proxy) -> String {
-    proxy
-        .daemon
-        .wait_for("SSH jump host listening on ")
-        .trim()
-        .to_string()
-}
-
 /// The stored sessions, once there are `n`.
 fn until_sessions(proxy: &Proxy, args: &[&str], n: usize) -> Vec<serde_json::Value> {
     let mut all = vec!["sessions", "ls"];
@@ -153,7 +140,7 @@ fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
-    let jump = jump_addr(&mut proxy);
+    let jump = proxy.ssh_addr();
     let data = dir.join("agent");
     let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
     let user = User::new(&proxy, dir);
@@ -269,7 +256,7 @@ fn with_session_recording_pty_commands_are_not_recorded() {
     std::fs::write(dir.join("proxy.yaml"), "session_recording: pty\n").unwrap();
     let config = dir.join("proxy.yaml");
     let mut proxy = Proxy::start(&dir.join("proxy"), &["--config", config.to_str().unwrap()]);
-    let jump = jump_addr(&mut proxy);
+    let jump = proxy.ssh_addr();
     let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
     let user = User::new(&proxy, dir);
     let out = run_bounded(user.ssh(&jump, "node1", &[]).arg("echo not-recorded"));
@@ -319,7 +306,7 @@ fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
         (seen.len() == 2).then_some(())
     })
     .expect("the balancer reaches both proxies");
-    let jump_a = jump_addr(&mut a);
+    let jump_a = a.ssh_addr();
     let data = dir.join("agent");
     let agent = start_agent_via(&a, &lb.addr, &data, "node1", &["--transport", "tcp"]);
     let host = host_id(&data);
@@ -359,7 +346,7 @@ fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
 
     // A comes back; a session through it is stored there, and played through B.
     let mut a = start(0);
-    let jump_a = jump_addr(&mut a);
+    let jump_a = a.ssh_addr();
     // (The presence A wrote before it died may linger: A's own log says when it holds one.)
     a.daemon.wait_for("tunnel up");
     let out = run_bounded(user.ssh(&jump_a, "node1", &[]).arg("echo stored-on-a"));
@@ -394,7 +381,7 @@ fn file_transfers_are_audited_with_their_paths_and_are_not_recorded() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
-    let jump = jump_addr(&mut proxy);
+    let jump = proxy.ssh_addr();
     let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
     let user = User::new(&proxy, dir);
     let src = dir.join("src.txt");

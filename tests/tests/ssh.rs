@@ -35,11 +35,7 @@ impl Setup {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
-        let ssh_addr = proxy
-            .daemon
-            .wait_for("SSH jump host listening on ")
-            .trim()
-            .to_string();
+        let ssh_addr = proxy.ssh_addr();
         let agent = start_agent(&proxy, &dir.join("agent"), "node1", agent_args);
         let host_id = host_id(&dir.join("agent"));
         let login = current_login();
