@@ -293,6 +293,7 @@ pub async fn keep_current(
     shutdown: CancellationToken,
 ) {
     let mut changes = auth.subscribe();
+    let mut admin_checked = (changes.borrow().clone(), std::time::Instant::now());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -325,8 +326,14 @@ pub async fn keep_current(
         {
             tracing::warn!(error = %e, "cannot issue the proxy's SSH host certificate again");
         }
-        if let Err(e) = write_admin_identity(&data_dir, &authorities) {
-            tracing::warn!(error = %e, "cannot write the admin identity");
+        // The admin identity file: when the CAs change (here or by another proxy), and hourly
+        // for its age.
+        let changed = !Arc::ptr_eq(&admin_checked.0, &authorities);
+        if changed || admin_checked.1.elapsed() >= Duration::from_secs(3600) {
+            admin_checked = (authorities.clone(), std::time::Instant::now());
+            if let Err(e) = write_admin_identity(&data_dir, &authorities) {
+                tracing::warn!(error = %e, "cannot write the admin identity");
+            }
         }
     }
 }

@@ -32,6 +32,8 @@ pub const NODE_QUOTA: u64 = 1024 * 1024 * 1024;
 const PIECE: usize = 1024 * 1024;
 /// Longest user, login or kind a node may report.
 const MAX_FIELD: usize = 256;
+/// Recordings one node may be sending to one proxy at once (an agent sends one at a time).
+const MAX_UPLOADS_PER_NODE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordingError {
@@ -145,6 +147,12 @@ impl Recordings {
             return Err(Refusal::Permanent("this session id is taken".into()));
         }
         if chunk.offset == 0 {
+            let busy = self.uploads().values().filter(|h| *h == host_id).count();
+            if holder.is_none() && busy >= MAX_UPLOADS_PER_NODE {
+                return Err(Refusal::Permanent(format!(
+                    "the node is sending {busy} recordings here already"
+                )));
+            }
             let used = self.usage(host_id).await.map_err(later)?;
             if used >= NODE_QUOTA {
                 return Err(Refusal::Permanent(format!(
