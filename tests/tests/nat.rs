@@ -521,6 +521,12 @@ fn a_dead_tcp_path_is_noticed_and_the_agent_comes_back() {
 fn a_restart_nudge_kept_out_by_the_nat_leaves_the_stateless_reset_to_tell() {
     let Some(mut w) = World::new() else { return };
     let mut agent = w.agent("edge", &["--transport", "quic", "--keepalive", "5s"]);
+    // The proxy records the tunnel just after welcoming it: the nudge below needs that record.
+    let host = host_id(&w.dir.join("edge"));
+    eventually(WAIT, || {
+        (!tunnels_of(&w.proxy, &host).is_empty()).then_some(())
+    })
+    .expect("the proxy records the agent's tunnel");
     w.proxy.daemon.kill(); // SIGKILL: no advisory
     w.bed.forget_mappings();
     let args = ["--web-listen", w.web, "--ssh-listen", w.ssh];
