@@ -358,6 +358,15 @@ fn openssh_refuses_a_removed_nodes_host_certificate_through_the_exported_krl() {
 }
 
 /// The validity `ssh-keygen -L` prints for an OpenSSH certificate ("from X to Y").
+/// `burrow-agent start` for a node that has joined already (its identity is in `data`).
+fn joined_agent(proxy: &str, data: &Path, extra: &[&str]) -> Command {
+    let mut cmd = bin("burrow-agent");
+    cmd.args(["start", "--proxy", proxy, "--data-dir"])
+        .arg(data)
+        .args(extra);
+    cmd
+}
+
 fn ssh_cert_validity(dir: &Path, cert: &str) -> String {
     let path = dir.join("cert-to-read-cert.pub");
     std::fs::write(&path, cert).unwrap();
@@ -416,17 +425,10 @@ fn node_certificates_renew_over_the_tunnel_with_an_ssh_session_open_across_it() 
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "again\n");
     agent.stop();
-    let mut cmd = bin("burrow-agent");
-    cmd.args([
-        "start",
-        "--proxy",
-        &proxy.web_addr,
-        "--transport",
-        "tcp",
-        "--data-dir",
-    ])
-    .arg(&data);
-    let mut again = Daemon::spawn(cmd, "burrow-agent");
+    let mut again = Daemon::spawn(
+        joined_agent(&proxy.web_addr, &data, &["--transport", "tcp"]),
+        "burrow-agent",
+    );
     again.wait_for("tunnel up");
 
     // The proxy renews its own certificates (they live as long as the nodes'): twice means the
@@ -459,10 +461,7 @@ fn an_agent_whose_certificates_expired_while_offline_says_so_and_stops() {
     let mut agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
     agent.stop();
     std::thread::sleep(std::time::Duration::from_secs(11));
-    let mut cmd = bin("burrow-agent");
-    cmd.args(["start", "--proxy", &proxy.web_addr, "--data-dir"])
-        .arg(&data);
-    let out = run_bounded(&mut cmd);
+    let out = run_bounded(&mut joined_agent(&proxy.web_addr, &data, &[]));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
     assert!(
@@ -662,25 +661,18 @@ fn a_host_ca_rotation_keeps_three_agents_and_an_open_ssh_session() {
 
     // A restarted agent tunnels with what it learnt.
     agents[0].stop();
-    let mut cmd = bin("burrow-agent");
-    cmd.args(["start", "--proxy", &proxy.web_addr, "--data-dir"])
-        .arg(&datas[0]);
-    agents[0] = Daemon::spawn(cmd, "burrow-agent");
+    agents[0] = Daemon::spawn(
+        joined_agent(&proxy.web_addr, &datas[0], &[]),
+        "burrow-agent",
+    );
     agents[0].wait_for("tunnel up");
 
     // The node that was away cannot come back by itself, and says what to do; joined again with
     // a fresh token and the new pin, it is back.
-    let mut cmd = bin("burrow-agent");
-    cmd.args([
-        "start",
-        "--proxy",
-        &proxy.web_addr,
-        "--transport",
-        "tcp",
-        "--data-dir",
-    ])
-    .arg(&away);
-    let mut stale = Daemon::spawn(cmd, "burrow-agent");
+    let mut stale = Daemon::spawn(
+        joined_agent(&proxy.web_addr, &away, &["--transport", "tcp"]),
+        "burrow-agent",
+    );
     stale.wait_for("not from a CA this node trusts; if the cluster's CA was rotated");
     stale.stop();
     let old_id = host_id(&away);
