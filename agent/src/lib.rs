@@ -63,19 +63,24 @@ impl AgentError {
     }
 }
 
-/// The tunnel transport to `addr`: over an egress proxy, TCP only (an HTTP proxy carries no UDP,
-/// so QUIC is not even tried).
-fn transport_for(mode: pool::TransportMode, addr: &str) -> Result<pool::TransportMode, AgentError> {
+/// The tunnel transports to `addr`, best first: over an egress proxy, only those over TCP (an
+/// HTTP proxy carries no UDP, so QUIC is not even tried).
+fn transports_for(
+    mode: pool::TransportMode,
+    addr: &str,
+) -> Result<Vec<burrow_tunnel::Transport>, AgentError> {
     let Some(egress) = burrow_net::egress::for_target(addr) else {
-        return Ok(mode);
+        return Ok(mode.ladder());
     };
     match mode {
         pool::TransportMode::Quic => Err(AgentError::Config(format!(
-            "transport quic cannot go through the egress proxy {egress} (it carries TCP only): use auto or tcp, or name {addr} in NO_PROXY"
+            "transport quic cannot go through the egress proxy {egress} (it carries TCP only): use auto, tcp or upgrade, or name {addr} in NO_PROXY"
         ))),
         _ => {
-            tracing::info!(%addr, egress_proxy = %egress, "tunnels use TLS over TCP through the egress proxy");
-            Ok(pool::TransportMode::Tcp)
+            tracing::info!(%addr, egress_proxy = %egress, "tunnels go over TCP through the egress proxy");
+            let mut ladder = mode.ladder();
+            ladder.retain(|t| *t != burrow_tunnel::Transport::Quic);
+            Ok(ladder)
         }
     }
 }
@@ -87,7 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tracing::info!(egress_proxy = %egress, from, "connections to the cluster go out through an HTTP proxy (CONNECT)");
         burrow_net::egress::install(egress.clone());
         // Said before anything is done, where it can be known now.
-        transport_for(config.transport, &config.proxy)?;
+        transports_for(config.transport, &config.proxy)?;
     }
     let identity = match Identity::load(&config.data_dir)? {
         Some(identity) => {
@@ -173,11 +178,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         ssh.clone(),
         config.trust_public_web_cert,
     ));
-    let mode = transport_for(config.transport, &addr)?;
+    let ladder = transports_for(config.transport, &addr)?;
     let stopped = pool::run(
         pool::PoolConfig {
             addr,
-            mode,
+            web_addr: config.proxy.clone(),
+            ladder,
             tls,
             host_id: identity.host_id.clone(),
             node_name: identity.node_name.clone(),
@@ -232,21 +238,29 @@ pub fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, Age
     Ok(cas)
 }
 
-/// Mutual TLS for tunnels: the node's certificate, and only the cluster's host CA for proxies.
+/// The TLS of tunnels: mutual TLS with the node's certificate, and only the cluster's host CA
+/// (or public roots, with `public_roots`) for proxies; and, for tunnels inside an HTTP upgrade,
+/// the web API's TLS to the web address.
 pub fn tunnel_tls(
     identity: &Identity,
     cas: &[CertificateDer<'static>],
     public_roots: bool,
-) -> Result<rustls::ClientConfig, AgentError> {
+) -> Result<burrow_tunnel::TunnelTls, AgentError> {
     let chain = tls::parse_certs(&identity.tls_cert, "node certificate").map_err(unusable)?;
     let key = tls::parse_key(identity.tls_key.expose(), "node key").map_err(unusable)?;
-    tls::cluster_client_config(
+    let tunnel = tls::cluster_client_config(
         cas,
         Some(tls::ClientIdentity { chain, key }),
         public_roots,
         &[tunnel_proto::wire::ALPN_TUNNEL],
     )
-    .map_err(unusable)
+    .map_err(unusable)?;
+    let web = tls::cluster_client_config(cas, None, public_roots, &[burrow_net::tls::ALPN_HTTP1])
+        .map_err(unusable)?;
+    Ok(burrow_tunnel::TunnelTls {
+        tunnel: Arc::new(tunnel),
+        web: Arc::new(web),
+    })
 }
 
 fn unusable(e: tls::TlsError) -> AgentError {

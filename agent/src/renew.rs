@@ -17,8 +17,8 @@ use tunnel_proto::wire::{Message, NodeCertificates, Trust};
 use crate::identity::Identity;
 use crate::ssh::SshContext;
 
-/// The TLS configuration tunnels are dialed with; a renewal replaces it.
-pub type SharedTls = Arc<RwLock<Arc<rustls::ClientConfig>>>;
+/// The TLS configurations tunnels are dialed with; a renewal or a CA change replaces them.
+pub type SharedTls = Arc<RwLock<Arc<burrow_tunnel::TunnelTls>>>;
 
 /// How long a request may stay unanswered before another tunnel asks again.
 const ANSWER_TIMEOUT: u64 = 60;

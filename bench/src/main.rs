@@ -168,7 +168,8 @@ async fn agents(args: AgentsArgs, shutdown: CancellationToken) -> anyhow::Result
         held.push(held_rx);
         let config = PoolConfig {
             addr: addr.clone(),
-            mode: args.transport,
+            web_addr: args.proxy.clone(),
+            ladder: args.transport.ladder(),
             tls: Arc::new(std::sync::RwLock::new(Arc::new(burrow_agent::tunnel_tls(
                 identity, &cas, false,
             )?))),

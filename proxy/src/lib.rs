@@ -158,8 +158,9 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
     let mut tunnel_addrs = Vec::new();
+    let tunnel_tls = Arc::new(proxy_certs.tunnel_config()?);
     if let Some(addr) = config.tunnel_listen {
-        let tls = Arc::new(proxy_certs.tunnel_config()?);
+        let tls = tunnel_tls.clone();
         let (listener, bound, quic, quic_socket) =
             bind_pair(addr, tls.clone(), &quic_secret).await?;
         nudge_sockets.push(quic_socket);
@@ -288,6 +289,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
             config.limits.web_max_connections,
             config.limits.web_max_connections_per_source,
         ),
+        tunnel_tls,
     });
     // Everything is in place: say where, for people, tests and burrowctl on this host (the file
     // first, so that whoever reads the log line finds it).

@@ -624,12 +624,6 @@ impl Haproxy {
     }
 
     fn start_at(ns: Option<&str>, dir: &Path, addr: &str, backends: &[&str]) -> Haproxy {
-        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect(
-                "haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)",
-            );
         let mut cfg = format!(
             "global\n  maxconn 4096\n\
              defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  retries 3\n  option redispatch\n\
@@ -641,6 +635,38 @@ impl Haproxy {
                 "  server p{i} {b} check inter 500ms fall 1 rise 1\n"
             ));
         }
+        Self::run(ns, dir, addr, cfg)
+    }
+
+    /// An L7 balancer: haproxy in HTTP mode terminating TLS with `cert` (certificate and key in
+    /// one PEM file) and opening HTTPS again to each of `backends` (proxies' web ports),
+    /// round-robin per connection. It closes an upgraded connection idle for `idle`, as L7
+    /// balancers do.
+    pub fn start_http(dir: &Path, backends: &[&str], cert: &Path, idle: Duration) -> Haproxy {
+        let addr = format!("127.0.0.1:{}", closed_port());
+        let idle = idle.as_secs();
+        let mut cfg = format!(
+            "global\n  maxconn 4096\n\
+             defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout tunnel {idle}s\n  retries 3\n  option redispatch\n\
+             frontend web\n  bind {addr} ssl crt {} alpn http/1.1\n  default_backend proxies\n\
+             backend proxies\n  balance roundrobin\n  option httpchk GET /readyz\n",
+            cert.display()
+        );
+        for (i, b) in backends.iter().enumerate() {
+            cfg.push_str(&format!(
+                "  server p{i} {b} ssl verify none alpn http/1.1 check inter 500ms fall 1 rise 1\n"
+            ));
+        }
+        Self::run(None, dir, &addr, cfg)
+    }
+
+    fn run(ns: Option<&str>, dir: &Path, addr: &str, cfg: String) -> Haproxy {
+        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect(
+                "haproxy is not installed: run ./scripts/install-deps.sh (Debian package haproxy)",
+            );
         let path = dir.join(format!("haproxy-{}.cfg", addr.replace([':', '.'], "-")));
         std::fs::write(&path, cfg).unwrap();
         let mut cmd = Command::new(haproxy);

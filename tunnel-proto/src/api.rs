@@ -40,6 +40,12 @@ pub const AUTH_RENEW_ADMIN_PATH: &str = "/v1/admin/auth/renew-admin";
 pub const AUTH_ROTATE_PATH: &str = "/v1/admin/auth/rotate";
 pub const SESSIONS_PATH: &str = "/v1/admin/sessions";
 pub const SESSION_CAST_PATH: &str = "/v1/admin/sessions/cast";
+/// Tunnels through a balancer that terminates TLS: an HTTP/1.1 `GET` with `Upgrade:`
+/// [`TUNNEL_UPGRADE`], answered with `101 Switching Protocols`; the node's mutual TLS then runs
+/// inside the upgraded stream.
+pub const TUNNEL_UPGRADE_PATH: &str = "/v1/webapi/tunnel";
+/// The `Upgrade:` protocol token of [`TUNNEL_UPGRADE_PATH`].
+pub const TUNNEL_UPGRADE: &str = "burrow-tunnel/1";
 /// Readiness: 200 when the proxy can reach its state backend, 503 `not_ready` when not.
 pub const READY_PATH: &str = "/readyz";
 

@@ -36,6 +36,9 @@ impl Keepalive {
     /// NATs keep TCP mappings for minutes to hours; this is what bounds noticing a dead proxy to
     /// a minute ([`Self::dead_after`]).
     pub const TCP_DEFAULT: Duration = Duration::from_secs(40);
+    /// Under the 60 s after which common L7 balancers (nginx's `proxy_read_timeout`, cloud load
+    /// balancers) close an idle upgraded connection.
+    pub const UPGRADE_DEFAULT: Duration = Duration::from_secs(25);
     /// TCP: how long after a probe goes unanswered the peer counts as dead (`TCP_PROBES` more
     /// probes).
     pub const TCP_GRACE: Duration = Duration::from_secs(20);
@@ -63,6 +66,7 @@ impl Keepalive {
             interval: match transport {
                 Transport::Quic => Self::QUIC_DEFAULT,
                 Transport::Tcp => Self::TCP_DEFAULT,
+                Transport::Upgrade => Self::UPGRADE_DEFAULT,
             },
         }
     }
@@ -79,11 +83,14 @@ impl Keepalive {
     /// At most how long after the last packet heard from it a silent peer counts as dead. QUIC
     /// restarts its idle timer when it sends the first keep-alive after hearing from the peer
     /// (RFC 9000, 10.1), so a dead peer is noticed an interval plus the idle timeout after the
-    /// last packet; TCP gives up [`Self::TCP_GRACE`] after its first unanswered probe.
+    /// last packet; TCP gives up [`Self::TCP_GRACE`] after its first unanswered probe; an
+    /// upgraded tunnel's ends ping every interval on the control stream
+    /// ([`Transport::pings`]) and give up on a peer not heard from for an interval and that
+    /// grace.
     pub fn dead_after(self, transport: Transport) -> Duration {
         match transport {
             Transport::Quic => self.interval + self.quic_idle_timeout(),
-            Transport::Tcp => self.interval + Self::TCP_GRACE,
+            Transport::Tcp | Transport::Upgrade => self.interval + Self::TCP_GRACE,
         }
     }
 
@@ -142,7 +149,7 @@ mod tests {
 
     #[test]
     fn defaults_fit_nat_and_notice_a_dead_peer_within_a_minute() {
-        for t in [Transport::Quic, Transport::Tcp] {
+        for t in [Transport::Quic, Transport::Tcp, Transport::Upgrade] {
             let k = Keepalive::default_for(t);
             assert!(k.dead_after(t) <= Duration::from_secs(60), "{t}: {k:?}");
         }

@@ -1,11 +1,13 @@
-//! Tunnel transports behind one multiplexed [`Session`]: QUIC (quinn) and TLS 1.3 + yamux over
-//! TCP. Both are mutual TLS with ALPN [`ALPN_TUNNEL`].
+//! Tunnel transports behind one multiplexed [`Session`]: QUIC (quinn), TLS 1.3 + yamux over
+//! TCP, and the same TLS + yamux inside an HTTP/1.1 Upgrade on the web port (for balancers that
+//! terminate TLS). All are mutual TLS with ALPN [`ALPN_TUNNEL`].
 //!
 //! | module | what |
 //! | --- | --- |
 //! | this one | [`Session`], the handle both transports hide behind |
 //! | `quic` | QUIC endpoints (the agent's client, the proxy's server) and dials |
 //! | `tcp` | TLS + yamux: the driver task, dials and accepts, TCP keep-alive probes |
+//! | `upgrade` | TLS + yamux inside an HTTP/1.1 Upgrade: the request, the answer, the inner TLS |
 //! | `keepalive` | the keep-alive interval and what follows from it (idle timeouts, probes) |
 //! | `udp` | the agent's UDP socket: quinn's, without receive offload |
 //! | `window` | the agent's flow-control window on a QUIC tunnel |
@@ -29,12 +31,14 @@ pub mod nudge;
 mod quic;
 mod tcp;
 mod udp;
+mod upgrade;
 mod window;
 
 pub use self::framed::{FrameError, Framed};
 pub use self::keepalive::{Keepalive, KeepaliveError};
 pub use self::quic::{QUIC_SECRET_LEN, connect_quic, quic_client_endpoint, quic_server_endpoint};
 pub use self::tcp::{TcpBacked, accept_tls, connect_tcp, set_tcp_keepalive};
+pub use self::upgrade::{Prefixed, TunnelTls, accept_upgraded, connect_upgrade};
 pub use self::window::{Window, WindowError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,15 +57,26 @@ pub type TunnelStream = Box<dyn IoStream>;
 pub enum Transport {
     Quic,
     Tcp,
+    /// TLS + yamux inside an HTTP/1.1 Upgrade on the web port.
+    Upgrade,
 }
 
 impl Transport {
-    /// "quic" or "tcp", as logs, presence records and metric labels name it.
+    /// "quic", "tcp" or "upgrade", as logs, presence records and metric labels name it.
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
+            Transport::Upgrade => "upgrade",
         }
+    }
+
+    /// Whether the tunnel's ends must say something every keep-alive interval to keep it open
+    /// and notice a dead peer: nothing below the tunnel does it end to end through a balancer
+    /// that terminates TLS (its TCP keep-alives stop at the balancer, and it closes connections
+    /// idle for a minute or so).
+    pub fn pings(self) -> bool {
+        self == Transport::Upgrade
     }
 }
 
@@ -77,6 +92,8 @@ pub enum TransportError {
     Connect { addr: String, reason: String },
     #[error("TLS handshake with {addr} failed: {reason}")]
     Handshake { addr: String, reason: String },
+    #[error("cannot open a tunnel through the web address {addr}: {reason}")]
+    Upgrade { addr: String, reason: String },
     #[error("the tunnel is closed")]
     Closed,
     #[error("stream error: {0}")]
@@ -107,13 +124,15 @@ struct YamuxHandle {
     inbound: Mutex<mpsc::Receiver<TunnelStream>>,
     closed: CancellationToken,
     keepalive: keepalive::Requested,
+    /// TCP or Upgrade.
+    transport: Transport,
 }
 
 impl Session {
     pub fn transport(&self) -> Transport {
-        match self.inner {
+        match &self.inner {
             Inner::Quic(_) => Transport::Quic,
-            Inner::Yamux(_) => Transport::Tcp,
+            Inner::Yamux(h) => h.transport,
         }
     }
 

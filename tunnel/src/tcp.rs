@@ -17,17 +17,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keepalive::{self, Keepalive};
 use crate::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Session, TransportError, TunnelStream,
-    YamuxHandle, peer_chain, server_name,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Session, Transport, TransportError,
+    TunnelStream, YamuxHandle, peer_chain, server_name,
 };
 
 impl Session {
-    /// Runs yamux over an established TLS stream.
-    fn from_tls<S>(
+    /// Runs yamux over an established TLS stream (`transport`: TCP or Upgrade).
+    pub(crate) fn from_tls<S>(
         tls: S,
         remote: SocketAddr,
         peer_certs: Vec<CertificateDer<'static>>,
-        server: bool,
+        (server, transport): (bool, Transport),
     ) -> Self
     where
         S: TcpBacked + AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -56,6 +56,7 @@ impl Session {
                 inbound: Mutex::new(inbound_rx),
                 closed,
                 keepalive,
+                transport,
             })),
             peer_certs: Arc::new(peer_certs),
         }
@@ -139,7 +140,7 @@ async fn drive_yamux<T>(
 /// The server side of a TLS + yamux tunnel on an accepted, handshaken connection.
 pub fn accept_tls(tls: tokio_rustls::server::TlsStream<TcpStream>, remote: SocketAddr) -> Session {
     let peer_certs = peer_chain(tls.get_ref().1);
-    Session::from_tls(tls, remote, peer_certs, true)
+    Session::from_tls(tls, remote, peer_certs, (true, Transport::Tcp))
 }
 
 /// Dials a TLS + yamux tunnel.
@@ -173,8 +174,21 @@ pub async fn connect_tcp(
         addr: addr.to_string(),
         reason: e.to_string(),
     })?;
+    // What answered is not a proxy's tunnel port: a balancer that terminates TLS, say (its
+    // certificate can pass where public roots are trusted). Said now, not by a yamux timeout.
+    if stream.get_ref().1.alpn_protocol() != Some(crate::ALPN_TUNNEL) {
+        return Err(TransportError::Handshake {
+            addr: addr.to_string(),
+            reason: "the server did not take the tunnel protocol (ALPN burrow-tunnel/1): a balancer that terminates TLS?".into(),
+        });
+    }
     let peer_certs = peer_chain(stream.get_ref().1);
-    Ok(Session::from_tls(stream, remote, peer_certs, false))
+    Ok(Session::from_tls(
+        stream,
+        remote,
+        peer_certs,
+        (false, Transport::Tcp),
+    ))
 }
 
 /// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.
@@ -182,20 +196,27 @@ pub fn set_tcp_keepalive(tcp: &TcpStream, k: Keepalive) {
     k.apply_tcp(socket2::SockRef::from(tcp));
 }
 
-/// A TLS stream over TCP, whose socket options can still be set.
+/// A stream over TCP (TLS over TCP, TLS inside TLS over TCP), whose socket options can still
+/// be set.
 pub trait TcpBacked {
     fn tcp(&self) -> &TcpStream;
 }
 
-impl TcpBacked for tokio_rustls::server::TlsStream<TcpStream> {
+impl TcpBacked for TcpStream {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self
     }
 }
 
-impl TcpBacked for tokio_rustls::client::TlsStream<TcpStream> {
+impl<S: TcpBacked> TcpBacked for tokio_rustls::server::TlsStream<S> {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<S: TcpBacked> TcpBacked for tokio_rustls::client::TlsStream<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
     }
 }
 

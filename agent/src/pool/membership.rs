@@ -12,29 +12,29 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tunnel_proto::wire::{ProxyEntry, Refusal};
 
-use super::TransportMode;
 use super::timing::Backoff;
 use burrow_tunnel::Transport;
 
-/// How soon `auto` first tries QUIC again while it runs on TCP; each retry that fails doubles
-/// the wait, up to [`QUIC_RETRY_MAX`]. A failed try costs a few KB of padded QUIC handshake
-/// packets: on a network that blocks UDP for good, that is 4 tries an hour.
-pub const QUIC_RETRY_EVERY: Duration = Duration::from_secs(10);
-pub const QUIC_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+/// How soon `auto` first tries a better transport again (QUIC while it runs on TCP, either while
+/// it runs on the HTTP upgrade); each retry that fails doubles the wait, up to [`RETRY_MAX`]. A
+/// failed QUIC try costs a few KB of padded handshake packets: on a network that blocks UDP for
+/// good, that is 4 tries an hour.
+pub const RETRY_EVERY: Duration = Duration::from_secs(10);
+pub const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 /// The longest wait a proxy's reconnect advisory can ask for.
 pub const MAX_RECONNECT_AFTER: Duration = Duration::from_secs(60);
 /// When nothing is due, the driver still wakes this often.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
 
 /// What one dial should try.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialPlan {
-    /// Try QUIC first.
-    pub try_quic: bool,
-    /// Fall back to TCP if QUIC does not get through.
-    pub fallback_to_tcp: bool,
-    /// A background QUIC retry while on TCP, not a dial for a missing tunnel.
-    pub quic_retry: bool,
+    /// The transports to try, best first; each is tried when the one before did not get
+    /// through (a refusal is the proxy's answer whatever the transport, and ends the dial).
+    pub tries: Vec<Transport>,
+    /// A background retry of better transports while a tunnel runs on a worse one, not a dial
+    /// for a missing tunnel.
+    pub retry: bool,
 }
 
 /// Why a dial did not give a tunnel.
@@ -73,8 +73,8 @@ pub struct Landed {
 pub struct DialOutcome {
     pub plan: DialPlan,
     pub result: Result<Landed, DialFailure>,
-    /// QUIC was tried and did not get through.
-    pub quic_failed: bool,
+    /// The transports that were tried and did not get through, in the order tried, with why.
+    pub failed: Vec<(Transport, String)>,
 }
 
 /// What to do with a dial's outcome.
@@ -103,10 +103,23 @@ pub struct Advice {
 /// What the pool reports for the log, alongside a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
-    QuicBlocked,
-    QuicBack,
-    DialFailed { reason: String, retry_in: Duration },
-    QuicStillBlocked { reason: String, retry_in: Duration },
+    /// `blocked` does not get through (`reason`); tunnels use `using`, and `blocked` is tried
+    /// again in the background.
+    Blocked {
+        blocked: Transport,
+        using: Transport,
+        reason: String,
+    },
+    /// A better transport gets through again: tunnels move to it.
+    Back(Transport),
+    DialFailed {
+        reason: String,
+        retry_in: Duration,
+    },
+    StillBlocked {
+        reason: String,
+        retry_in: Duration,
+    },
 }
 
 struct Held {
@@ -116,33 +129,38 @@ struct Held {
 
 /// The pool's membership state.
 pub struct Membership {
-    mode: TransportMode,
+    /// The transports the agent may use, best first (one, or `auto`'s ladder).
+    ladder: Vec<Transport>,
+    /// The best rung of the ladder known to get through: new tunnels start there, and only the
+    /// background retry tries the rungs above it.
+    floor: usize,
     held: HashMap<String, Held>,
     wanted: BTreeSet<String>,
     backoff: Backoff,
     duplicates: Backoff,
     next_dial: Instant,
     dialing: bool,
-    quic_broken: bool,
-    next_quic_retry: Instant,
-    quic_retry_after: Duration,
+    next_retry: Instant,
+    retry_after: Duration,
     tunnel_ids: u64,
     notes: Vec<Note>,
 }
 
 impl Membership {
-    pub fn new(mode: TransportMode, now: Instant) -> Self {
+    /// `ladder`: the transports to use, best first (never empty).
+    pub fn new(ladder: Vec<Transport>, now: Instant) -> Self {
+        assert!(!ladder.is_empty(), "a pool needs a transport");
         Self {
-            mode,
+            ladder,
+            floor: 0,
             held: HashMap::new(),
             wanted: BTreeSet::new(),
             backoff: Backoff::default(),
             duplicates: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             next_dial: now,
             dialing: false,
-            quic_broken: false,
-            next_quic_retry: now,
-            quic_retry_after: QUIC_RETRY_EVERY,
+            next_retry: now,
+            retry_after: RETRY_EVERY,
             tunnel_ids: 0,
             notes: Vec::new(),
         }
@@ -153,8 +171,21 @@ impl Membership {
         self.held.is_empty() || self.wanted.iter().any(|id| !self.held.contains_key(id))
     }
 
-    fn on_tcp(&self) -> bool {
-        self.held.values().any(|h| h.transport == Transport::Tcp)
+    /// A transport's place on the ladder (0 is the best).
+    fn rank(&self, t: Transport) -> usize {
+        self.ladder
+            .iter()
+            .position(|l| *l == t)
+            .unwrap_or(self.ladder.len())
+    }
+
+    /// The worst rung a held tunnel runs on, when a better one exists.
+    fn worst_held(&self) -> Option<usize> {
+        self.held
+            .values()
+            .map(|h| self.rank(h.transport))
+            .max()
+            .filter(|r| *r > 0)
     }
 
     /// The dial to start at `now`, if one is due. One dial runs at a time.
@@ -162,25 +193,22 @@ impl Membership {
         if self.dialing {
             return None;
         }
-        let retry_quic =
-            self.mode == TransportMode::Auto && self.on_tcp() && now >= self.next_quic_retry;
+        let worse = self.worst_held().filter(|_| now >= self.next_retry);
         let missing_due = self.missing() && now >= self.next_dial;
-        if !missing_due && !retry_quic {
-            return None;
-        }
+        let tries = match (missing_due, worse) {
+            // A missing tunnel: from the best rung known to get through, down the ladder.
+            (true, _) => self.ladder[self.floor.min(self.ladder.len() - 1)..].to_vec(),
+            // The background retry: the rungs better than the worst one held.
+            (false, Some(worse)) => self.ladder[..worse].to_vec(),
+            (false, None) => return None,
+        };
         self.dialing = true;
-        if retry_quic {
-            self.next_quic_retry = now + self.quic_retry_after;
+        if !missing_due {
+            self.next_retry = now + self.retry_after;
         }
         Some(DialPlan {
-            // While UDP looks blocked, only the periodic retry tries QUIC.
-            try_quic: match self.mode {
-                TransportMode::Quic => true,
-                TransportMode::Tcp => false,
-                TransportMode::Auto => !self.quic_broken || retry_quic,
-            },
-            fallback_to_tcp: self.mode == TransportMode::Auto && !retry_quic,
-            quic_retry: retry_quic,
+            tries,
+            retry: !missing_due,
         })
     }
 
@@ -191,8 +219,8 @@ impl Membership {
         } else {
             self.next_dial
         };
-        if self.mode == TransportMode::Auto && self.on_tcp() {
-            wake = wake.min(self.next_quic_retry);
+        if self.worst_held().is_some() {
+            wake = wake.min(self.next_retry);
         }
         wake
     }
@@ -200,23 +228,21 @@ impl Membership {
     /// Takes what a dial gave.
     pub fn handle_dialed(&mut self, now: Instant, outcome: DialOutcome) -> Decision {
         self.dialing = false;
-        if outcome.quic_failed && self.mode == TransportMode::Auto && !self.quic_broken {
-            self.notes.push(Note::QuicBlocked);
-            self.quic_broken = true;
-            self.quic_retry_after = QUIC_RETRY_EVERY;
-            self.next_quic_retry = now + QUIC_RETRY_EVERY;
+        let landed_rank = outcome.result.as_ref().ok().map(|l| self.rank(l.transport));
+        if let Some(rank) = landed_rank {
+            self.moved_to(now, rank, &outcome.failed);
         }
         let landed = match outcome.result {
             Err(DialFailure::Refused {
                 code: Some(code),
                 reason,
             }) if code.is_permanent() => return Decision::GiveUp { reason },
-            Err(failure) if outcome.plan.quic_retry => {
-                self.quic_retry_after = (self.quic_retry_after * 2).min(QUIC_RETRY_MAX);
-                self.next_quic_retry = now + self.quic_retry_after;
-                self.notes.push(Note::QuicStillBlocked {
+            Err(failure) if outcome.plan.retry => {
+                self.retry_after = (self.retry_after * 2).min(RETRY_MAX);
+                self.next_retry = now + self.retry_after;
+                self.notes.push(Note::StillBlocked {
                     reason: failure.to_string(),
-                    retry_in: self.quic_retry_after,
+                    retry_in: self.retry_after,
                 });
                 return Decision::Retry;
             }
@@ -232,19 +258,13 @@ impl Membership {
             Ok(landed) => landed,
         };
         self.backoff.reset();
-        if landed.transport == Transport::Quic {
-            if self.quic_broken {
-                self.notes.push(Note::QuicBack);
-            }
-            self.quic_broken = false;
-            self.quic_retry_after = QUIC_RETRY_EVERY;
-        }
         self.wanted = landed.proxies.into_iter().map(|p| p.id).collect();
-        let replaces_tcp = self
+        let rank = self.rank(landed.transport);
+        let replaces_worse = self
             .held
             .get(&landed.proxy_id)
-            .is_some_and(|h| h.transport == Transport::Tcp && landed.transport == Transport::Quic);
-        if self.held.contains_key(&landed.proxy_id) && !replaces_tcp {
+            .is_some_and(|h| self.rank(h.transport) > rank);
+        if self.held.contains_key(&landed.proxy_id) && !replaces_worse {
             let (delay, _) = self.duplicates.next_delay();
             self.next_dial = now + delay;
             return Decision::Duplicate;
@@ -261,6 +281,28 @@ impl Membership {
         Decision::Adopt {
             tunnel: self.tunnel_ids,
             replaces: replaced.map(|h| h.tunnel),
+        }
+    }
+
+    /// A tunnel landed on rung `rank` after the transports `failed` did not get through: that
+    /// rung is the best known to work now (lower after a fallback, higher after a retry).
+    fn moved_to(&mut self, now: Instant, rank: usize, failed: &[(Transport, String)]) {
+        let using = self.ladder[rank.min(self.ladder.len() - 1)];
+        if rank > self.floor {
+            for (blocked, reason) in failed {
+                self.notes.push(Note::Blocked {
+                    blocked: *blocked,
+                    using,
+                    reason: reason.clone(),
+                });
+            }
+            self.floor = rank;
+            self.retry_after = RETRY_EVERY;
+            self.next_retry = now + RETRY_EVERY;
+        } else if rank < self.floor {
+            self.notes.push(Note::Back(using));
+            self.floor = rank;
+            self.retry_after = RETRY_EVERY;
         }
     }
 

@@ -5,8 +5,10 @@
 //! holds is closed at once, and a proxy that leaves the list is let go. Failed dials back off
 //! exponentially with full jitter, so agents do not return all in the same second.
 //!
-//! Transport `auto` tries QUIC first and falls back to TCP when UDP does not get through; while
-//! on TCP it keeps trying QUIC and moves each tunnel back when QUIC reaches its proxy.
+//! Transport `auto` climbs down a ladder: QUIC, then TLS over TCP when UDP does not get through,
+//! then the same TLS inside an HTTP/1.1 Upgrade on the web address when TLS over TCP does not
+//! (a balancer that terminates TLS). While on a lower rung it keeps trying the ones above and
+//! moves each tunnel up when a better transport reaches its proxy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,39 +25,61 @@ use tunnel_proto::api::Labels;
 use tunnel_proto::wire::{AuditEvent, Message, ProxyEntry, Welcome};
 
 use self::control::{AgentControl, End, Step};
-use self::membership::{
-    Advice, Decision, DialFailure, DialOutcome, DialPlan, Landed, Membership, Note,
-};
+use self::membership::{Advice, Decision, DialOutcome, Membership, Note};
 pub use self::timing::Backoff;
 use crate::renew::{Renewer, SharedTls};
 use crate::telemetry::{Disconnect, Telemetry};
 
+mod connect;
 mod control;
 mod dials;
 mod membership;
+mod pings;
 mod timing;
 
+use self::connect::{describe, dial};
 use self::dials::serve_dials;
 pub use self::dials::{DialInfo, DialService, SSH_PORT};
+use self::pings::Pings;
 
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `auto` gives QUIC before falling back to TCP.
-const QUIC_TRY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportMode {
-    /// QUIC, falling back to TCP when UDP does not get through.
+    /// QUIC, falling back to TLS over TCP when UDP does not get through, and to the HTTP upgrade
+    /// when TLS over TCP does not.
     #[default]
     Auto,
+    /// QUIC only.
     Quic,
+    /// TLS 1.3 + yamux over TCP only.
     Tcp,
+    /// TLS 1.3 + yamux inside an HTTP/1.1 Upgrade on the web address only: through a balancer
+    /// that terminates TLS.
+    Upgrade,
+}
+
+impl TransportMode {
+    /// The transports this mode uses, best first.
+    pub fn ladder(self) -> Vec<Transport> {
+        match self {
+            TransportMode::Auto => vec![Transport::Quic, Transport::Tcp, Transport::Upgrade],
+            TransportMode::Quic => vec![Transport::Quic],
+            TransportMode::Tcp => vec![Transport::Tcp],
+            TransportMode::Upgrade => vec![Transport::Upgrade],
+        }
+    }
 }
 
 /// What a tunnel says about itself and its node.
 pub struct PoolConfig {
+    /// Where QUIC and TLS-over-TCP tunnels go (what `find` named, or the web address).
     pub addr: String,
-    pub mode: TransportMode,
+    /// The web address, where upgraded tunnels go.
+    pub web_addr: String,
+    /// The transports to use, best first ([`TransportMode::ladder`]).
+    pub ladder: Vec<Transport>,
     /// The node's TLS identity for new tunnels (a renewal replaces it).
     pub tls: SharedTls,
     pub host_id: String,
@@ -116,12 +140,12 @@ pub async fn run(config: PoolConfig, shutdown: CancellationToken) -> Result<(), 
     let config = Arc::new(config);
     // The restart nudges of QUIC tunnels' proxies, taken out by the endpoint's socket.
     let nudges = Arc::new(Nudges::default());
-    let endpoint = match config.mode {
-        TransportMode::Tcp => None,
-        _ => Some(transport::quic_client_endpoint(nudges.clone())?),
+    let endpoint = match config.ladder.contains(&Transport::Quic) {
+        true => Some(transport::quic_client_endpoint(nudges.clone())?),
+        false => None,
     };
     let (events_tx, mut events) = mpsc::channel::<PoolEvent>(64);
-    let mut pool = Membership::new(config.mode, Instant::now());
+    let mut pool = Membership::new(config.ladder.clone(), Instant::now());
     // The stop switch of each running tunnel, by tunnel id.
     let mut running: HashMap<u64, CancellationToken> = HashMap::new();
     let stop = |running: &mut HashMap<u64, CancellationToken>, tunnel: u64| {
@@ -230,14 +254,29 @@ fn log_notes(config: &PoolConfig, notes: Vec<Note>) {
     let addr = &config.addr;
     for note in notes {
         match note {
-            Note::QuicBlocked => {
-                tracing::warn!(%addr, "QUIC does not get through (UDP blocked?); using TCP and trying QUIC again in the background")
+            Note::Blocked {
+                blocked: Transport::Quic,
+                using,
+                reason,
+            } => {
+                tracing::warn!(%addr, %reason, "QUIC does not get through (UDP blocked?); using {} and trying QUIC again in the background", describe(using))
             }
-            Note::QuicBack => {
-                tracing::info!("QUIC gets through again; moving tunnels back to QUIC")
+            Note::Blocked {
+                blocked,
+                using,
+                reason,
+            } => {
+                let web_addr = &config.web_addr;
+                tracing::warn!(%addr, %web_addr, %reason, "{} does not get through (a balancer that terminates TLS?); using {} and trying it again in the background", describe(blocked), describe(using))
             }
-            Note::QuicStillBlocked { reason, retry_in } => {
-                tracing::debug!(%reason, ?retry_in, "QUIC still does not get through")
+            Note::Back(using) => {
+                tracing::info!(
+                    "{} gets through again; moving tunnels to it",
+                    describe(using)
+                )
+            }
+            Note::StillBlocked { reason, retry_in } => {
+                tracing::debug!(%reason, ?retry_in, "a better transport still does not get through")
             }
             Note::DialFailed { reason, retry_in } => {
                 tracing::warn!(%addr, %reason, ?retry_in, "cannot open a tunnel");
@@ -245,128 +284,6 @@ fn log_notes(config: &PoolConfig, notes: Vec<Note>) {
                     t.dial_failed(&reason, retry_in);
                 }
             }
-        }
-    }
-}
-
-/// Runs one dial as `plan` says and reports how it went.
-async fn dial(
-    config: Arc<PoolConfig>,
-    endpoint: Option<quinn::Endpoint>,
-    plan: DialPlan,
-    events: mpsc::Sender<PoolEvent>,
-) {
-    let mut quic_failed = false;
-    let mut result = Err(DialFailure::Failed("no transport tried".into()));
-    if plan.try_quic
-        && let Some(endpoint) = &endpoint
-    {
-        let limit = if config.mode == TransportMode::Auto {
-            QUIC_TRY
-        } else {
-            WELCOME_TIMEOUT
-        };
-        result = match tokio::time::timeout(limit, dial_with(&config, Some(endpoint))).await {
-            Ok(r) => r,
-            Err(_) => Err(DialFailure::Failed(format!(
-                "no QUIC answer within {}s",
-                limit.as_secs()
-            ))),
-        };
-        quic_failed = matches!(result, Err(DialFailure::Failed(_)));
-    }
-    // A refusal is the proxy's answer whatever the transport: only a failure falls back.
-    if matches!(result, Err(DialFailure::Failed(_))) && (!plan.try_quic || plan.fallback_to_tcp) {
-        result = dial_with(&config, None).await;
-    }
-    let (result, dialed) = match result {
-        Ok(d) => {
-            let landed = Landed {
-                proxy_id: d.welcome.proxy_id.clone(),
-                transport: d.session.transport(),
-                proxies: d.welcome.proxies.clone(),
-            };
-            (Ok(landed), Some(Box::new(d)))
-        }
-        Err(e) => (Err(e), None),
-    };
-    let outcome = DialOutcome {
-        plan,
-        result,
-        quic_failed,
-    };
-    let _ = events.send(PoolEvent::Dialed(outcome, dialed)).await;
-}
-
-/// A dial error, with what to do when the proxy's certificate is from a CA the node does not
-/// know: the cluster's CA was rotated while the node was offline.
-fn explain(error: String) -> String {
-    if error.contains("UnknownIssuer") || error.contains("BadSignature") {
-        format!(
-            "{error}: the proxy's certificate is not from a CA this node trusts; if the cluster's CA was rotated while this node was offline, join again: move identity.json out of the data dir and start with a fresh token and the new --ca-pin"
-        )
-    } else {
-        error
-    }
-}
-
-/// Opens a tunnel (QUIC with an endpoint, else TCP), says hello and waits for the welcome.
-async fn dial_with(
-    config: &PoolConfig,
-    quic: Option<&quinn::Endpoint>,
-) -> Result<Dialed, DialFailure> {
-    let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(explain(e.to_string()));
-    let over = if quic.is_some() {
-        Transport::Quic
-    } else {
-        Transport::Tcp
-    };
-    let keepalive = config
-        .keepalive
-        .unwrap_or_else(|| Keepalive::default_for(over));
-    let tls = config.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let session = match quic {
-        Some(endpoint) => {
-            transport::connect_quic(endpoint, &config.addr, tls, keepalive, config.window).await
-        }
-        None => transport::connect_tcp(&config.addr, tls, keepalive).await,
-    }
-    .map_err(|e| failed(&e))?;
-    let stream = session.open().await.map_err(|e| failed(&e))?;
-    let mut control = Framed::new(stream);
-    let labels = config.labels.borrow().clone();
-    control
-        .write(&control::hello(
-            &config.host_id,
-            &config.node_name,
-            labels,
-            keepalive.interval(),
-            config.renewer.is_some(),
-        ))
-        .await
-        .map_err(|e| failed(&e))?;
-    let answer = match tokio::time::timeout(WELCOME_TIMEOUT, control.read()).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => {
-            session.close("protocol error");
-            return Err(DialFailure::Failed(format!(
-                "the proxy closed the tunnel: {e}"
-            )));
-        }
-        Err(_) => {
-            session.close("timeout");
-            return Err(DialFailure::Failed("no welcome from the proxy".into()));
-        }
-    };
-    match control::answer_to_hello(answer) {
-        Ok(welcome) => Ok(Dialed {
-            session,
-            control,
-            welcome,
-        }),
-        Err(e) => {
-            session.close("refused");
-            Err(e)
         }
     }
 }
@@ -408,6 +325,7 @@ async fn run_tunnel(
         r.tunnel_up(&proxy_id, welcome.recording);
     }
     let mut labels = config.labels.clone();
+    let mut pings = Pings::new(&config, &session);
     let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(256);
     let dials = tokio::spawn(serve_dials(
         session.clone(),
@@ -427,6 +345,17 @@ async fn run_tunnel(
             reason = session.closed() => {
                 tracing::warn!(%proxy_id, %reason, "the tunnel closed");
                 break None;
+            }
+            _ = pings.due() => {
+                match pings.poll(Instant::now()) {
+                    Err(silent) => {
+                        tracing::warn!(%proxy_id, "no answer from the proxy for {}s; closing the tunnel", silent.as_secs());
+                        break None;
+                    }
+                    Ok(Some(ping)) if control.write(&ping).await.is_err() => break None,
+                    Ok(_) => {}
+                }
+                continue;
             }
             Some(event) = audit_rx.recv() => {
                 if control.write(&Message::Audit(event)).await.is_err() {
@@ -464,6 +393,9 @@ async fn run_tunnel(
             }
             msg = control.read() => msg,
         };
+        if let Ok(Some(_)) = &msg {
+            pings.heard(Instant::now());
+        }
         match msg {
             Ok(Some(msg)) => match machine.handle_message(msg) {
                 Step::Nothing => {}

@@ -58,6 +58,8 @@ pub enum TunnelError {
     Flood,
     #[error("the node keeps opening streams nobody asked for")]
     UnwantedStreams,
+    #[error("the node sent nothing for {}s (its pings stopped)", .0.as_secs())]
+    Silent(Duration),
     #[error("unexpected {0} message on the control stream")]
     Unexpected(&'static str),
     #[error("bad message: {0}")]
@@ -88,6 +90,7 @@ impl TunnelError {
     pub fn disconnect_label(&self) -> &'static str {
         match self {
             TunnelError::Flood | TunnelError::UnwantedStreams => "flood",
+            TunnelError::Silent(_) => "silent",
             _ => "protocol_error",
         }
     }
@@ -181,17 +184,40 @@ pub struct ProxyControl {
     /// The node said something the presence record does not show yet.
     dirty: bool,
     last_renewal: Option<Instant>,
+    /// When the node last said something on the control stream.
+    last_heard: Instant,
+    /// A tunnel whose node pings ([`burrow_tunnel::Transport::pings`]): how long it may stay
+    /// silent before it counts as gone.
+    silence_limit: Option<Duration>,
 }
 
 impl ProxyControl {
-    /// A session whose presence was just written.
-    pub fn new(presence: Presence, now: Instant) -> Self {
+    /// A session whose presence was just written; `silence_limit`: see [`Self::silent`].
+    pub fn new(presence: Presence, now: Instant, silence_limit: Option<Duration>) -> Self {
         Self {
             presence,
             budget: NodeBudget::new(now),
             last_written: now,
             dirty: false,
             last_renewal: None,
+            last_heard: now,
+            silence_limit,
+        }
+    }
+
+    /// Whether the node of a tunnel that pings has said nothing for longer than it may.
+    pub fn silent(&self, now: Instant) -> Option<Duration> {
+        self.silence_limit
+            .filter(|limit| now.duration_since(self.last_heard) > *limit)
+    }
+
+    /// When the driver must look at the clock again: the presence record's next write
+    /// ([`Self::poll_timeout`]) or the end of the silence a pinging node may keep.
+    pub fn wake_at(&self) -> Instant {
+        let presence = self.poll_timeout();
+        match self.silence_limit {
+            Some(limit) => presence.min(self.last_heard + limit + Duration::from_millis(1)),
+            None => presence,
         }
     }
 
@@ -212,6 +238,7 @@ impl ProxyControl {
     }
 
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<Action, TunnelError> {
+        self.last_heard = now;
         // Recordings have a rate of their own (paced, not refused): a long one is many chunks.
         if let Message::Recording(chunk) = msg {
             let wait = self.budget.recording(now);
@@ -222,7 +249,8 @@ impl ProxyControl {
         }
         let host_id = &self.presence.host_id;
         match msg {
-            // Agents before keep-alives moved to the transport still ping.
+            // Agents ping on upgraded tunnels (and did on every tunnel before keep-alives moved
+            // to the transport).
             Message::Ping { seq } => Ok(Action::Send(Message::Pong { seq })),
             Message::Heartbeat(hb) => {
                 // The name is the certificate's; a heartbeat cannot rename the node.
@@ -452,7 +480,7 @@ mod tests {
     #[test]
     fn pings_are_answered_and_goodbyes_close() {
         let now = Instant::now();
-        let mut c = ProxyControl::new(presence(), now);
+        let mut c = ProxyControl::new(presence(), now, None);
         assert_eq!(
             c.handle_message(now, Message::Ping { seq: 7 }).unwrap(),
             Action::Send(Message::Pong { seq: 7 })
@@ -470,7 +498,7 @@ mod tests {
     #[test]
     fn heartbeats_update_presence_at_most_every_few_seconds_and_never_rename_the_node() {
         let start = Instant::now();
-        let mut c = ProxyControl::new(presence(), start);
+        let mut c = ProxyControl::new(presence(), start, None);
         let at = |s: u64| start + Duration::from_secs(s);
         // Changed labels right after the last write: recorded, written once the interval passed.
         assert_eq!(
@@ -499,7 +527,7 @@ mod tests {
     #[test]
     fn presence_of_a_silent_node_is_refreshed_and_a_late_change_written_when_due() {
         let start = Instant::now();
-        let mut c = ProxyControl::new(presence(), start);
+        let mut c = ProxyControl::new(presence(), start, None);
         // The node says nothing at all: presence is still rewritten every refresh.
         assert_eq!(c.poll_timeout(), start + PRESENCE_REFRESH);
         assert!(!c.poll(start + PRESENCE_REFRESH / 2));
@@ -522,12 +550,12 @@ mod tests {
     #[test]
     fn a_flood_or_unwanted_streams_end_the_tunnel() {
         let now = Instant::now();
-        let mut c = ProxyControl::new(presence(), now);
+        let mut c = ProxyControl::new(presence(), now, None);
         let flooded = (0..100_000)
             .map(|seq| c.handle_message(now, Message::Ping { seq }))
             .find_map(Result::err);
         assert!(matches!(flooded, Some(TunnelError::Flood)), "{flooded:?}");
-        let mut c = ProxyControl::new(presence(), now);
+        let mut c = ProxyControl::new(presence(), now, None);
         let closed = (0..1000)
             .map(|_| c.handle_unwanted_stream())
             .find_map(Result::err);
@@ -559,7 +587,7 @@ mod tests {
     #[test]
     fn renewals_are_asked_of_the_proxy_at_most_every_five_seconds_per_tunnel() {
         let start = Instant::now();
-        let mut c = ProxyControl::new(presence(), start);
+        let mut c = ProxyControl::new(presence(), start, None);
         let renew = || Message::Renew {
             ssh_public_key: "ssh-ed25519 AAAA".into(),
         };
@@ -590,5 +618,27 @@ mod tests {
                 ssh_public_key: String::new()
             }
         );
+    }
+
+    #[test]
+    fn a_pinging_node_that_goes_silent_is_gone_and_its_pings_keep_it() {
+        let start = Instant::now();
+        let limit = Duration::from_secs(45);
+        let mut c = ProxyControl::new(presence(), start, Some(limit));
+        assert_eq!(c.silent(start + limit), None);
+        assert!(c.wake_at() <= start + limit + Duration::from_secs(1));
+        let later = start + Duration::from_secs(25);
+        assert_eq!(
+            c.handle_message(later, Message::Ping { seq: 1 }).unwrap(),
+            Action::Send(Message::Pong { seq: 1 })
+        );
+        assert_eq!(c.silent(start + limit + Duration::from_secs(1)), None);
+        assert_eq!(
+            c.silent(later + limit + Duration::from_secs(1)),
+            Some(limit)
+        );
+        // A tunnel whose transport says when the node is gone never counts silence.
+        let quiet = ProxyControl::new(presence(), start, None);
+        assert_eq!(quiet.silent(start + Duration::from_secs(3600)), None);
     }
 }

@@ -369,9 +369,19 @@ impl TunnelServer {
             }
             Err(e) => return Err(e),
         };
-        if let Some(ms) = hello.keepalive_ms {
-            session.set_keepalive(Keepalive::clamped(Duration::from_millis(ms)));
+        let keepalive = hello
+            .keepalive_ms
+            .map(|ms| Keepalive::clamped(Duration::from_millis(ms)));
+        if let Some(k) = keepalive {
+            session.set_keepalive(k);
         }
+        // A node on an upgraded tunnel pings every interval: nothing else tells that it is gone.
+        let transport = session.transport();
+        let silence_limit = transport.pings().then(|| {
+            keepalive
+                .unwrap_or_else(|| Keepalive::default_for(transport))
+                .dead_after(transport)
+        });
         let mut pushed = self.pushed.subscribe();
         let Pushed {
             proxies,
@@ -430,7 +440,7 @@ impl TunnelServer {
             control,
             pushed,
             trust,
-            machine: ProxyControl::new(presence, Instant::now()),
+            machine: ProxyControl::new(presence, Instant::now(), silence_limit),
             seen,
         })
     }
@@ -500,7 +510,10 @@ impl TunnelServer {
                     None => return Ok(()),
                 },
                 // The tunnel is up, so the node is: its transport's keep-alives say so.
-                _ = tokio::time::sleep_until(machine.poll_timeout().into()) => {
+                _ = tokio::time::sleep_until(machine.wake_at().into()) => {
+                    if let Some(limit) = machine.silent(Instant::now()) {
+                        return Err(TunnelError::Silent(limit));
+                    }
                     if machine.poll(Instant::now()) {
                         self.write_presence(machine.presence(unix_now()), seen, Write::Refresh)
                             .await;

@@ -40,6 +40,7 @@ use crate::tunnel::{self, TunnelServer};
 
 mod failure;
 mod sessions;
+mod upgrade;
 
 pub use self::failure::ApiFailure;
 use self::failure::{backend_failure, body_failure, internal, parse_body};
@@ -69,6 +70,9 @@ pub struct WebState {
     pub request_timeout: Duration,
     /// Connections that are not (yet) tunnels, in all and per source.
     pub connections: Arc<ConnectionGate>,
+    /// Tunnels inside an HTTP Upgrade: the dedicated listener's TLS (cluster certificate, node
+    /// certificate required).
+    pub tunnel_tls: Arc<ServerConfig>,
 }
 
 /// The limiter for failed joins.
@@ -100,6 +104,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(api::SESSION_CAST_PATH, get(sessions::cast))
         .route(api::NODES_REMOVE_PATH, post(nodes_remove))
         .route(api::READY_PATH, get(ready))
+        .route(api::TUNNEL_UPGRADE_PATH, get(upgrade::tunnel))
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -203,8 +208,12 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
         .and_then(|chain| chain.first())
         .and_then(|leaf| CertRole::of_certificate(leaf));
     let peer = Peer { addr, role };
+    // An upgrade to a tunnel takes the connection's place over until its inner handshake is done.
+    let place = upgrade::Place(Arc::new(std::sync::Mutex::new(Some(place))));
+    let held = place.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(held.clone());
         let answer = router.clone().oneshot(req);
         // The whole request, body included: a client trickling its body cannot hold the
         // connection (hyper's header timeout only covers the headers).
@@ -227,7 +236,9 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let conn = builder
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
     tokio::pin!(conn);
     let _place = place;
     tokio::select! {

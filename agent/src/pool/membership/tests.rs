@@ -1,6 +1,7 @@
 //! The membership state machine's tests: every decision, without sockets or a runtime.
 
 use super::*;
+use crate::pool::TransportMode;
 
 fn proxies(ids: &[&str]) -> Vec<ProxyEntry> {
     ids.iter()
@@ -16,7 +17,7 @@ fn landed(plan: DialPlan, proxy: &str, transport: Transport, list: &[&str]) -> D
             transport,
             proxies: proxies(list),
         }),
-        quic_failed: false,
+        failed: Vec::new(),
     }
 }
 
@@ -34,7 +35,7 @@ fn refused(plan: DialPlan, code: Refusal) -> DialOutcome {
             code: Some(code),
             reason: format!("{code:?}"),
         }),
-        quic_failed: false,
+        failed: Vec::new(),
     }
 }
 
@@ -58,14 +59,13 @@ fn dial_all(
 #[test]
 fn the_first_dial_is_due_at_once_and_one_dial_runs_at_a_time() {
     let now = Instant::now();
-    let mut m = Membership::new(TransportMode::Auto, now);
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
     let plan = m.poll_dial(now).unwrap();
     assert_eq!(
         plan,
         DialPlan {
-            try_quic: true,
-            fallback_to_tcp: true,
-            quic_retry: false
+            tries: vec![Transport::Quic, Transport::Tcp, Transport::Upgrade],
+            retry: false
         }
     );
     assert_eq!(m.poll_dial(now), None, "a second dial while one runs");
@@ -75,7 +75,7 @@ fn the_first_dial_is_due_at_once_and_one_dial_runs_at_a_time() {
 #[test]
 fn a_tunnel_to_a_proxy_already_held_is_closed_and_the_next_dial_comes_soon() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     let d = dial_all(
         &mut m,
         &mut now,
@@ -108,7 +108,7 @@ fn a_tunnel_to_a_proxy_already_held_is_closed_and_the_next_dial_comes_soon() {
 #[test]
 fn duplicates_back_off_from_50ms_up_to_5s() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a", "b"]);
     let mut waits = Vec::new();
     for _ in 0..12 {
@@ -131,7 +131,7 @@ fn duplicates_back_off_from_50ms_up_to_5s() {
 #[test]
 fn a_proxy_leaving_the_list_is_let_go_and_one_joining_is_dialed() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(
         &mut m,
         &mut now,
@@ -161,10 +161,10 @@ fn a_proxy_leaving_the_list_is_let_go_and_one_joining_is_dialed() {
 #[test]
 fn blocked_udp_falls_back_to_tcp_and_quic_replaces_each_tcp_tunnel_when_it_returns() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Auto, now);
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
     let plan = m.poll_dial(now).unwrap();
     let mut first = landed(plan, "a", Transport::Tcp, &["a"]);
-    first.quic_failed = true;
+    first.failed = vec![(Transport::Quic, "no answer".into())];
     assert_eq!(
         m.handle_dialed(now, first),
         Decision::Adopt {
@@ -172,19 +172,25 @@ fn blocked_udp_falls_back_to_tcp_and_quic_replaces_each_tcp_tunnel_when_it_retur
             replaces: None
         }
     );
-    assert_eq!(m.take_notes(), [Note::QuicBlocked]);
-    // Held on TCP: the next wake is the QUIC retry, QUIC_RETRY_EVERY later.
+    assert_eq!(
+        m.take_notes(),
+        [Note::Blocked {
+            blocked: Transport::Quic,
+            using: Transport::Tcp,
+            reason: "no answer".into()
+        }]
+    );
+    // Held on TCP: the next wake is the QUIC retry, RETRY_EVERY later.
     assert_eq!(m.poll_dial(now), None);
     let retry_at = m.poll_timeout(now);
-    assert_eq!(retry_at - now, QUIC_RETRY_EVERY);
+    assert_eq!(retry_at - now, RETRY_EVERY);
     now = retry_at;
     let retry = m.poll_dial(now).unwrap();
     assert_eq!(
         retry,
         DialPlan {
-            try_quic: true,
-            fallback_to_tcp: false,
-            quic_retry: true
+            tries: vec![Transport::Quic],
+            retry: true
         }
     );
     // Still blocked: the tunnel stays on TCP and each retry waits twice as long as the last,
@@ -192,20 +198,17 @@ fn blocked_udp_falls_back_to_tcp_and_quic_replaces_each_tcp_tunnel_when_it_retur
     let mut waits = Vec::new();
     let retry = loop {
         let blocked = DialOutcome {
-            plan: retry,
+            plan: retry.clone(),
             result: Err(DialFailure::Failed("no QUIC answer".into())),
-            quic_failed: true,
+            failed: vec![(Transport::Quic, "no QUIC answer".into())],
         };
         assert_eq!(m.handle_dialed(now, blocked), Decision::Retry);
-        assert!(matches!(
-            m.take_notes()[..],
-            [Note::QuicStillBlocked { .. }]
-        ));
+        assert!(matches!(m.take_notes()[..], [Note::StillBlocked { .. }]));
         let next = m.poll_timeout(now);
         waits.push((next - now).as_secs());
         now = next;
         let retry = m.poll_dial(now).unwrap();
-        assert!(retry.quic_retry);
+        assert!(retry.retry);
         if waits.len() == 8 {
             break retry;
         }
@@ -219,16 +222,16 @@ fn blocked_udp_falls_back_to_tcp_and_quic_replaces_each_tcp_tunnel_when_it_retur
             replaces: Some(1)
         }
     );
-    assert_eq!(m.take_notes(), [Note::QuicBack]);
+    assert_eq!(m.take_notes(), [Note::Back(Transport::Quic)]);
     // The replaced tunnel's end changes nothing; on QUIC no retry is due any more.
     assert!(!m.handle_closed(now, "a", 1, Advice::default()));
-    assert_eq!(m.poll_dial(now + QUIC_RETRY_EVERY * 3), None);
+    assert_eq!(m.poll_dial(now + RETRY_EVERY * 3), None);
 }
 
 #[test]
 fn a_quic_tunnel_is_not_replaced_by_tcp() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Auto, now);
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
     let d = dial_all(
         &mut m,
         &mut now,
@@ -241,7 +244,7 @@ fn a_quic_tunnel_is_not_replaced_by_tcp() {
 #[test]
 fn revocation_arriving_in_the_handshake_ends_the_pool_even_with_tunnels_held() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a", "b"]);
     let plan = m.poll_dial(now).unwrap();
     assert_eq!(
@@ -263,7 +266,7 @@ fn transient_refusals_back_off_and_keep_dialing() {
         Refusal::Unknown,
     ] {
         let mut now = Instant::now();
-        let mut m = Membership::new(TransportMode::Tcp, now);
+        let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
         let mut ceilings = Vec::new();
         for _ in 0..4 {
             let plan = m.poll_dial(now).expect("still dialing");
@@ -287,7 +290,7 @@ fn transient_refusals_back_off_and_keep_dialing() {
 #[test]
 fn a_reconnect_advisory_brings_the_agent_back_after_a_jittered_wait() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
     let after = Duration::from_secs(2);
     assert!(m.handle_closed(now, "a", 1, advised(after)));
@@ -300,7 +303,7 @@ fn a_reconnect_advisory_brings_the_agent_back_after_a_jittered_wait() {
 #[test]
 fn a_reconnect_advisory_cannot_park_the_agent_for_more_than_a_minute_and_a_half() {
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
     assert!(m.handle_closed(now, "a", 1, advised(Duration::from_secs(86_400))));
     assert!(m.poll_timeout(now) - now <= MAX_RECONNECT_AFTER * 3 / 2);
@@ -312,7 +315,7 @@ fn a_fleet_losing_its_proxy_spreads_its_return_over_the_proxys_window() {
     let mut waits = Vec::new();
     for _ in 0..1000 {
         let mut now = Instant::now();
-        let mut m = Membership::new(TransportMode::Tcp, now);
+        let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
         dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
         let lost = Advice {
             reconnect_after: None,
@@ -333,8 +336,117 @@ fn a_fleet_losing_its_proxy_spreads_its_return_over_the_proxys_window() {
     );
     // Without a window, the first backoff step (at most 0.5 s) is all the agent waits.
     let mut now = Instant::now();
-    let mut m = Membership::new(TransportMode::Tcp, now);
+    let mut m = Membership::new(TransportMode::Tcp.ladder(), now);
     dial_all(&mut m, &mut now, &[("a", Transport::Tcp)], &["a"]);
     assert!(m.handle_closed(now, "a", 1, Advice::default()));
     assert!(m.poll_timeout(now) - now <= Duration::from_millis(500));
+}
+
+#[test]
+fn through_a_balancer_that_terminates_tls_auto_goes_down_to_the_upgrade_and_back_up() {
+    let start = Instant::now();
+    let mut now = start;
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
+    let plan = m.poll_dial(now).unwrap();
+    let mut first = landed(plan, "a", Transport::Upgrade, &["a", "b"]);
+    first.failed = vec![
+        (Transport::Quic, "no answer".into()),
+        (Transport::Tcp, "no tunnel protocol".into()),
+    ];
+    assert_eq!(
+        m.handle_dialed(now, first),
+        Decision::Adopt {
+            tunnel: 1,
+            replaces: None
+        }
+    );
+    assert_eq!(
+        m.take_notes(),
+        [
+            Note::Blocked {
+                blocked: Transport::Quic,
+                using: Transport::Upgrade,
+                reason: "no answer".into()
+            },
+            Note::Blocked {
+                blocked: Transport::Tcp,
+                using: Transport::Upgrade,
+                reason: "no tunnel protocol".into()
+            }
+        ]
+    );
+    // The next tunnel starts on the upgrade: no time lost on QUIC and TCP again.
+    let plan = m.poll_dial(now).unwrap();
+    assert_eq!(
+        plan,
+        DialPlan {
+            tries: vec![Transport::Upgrade],
+            retry: false
+        }
+    );
+    assert!(matches!(
+        m.handle_dialed(now, landed(plan, "b", Transport::Upgrade, &["a", "b"])),
+        Decision::Adopt { tunnel: 2, .. }
+    ));
+    // In the background: QUIC, then TLS over TCP.
+    now = m.poll_timeout(now);
+    assert_eq!(now - start, RETRY_EVERY);
+    let retry = m.poll_dial(now).unwrap();
+    assert_eq!(
+        retry,
+        DialPlan {
+            tries: vec![Transport::Quic, Transport::Tcp],
+            retry: true
+        }
+    );
+    // TLS over TCP gets through again (QUIC still does not): b's tunnel moves up to it.
+    let mut up = landed(retry, "b", Transport::Tcp, &["a", "b"]);
+    up.failed = vec![(Transport::Quic, "no answer".into())];
+    assert_eq!(
+        m.handle_dialed(now, up),
+        Decision::Adopt {
+            tunnel: 3,
+            replaces: Some(2)
+        }
+    );
+    assert_eq!(m.take_notes(), [Note::Back(Transport::Tcp)]);
+    // A tunnel lost now comes back from TLS over TCP down.
+    assert!(m.handle_closed(now, "a", 1, Advice::default()));
+    now += m.dial_wait(now);
+    let plan = m.poll_dial(now).unwrap();
+    assert_eq!(
+        plan,
+        DialPlan {
+            tries: vec![Transport::Tcp, Transport::Upgrade],
+            retry: false
+        }
+    );
+    // An upgraded tunnel never replaces a TCP one.
+    assert_eq!(
+        m.handle_dialed(now, landed(plan, "b", Transport::Upgrade, &["a", "b"])),
+        Decision::Duplicate
+    );
+}
+
+#[test]
+fn a_dial_where_every_transport_fails_does_not_move_the_ladder() {
+    let now = Instant::now();
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
+    let plan = m.poll_dial(now).unwrap();
+    let down = DialOutcome {
+        plan,
+        result: Err(DialFailure::Failed("connection refused".into())),
+        failed: TransportMode::Auto
+            .ladder()
+            .into_iter()
+            .map(|t| (t, "connection refused".into()))
+            .collect(),
+    };
+    assert_eq!(m.handle_dialed(now, down), Decision::Retry);
+    // The proxy was down, not the network: the next dial tries everything again.
+    let later = m.poll_timeout(now);
+    assert_eq!(
+        m.poll_dial(later).unwrap().tries,
+        TransportMode::Auto.ladder()
+    );
 }
