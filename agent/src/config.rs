@@ -74,7 +74,8 @@ pub struct StartArgs {
     /// 127.0.0.1:3082), or "off" [default: off].
     #[arg(long, value_name = "ADDR|off")]
     pub diag_listen: Option<String>,
-    /// Tunnel transport: auto tries QUIC and falls back to TLS over TCP when UDP is blocked.
+    /// Tunnel transport: auto tries QUIC, falls back to TLS over TCP when UDP is blocked and to an
+    /// HTTP upgrade on the web address when a balancer terminates TLS, and moves back up.
     #[arg(long, value_enum, value_name = "MODE")]
     pub transport: Option<TransportMode>,
     /// How often an idle tunnel sends a keep-alive (e.g. 25s, 2m; 5s to 30m): shorter than the
@@ -410,7 +411,8 @@ proxy: proxy.example.com:3080
 #    command: ["uname", "-r"]
 #    period: 1h
 
-# Tunnel transport: auto (QUIC, falling back to TLS over TCP when UDP is blocked), quic or tcp.
+# Tunnel transport: auto (QUIC, falling back to TLS over TCP when UDP is blocked, and to an HTTP
+# upgrade on the web address behind a balancer that terminates TLS), quic, tcp or upgrade.
 transport: auto
 
 # How often an idle tunnel sends a keep-alive, 5s to 30m: keep it under the idle timeout of the

@@ -141,7 +141,7 @@ fn an_agent_behind_an_http_proxy_joins_tunnels_and_serves_ssh_through_it() {
     let log = node.log();
     assert!(
         log.contains(&format!("egress_proxy={via} from=\"HTTPS_PROXY\""))
-            && log.contains("tunnels use TLS over TCP through the egress proxy")
+            && log.contains("tunnels go over TCP through the egress proxy")
             && !log.contains("QUIC"),
         "{log}"
     );
