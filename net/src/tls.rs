@@ -65,6 +65,18 @@ pub fn validity(pem: &str) -> Option<(u64, u64)> {
     Some((secs(v.not_before), secs(v.not_after)))
 }
 
+/// Whether a DER certificate is within its validity at `now` (Unix seconds); `false` if it does
+/// not parse. A resumed TLS session carries the certificate its first handshake checked, then:
+/// whoever relies on one checks it is still current.
+pub fn is_current(der: &[u8], now: u64) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let v = cert.validity();
+    let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    (secs(v.not_before)..secs(v.not_after)).contains(&now)
+}
+
 /// Whether a certificate (chain already verified) is a proxy's: role proxy and the serverAuth
 /// usage, so that no node or admin certificate from the same CA can pass for the proxy.
 fn is_proxy_certificate(der: &[u8]) -> bool {

@@ -32,6 +32,7 @@ use tunnel_proto::wire::ALPN_TUNNEL;
 use crate::auth::Auth;
 use crate::auth::ca::{Authorities, CaError};
 use crate::sshproxy::HostIdentity;
+use crate::tickets::Tickets;
 
 /// How often a proxy reads the authorities record again (a rotation moved by another proxy
 /// reaches it within this).
@@ -44,6 +45,8 @@ pub struct ProxyCerts {
     /// Client certificates must chain to these (the web port also lets clients without one in).
     verifiers: RwLock<Verifiers>,
     issued: Mutex<Issued>,
+    /// Session tickets that survive restarts, bound to the host CAs.
+    tickets: Arc<Tickets>,
 }
 
 struct Verifiers {
@@ -68,14 +71,28 @@ impl std::fmt::Debug for ProxyCerts {
 
 impl ProxyCerts {
     /// The cluster certificate for `names` (besides the cluster's own), issued now.
-    pub fn new(authorities: &Authorities, names: Vec<String>) -> anyhow::Result<Arc<Self>> {
+    /// `secret`: the proxy's long-lived secret, which its session tickets' keys come from.
+    pub fn new(
+        authorities: &Authorities,
+        names: Vec<String>,
+        secret: &[u8],
+    ) -> anyhow::Result<Arc<Self>> {
         let (cluster, issued) = issue(authorities, &names)?;
         Ok(Arc::new(Self {
             names,
             cluster: RwLock::new(cluster),
             verifiers: RwLock::new(verifiers(authorities)?),
             issued: Mutex::new(issued),
+            tickets: Arc::new(Tickets::new(secret, &authorities.pins())),
         }))
+    }
+
+    /// Session tickets (one per handshake: each carries the client's chain, a kilobyte or so)
+    /// from keys that survive a restart.
+    fn with_tickets(&self, mut config: ServerConfig) -> ServerConfig {
+        config.ticketer = self.tickets.clone();
+        config.send_tls13_tickets = 1;
+        config
     }
 
     fn cluster(&self) -> Arc<CertifiedKey> {
@@ -106,6 +123,7 @@ impl ProxyCerts {
             != pins
         {
             *self.verifiers.write().unwrap_or_else(|p| p.into_inner()) = verifiers(authorities)?;
+            self.tickets.bind(&pins);
             tracing::info!(pins = ?pins.iter().map(ToString::to_string).collect::<Vec<_>>(), "client certificates are checked against new host CAs");
         }
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
@@ -136,7 +154,7 @@ impl ProxyCerts {
                 public,
             }));
         config.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_HTTP1.to_vec()];
-        Ok(config)
+        Ok(self.with_tickets(config))
     }
 
     /// The dedicated tunnel listener's TLS: always the cluster certificate (even when the web
@@ -153,7 +171,7 @@ impl ProxyCerts {
                 public: None,
             }));
         config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-        Ok(config)
+        Ok(self.with_tickets(config))
     }
 }
 

@@ -33,6 +33,7 @@ pub mod recordings;
 pub mod registry;
 pub mod sshproxy;
 pub mod state;
+pub mod tickets;
 pub mod tunnel;
 pub mod web;
 
@@ -92,13 +93,13 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     );
     certs::write_admin_identity(&config.data_dir, &authorities)?;
 
-    let proxy_certs = certs::ProxyCerts::new(&authorities, cert_names(&config))?;
+    let quic_secret = quic_secret(&config.data_dir)?;
+    let proxy_certs = certs::ProxyCerts::new(&authorities, cert_names(&config), &quic_secret)?;
     let public_cert = match &config.https_files {
         Some((cert_file, key_file)) => Some(certs::public_cert(cert_file, key_file)?),
         None => None,
     };
     let tls = proxy_certs.web_config(public_cert)?;
-    let quic_secret = quic_secret(&config.data_dir)?;
     let (listener, bound, quic, quic_socket) = bind_pair(
         config.web_listen,
         Arc::new(certs::quic_config(&tls)),

@@ -36,6 +36,7 @@ pub struct Metrics {
     tunnels: Family<Label, Gauge>,
     nodes: Gauge,
     tunnel_connects: Family<Label, Counter>,
+    tunnel_resumptions: Family<Label, Counter>,
     tunnel_disconnects: Family<Label, Counter>,
     tunnels_refused: Family<Label, Counter>,
     joins: Family<Label, Counter>,
@@ -69,6 +70,12 @@ impl Metrics {
             "tunnel_connects",
             "Tunnels admitted, by transport",
             tunnel_connects.clone(),
+        );
+        let tunnel_resumptions = Family::<Label, Counter>::default();
+        r.register(
+            "tunnel_resumptions",
+            "Tunnels admitted on a resumed TLS session (a session ticket, no certificate signatures), by transport; QUIC's are not counted (quinn does not say)",
+            tunnel_resumptions.clone(),
         );
         let tunnel_disconnects = Family::<Label, Counter>::default();
         r.register(
@@ -138,6 +145,7 @@ impl Metrics {
             tunnels,
             nodes,
             tunnel_connects,
+            tunnel_resumptions,
             tunnel_disconnects,
             tunnels_refused,
             joins,
@@ -151,10 +159,15 @@ impl Metrics {
     }
 
     /// A tunnel admitted (`transport` is "quic" or "tcp"); `nodes` is how many nodes now hold one.
-    pub fn tunnel_up(&self, transport: &'static str, nodes: usize) {
+    pub fn tunnel_up(&self, transport: &'static str, resumed: bool, nodes: usize) {
         self.tunnel_connects
             .get_or_create(&[("transport", transport)])
             .inc();
+        if resumed {
+            self.tunnel_resumptions
+                .get_or_create(&[("transport", transport)])
+                .inc();
+        }
         self.tunnels
             .get_or_create(&[("transport", transport)])
             .inc();

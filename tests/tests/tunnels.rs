@@ -517,3 +517,47 @@ fn a_quic_agent_learns_at_once_that_its_proxy_restarted_after_a_crash() {
     eventually(WAIT, || (!tunnels_of(&proxy, &id).is_empty()).then_some(()))
         .unwrap_or_else(|| panic!("nodes ls shows the node's tunnel again"));
 }
+
+/// A proxy killed and started again reads the session tickets it gave before: its returning
+/// agents resume their TLS sessions (no certificate signatures on either end) over TCP and over
+/// the HTTP upgrade alike, and are the same nodes as before.
+#[test]
+fn a_restarted_proxy_resumes_its_agents_tls_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_dir = dir.path().join("proxy");
+    let diag = ["--diag-listen", "127.0.0.1:0"];
+    let mut proxy = Proxy::start(&proxy_dir, &diag);
+    let addr = proxy.web_addr.clone();
+    let resumed = |diag: &str, transport: &str| {
+        let (_, body) = http_get(diag, "/metrics");
+        let name = format!("burrow_proxy_tunnel_resumptions_total{{transport=\"{transport}\"}}");
+        metric(&body, &name).unwrap_or(0.0)
+    };
+    let mut agents = Vec::new();
+    for transport in ["tcp", "upgrade"] {
+        let data = dir.path().join(transport);
+        let agent = start_agent(&proxy, &data, transport, &["--transport", transport]);
+        agents.push((agent, host_id(&data), transport));
+    }
+    let first = diag_addr(&mut proxy.daemon);
+    assert_eq!(resumed(&first, "tcp") + resumed(&first, "upgrade"), 0.0);
+
+    proxy.daemon.kill();
+    let mut proxy = Proxy::start_at(&proxy_dir, &addr, &diag);
+    let again = diag_addr(&mut proxy.daemon);
+    for (agent, host, transport) in &agents {
+        eventually(WAIT, || (resumed(&again, transport) == 1.0).then_some(())).unwrap_or_else(
+            || {
+                panic!(
+                    "{transport}: no resumed session\n{}\n{}",
+                    agent.log(),
+                    http_get(&again, "/metrics").1
+                )
+            },
+        );
+        eventually(WAIT, || {
+            (!tunnels_of(&proxy, host).is_empty()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{transport}: the node is back under its host id"));
+    }
+}

@@ -109,6 +109,8 @@ pub struct Session {
     inner: Inner,
     remote: SocketAddr,
     peer_certs: Arc<Vec<CertificateDer<'static>>>,
+    /// The TLS session was resumed from a ticket (never known for QUIC).
+    resumed: bool,
 }
 
 #[derive(Clone)]
@@ -138,6 +140,12 @@ impl Session {
 
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote
+    }
+
+    /// Whether the TLS session was resumed from a session ticket (TCP and upgrade; QUIC's are
+    /// reported as not resumed, quinn does not say).
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The certificate chain the peer authenticated with.
@@ -221,6 +229,24 @@ impl Session {
             remote: conn.remote_address(),
             inner: Inner::Quic(conn),
             peer_certs: Arc::new(peer_certs),
+            resumed: false,
+        }
+    }
+}
+
+/// What a finished TLS handshake says about the peer.
+pub(crate) struct Peer {
+    remote: SocketAddr,
+    certs: Vec<CertificateDer<'static>>,
+    resumed: bool,
+}
+
+impl Peer {
+    pub(crate) fn of(tls: &rustls::CommonState, remote: SocketAddr) -> Self {
+        Self {
+            remote,
+            certs: peer_chain(tls),
+            resumed: tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
 }

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -17,18 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keepalive::{self, Keepalive};
 use crate::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Session, Transport, TransportError,
-    TunnelStream, YamuxHandle, peer_chain, server_name,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, Inner, MAX_STREAMS, Peer, Session, Transport,
+    TransportError, TunnelStream, YamuxHandle, server_name,
 };
 
 impl Session {
     /// Runs yamux over an established TLS stream (`transport`: TCP or Upgrade).
-    pub(crate) fn from_tls<S>(
-        tls: S,
-        remote: SocketAddr,
-        peer_certs: Vec<CertificateDer<'static>>,
-        (server, transport): (bool, Transport),
-    ) -> Self
+    pub(crate) fn from_tls<S>(tls: S, peer: Peer, (server, transport): (bool, Transport)) -> Self
     where
         S: TcpBacked + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -50,7 +44,7 @@ impl Session {
         let closed = CancellationToken::new();
         tokio::spawn(drive_yamux(conn, open_rx, inbound_tx, closed.clone()));
         Self {
-            remote,
+            remote: peer.remote,
             inner: Inner::Yamux(Arc::new(YamuxHandle {
                 open: open_tx,
                 inbound: Mutex::new(inbound_rx),
@@ -58,7 +52,8 @@ impl Session {
                 keepalive,
                 transport,
             })),
-            peer_certs: Arc::new(peer_certs),
+            peer_certs: Arc::new(peer.certs),
+            resumed: peer.resumed,
         }
     }
 }
@@ -139,8 +134,8 @@ async fn drive_yamux<T>(
 
 /// The server side of a TLS + yamux tunnel on an accepted, handshaken connection.
 pub fn accept_tls(tls: tokio_rustls::server::TlsStream<TcpStream>, remote: SocketAddr) -> Session {
-    let peer_certs = peer_chain(tls.get_ref().1);
-    Session::from_tls(tls, remote, peer_certs, (true, Transport::Tcp))
+    let peer = Peer::of(tls.get_ref().1, remote);
+    Session::from_tls(tls, peer, (true, Transport::Tcp))
 }
 
 /// Dials a TLS + yamux tunnel.
@@ -182,13 +177,8 @@ pub async fn connect_tcp(
             reason: "the server did not take the tunnel protocol (ALPN burrow-tunnel/1): a balancer that terminates TLS?".into(),
         });
     }
-    let peer_certs = peer_chain(stream.get_ref().1);
-    Ok(Session::from_tls(
-        stream,
-        remote,
-        peer_certs,
-        (false, Transport::Tcp),
-    ))
+    let peer = Peer::of(stream.get_ref().1, remote);
+    Ok(Session::from_tls(stream, peer, (false, Transport::Tcp)))
 }
 
 /// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.

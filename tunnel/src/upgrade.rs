@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tunnel_proto::api::{TUNNEL_UPGRADE, TUNNEL_UPGRADE_PATH};
 
 use crate::tcp::{TcpBacked, set_tcp_keepalive};
-use crate::{CONNECT_TIMEOUT, Keepalive, Session, Transport, TransportError, peer_chain};
+use crate::{CONNECT_TIMEOUT, Keepalive, Peer, Session, Transport, TransportError};
 
 /// The longest answer head the agent reads before giving up on it.
 const MAX_HEAD: usize = 8 * 1024;
@@ -78,13 +78,8 @@ pub async fn connect_upgrade(
     let inner = tokio::time::timeout(CONNECT_TIMEOUT, steps)
         .await
         .map_err(|_| upgrade_error(addr, "timed out".into()))??;
-    let peer_certs = peer_chain(inner.get_ref().1);
-    Ok(Session::from_tls(
-        inner,
-        remote,
-        peer_certs,
-        (false, Transport::Upgrade),
-    ))
+    let peer = Peer::of(inner.get_ref().1, remote);
+    Ok(Session::from_tls(inner, peer, (false, Transport::Upgrade)))
 }
 
 /// The server side: the mutual TLS handshake inside a stream the web port upgraded, `prefix`
@@ -112,13 +107,8 @@ where
         addr: remote.to_string(),
         reason: e.to_string(),
     })?;
-    let peer_certs = peer_chain(inner.get_ref().1);
-    Ok(Session::from_tls(
-        inner,
-        remote,
-        peer_certs,
-        (true, Transport::Upgrade),
-    ))
+    let peer = Peer::of(inner.get_ref().1, remote);
+    Ok(Session::from_tls(inner, peer, (true, Transport::Upgrade)))
 }
 
 fn upgrade_error(addr: &str, reason: String) -> TransportError {

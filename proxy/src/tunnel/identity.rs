@@ -24,6 +24,13 @@ pub fn node_identity(session: &Session) -> Result<NodeIdentity, TunnelError> {
             "the client certificate is not a node's",
         ));
     }
+    // Checked by the handshake's verifier already, but not again when a session ticket resumes
+    // the session: a node certificate that expired since is refused here.
+    if !burrow_net::tls::is_current(leaf, burrow_daemon::unix_now()) {
+        return Err(TunnelError::Identity(
+            "the node certificate has expired; the node must join again",
+        ));
+    }
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| TunnelError::BadCertificate(e.to_string()))?;
     let host_id = cert

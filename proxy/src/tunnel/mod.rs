@@ -354,8 +354,11 @@ impl TunnelServer {
                 };
                 tunnels.insert(id, entry);
                 self.set_return_window(tunnels.len());
-                self.metrics
-                    .tunnel_up(session.transport().as_str(), tunnels.nodes());
+                self.metrics.tunnel_up(
+                    session.transport().as_str(),
+                    session.resumed(),
+                    tunnels.nodes(),
+                );
             }
             admitted
         };

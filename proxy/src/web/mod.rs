@@ -206,6 +206,8 @@ async fn serve_connection(c: Connection, shutdown: CancellationToken) -> anyhow:
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
+        // A resumed session's certificate was checked when it began: it must still be current.
+        .filter(|leaf| burrow_net::tls::is_current(leaf, burrow_daemon::unix_now()))
         .and_then(|leaf| CertRole::of_certificate(leaf));
     let peer = Peer { addr, role };
     // An upgrade to a tunnel takes the connection's place over until its inner handshake is done.
