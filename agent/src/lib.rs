@@ -239,8 +239,9 @@ pub fn host_cas(identity: &Identity) -> Result<Vec<CertificateDer<'static>>, Age
 }
 
 /// The TLS of tunnels: mutual TLS with the node's certificate, and only the cluster's host CA
-/// (or public roots, with `public_roots`) for proxies; and, for tunnels inside an HTTP upgrade,
-/// the web API's TLS to the web address.
+/// for proxies (never public roots: whoever holds a public certificate for the name, a balancer
+/// that terminates TLS for one, must not pass for a proxy); and, for tunnels inside an HTTP
+/// upgrade, the web API's TLS to the web address (public roots too, with `public_roots`).
 pub fn tunnel_tls(
     identity: &Identity,
     cas: &[CertificateDer<'static>],
@@ -251,7 +252,7 @@ pub fn tunnel_tls(
     let tunnel = tls::cluster_client_config(
         cas,
         Some(tls::ClientIdentity { chain, key }),
-        public_roots,
+        false,
         &[tunnel_proto::wire::ALPN_TUNNEL],
     )
     .map_err(unusable)?;

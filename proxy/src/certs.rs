@@ -234,8 +234,17 @@ struct Resolver {
 }
 
 impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.public.clone().unwrap_or_else(|| self.certs.cluster()))
+    /// The public certificate (if any) for HTTPS; the cluster certificate for tunnels, always:
+    /// agents trust only the cluster's CA for a tunnel, so that nobody else holding a public
+    /// certificate for the name (a balancer that terminates TLS, say) can pass for a proxy.
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let tunnel = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ALPN_TUNNEL));
+        match &self.public {
+            Some(public) if !tunnel => Some(public.clone()),
+            _ => Some(self.certs.cluster()),
+        }
     }
 }
 

@@ -193,7 +193,9 @@ fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
         log.contains("TLS over TCP does not get through") && log.contains("using the HTTP upgrade"),
         "{log}"
     );
-    assert!(log.contains("did not take the tunnel protocol"), "{log}");
+    // Inside the upgrade or not, a tunnel trusts only the cluster's CA: the balancer's
+    // certificate, trusted for the web API, does not pass for a proxy.
+    assert!(log.contains("UnknownIssuer"), "{log}");
     let node = &nodes(&a)[&host];
     assert_eq!(node["name"], "node1", "{node}");
     assert_eq!(
@@ -288,4 +290,88 @@ fn an_upgraded_tunnel_is_the_nodes_mutual_tls_and_a_removed_node_is_refused_thro
         "{}",
         agent.log()
     );
+}
+
+/// A balancer (or anyone) with a certificate the agent trusts for the web API answers the
+/// upgrade and then offers that same certificate inside it, to pass for a proxy: the agent
+/// refuses the inner handshake, as it trusts only the cluster's CA for a tunnel.
+#[test]
+fn a_balancer_cannot_pass_for_a_proxy_inside_the_upgrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let proxy = Proxy::start(&dir.join("proxy"), &[]);
+    let (ca, lb_pem) = balancer_certificate(dir);
+    // The node joins the real cluster first.
+    let data = dir.join("agent");
+    let mut agent =
+        start_agent_trusting(&proxy, &proxy.web_addr, &ca, &data, &["--transport", "tcp"]);
+    agent.wait_for("tunnel up");
+    agent.stop();
+
+    let pem = std::fs::read_to_string(&lb_pem).unwrap();
+    let chain = burrow_net::tls::parse_certs(&pem, "lb").unwrap();
+    let key = burrow_net::tls::parse_key(&pem, "lb").unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(burrow_net::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = listener.local_addr().unwrap().to_string();
+    // Answers `find` with a 404, then takes the first upgrade (at most ten connections).
+    let seen = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for _ in 0..10 {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(WAIT)).unwrap();
+            let outer = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut outer = rustls::StreamOwned::new(outer, tcp);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                if outer.read_exact(&mut byte).is_err() {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            if !head.starts_with("GET /v1/webapi/tunnel ") {
+                let _ = outer.write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            outer
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: burrow-tunnel/1\r\n\r\n")
+                .unwrap();
+            outer.flush().unwrap();
+            let mut inner = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut done = Ok(());
+            while inner.is_handshaking() && done.is_ok() {
+                done = inner.complete_io(&mut outer).map(drop);
+            }
+            return (head, done.err().map(|e| e.to_string()));
+        }
+        panic!("no upgrade in ten connections");
+    });
+    let mut cmd = bin("burrow-agent");
+    cmd.env("SSL_CERT_FILE", &ca)
+        .args(["start", "--proxy", &fake, "--transport", "upgrade"])
+        .arg("--trust-public-web-cert")
+        .arg("--data-dir")
+        .arg(&data);
+    let mut agent = Daemon::spawn(cmd, "burrow-agent");
+    let (head, inner) = seen.join().unwrap();
+    assert!(head.contains("Upgrade: burrow-tunnel/1"), "{head}");
+    assert!(
+        inner.is_some(),
+        "the agent finished a handshake with the balancer's certificate"
+    );
+    agent.wait_for("inside the upgraded connection");
+    let log = agent.log();
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    assert!(!log.contains("tunnel up"), "{log}");
 }

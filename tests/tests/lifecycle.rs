@@ -673,7 +673,7 @@ fn a_host_ca_rotation_keeps_three_agents_and_an_open_ssh_session() {
         joined_agent(&proxy.web_addr, &away, &["--transport", "tcp"]),
         "burrow-agent",
     );
-    stale.wait_for("not from a CA this node trusts; if the cluster's CA was rotated");
+    stale.wait_for("is not from a CA this node trusts; if the cluster's CA was rotated");
     stale.stop();
     let old_id = host_id(&away);
     assert!(proxy.ctl(&["nodes", "rm", &old_id]).status.success());

@@ -128,6 +128,7 @@ struct YamuxHandle {
     keepalive: keepalive::Requested,
     /// TCP or Upgrade.
     transport: Transport,
+    heard: tcp::Heard,
 }
 
 impl Session {
@@ -146,6 +147,15 @@ impl Session {
     /// reported as not resumed, quinn does not say).
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// How long since the peer last sent anything on this tunnel, any stream (TLS + yamux
+    /// tunnels; `None` for QUIC, whose idle timeout keeps this itself).
+    pub fn idle_for(&self) -> Option<Duration> {
+        match &self.inner {
+            Inner::Quic(_) => None,
+            Inner::Yamux(h) => Some(h.heard.idle()),
+        }
     }
 
     /// The certificate chain the peer authenticated with.

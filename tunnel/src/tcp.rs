@@ -32,9 +32,12 @@ impl Session {
             yamux::Mode::Client
         };
         let keepalive = keepalive::Requested::default();
+        let heard = Heard::default();
+        heard.mark();
         let io = Tuned {
             io: tls,
             keepalive: keepalive.clone(),
+            heard: heard.clone(),
         };
         // Boxed: the driver's future would otherwise hold the connection (1.5 KB) twice, as its
         // argument and as its local (an async fn keeps both), in every idle tunnel.
@@ -51,6 +54,7 @@ impl Session {
                 closed,
                 keepalive,
                 transport,
+                heard,
             })),
             peer_certs: Arc::new(peer.certs),
             resumed: peer.resumed,
@@ -215,6 +219,33 @@ impl<S: TcpBacked> TcpBacked for tokio_rustls::client::TlsStream<S> {
 struct Tuned<S> {
     io: S,
     keepalive: keepalive::Requested,
+    heard: Heard,
+}
+
+/// When a yamux tunnel last read bytes from its peer, whatever stream they were for: a busy
+/// tunnel whose control stream waits behind bulk data is still heard from.
+#[derive(Clone, Default)]
+pub(crate) struct Heard(Arc<std::sync::atomic::AtomicU64>);
+
+impl Heard {
+    /// Milliseconds since this process's first tunnel, on the monotonic clock.
+    fn now() -> u64 {
+        static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        BASE.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    fn mark(&self) {
+        self.0
+            .store(Self::now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago bytes last came in (since the tunnel began, if none yet).
+    pub(crate) fn idle(&self) -> Duration {
+        let last = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(Self::now().saturating_sub(last))
+    }
 }
 
 impl<S: TcpBacked> Tuned<S> {
@@ -233,7 +264,12 @@ impl<S: TcpBacked + AsyncRead + Unpin> AsyncRead for Tuned<S> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
         this.tune();
-        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.heard.mark();
+        }
+        polled
     }
 }
 

@@ -16,6 +16,18 @@ const DIAL_LIMIT: Duration = Duration::from_secs(40);
 /// How long `auto` gives QUIC before falling back to TCP.
 const QUIC_TRY: Duration = Duration::from_secs(3);
 
+/// A tunnel's keep-alive over `over`: the configured one, else the transport's default; on the
+/// HTTP upgrade never longer than its default, as balancers close connections idle for a minute
+/// whatever the link would allow.
+pub(super) fn keepalive_for(config: &PoolConfig, over: Transport) -> Keepalive {
+    let default = Keepalive::default_for(over);
+    match (config.keepalive, over) {
+        (Some(k), Transport::Upgrade) => Keepalive::clamped(k.interval().min(default.interval())),
+        (Some(k), _) => k,
+        (None, _) => default,
+    }
+}
+
 /// How a transport is named in the log.
 pub(super) fn describe(t: Transport) -> &'static str {
     match t {
@@ -80,7 +92,7 @@ pub(super) async fn dial(
 fn explain(error: String) -> String {
     if error.contains("UnknownIssuer") || error.contains("BadSignature") {
         format!(
-            "{error}: the proxy's certificate is not from a CA this node trusts; if the cluster's CA was rotated while this node was offline, join again: move identity.json out of the data dir and start with a fresh token and the new --ca-pin"
+            "{error}: the certificate that answered is not from a CA this node trusts; if the cluster's CA was rotated while this node was offline, join again: move identity.json out of the data dir and start with a fresh token and the new --ca-pin (if a balancer that terminates TLS answered, tunnels go through it with --transport upgrade or auto)"
         )
     } else {
         error
@@ -94,9 +106,7 @@ async fn dial_with(
     endpoint: Option<&quinn::Endpoint>,
 ) -> Result<Dialed, DialFailure> {
     let failed = |e: &dyn std::fmt::Display| DialFailure::Failed(explain(e.to_string()));
-    let keepalive = config
-        .keepalive
-        .unwrap_or_else(|| Keepalive::default_for(over));
+    let keepalive = keepalive_for(config, over);
     let tls = config.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
     let session = match (over, endpoint) {
         (Transport::Quic, Some(endpoint)) => {

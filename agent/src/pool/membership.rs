@@ -247,6 +247,11 @@ impl Membership {
                 return Decision::Retry;
             }
             Err(failure) => {
+                // Nothing from the best rung known down got through: the path may have changed
+                // (the balancer that forced the upgrade is gone): the next dial tries them all.
+                if !outcome.failed.is_empty() && outcome.failed.len() == outcome.plan.tries.len() {
+                    self.floor = 0;
+                }
                 let (delay, _) = self.backoff.next_delay();
                 self.notes.push(Note::DialFailed {
                     reason: failure.to_string(),
@@ -267,6 +272,11 @@ impl Membership {
         if self.held.contains_key(&landed.proxy_id) && !replaces_worse {
             let (delay, _) = self.duplicates.next_delay();
             self.next_dial = now + delay;
+            // A retry that only reached a proxy already held as well: no better, back off.
+            if outcome.plan.retry {
+                self.retry_after = (self.retry_after * 2).min(RETRY_MAX);
+                self.next_retry = now + self.retry_after;
+            }
             return Decision::Duplicate;
         }
         self.duplicates.reset();

@@ -347,7 +347,12 @@ async fn run_tunnel(
                 break None;
             }
             _ = pings.due() => {
-                match pings.poll(Instant::now()) {
+                // Bytes on any stream count: a pong may wait behind a session's data.
+                let now = Instant::now();
+                if let Some(at) = session.idle_for().and_then(|idle| now.checked_sub(idle)) {
+                    pings.heard(at);
+                }
+                match pings.poll(now) {
                     Err(silent) => {
                         tracing::warn!(%proxy_id, "no answer from the proxy for {}s; closing the tunnel", silent.as_secs());
                         break None;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use burrow_tunnel::{Keepalive, Session};
+use burrow_tunnel::Session;
 use tokio::time::Instant;
 use tunnel_proto::wire::Message;
 
@@ -13,7 +13,7 @@ use super::PoolConfig;
 /// The pings of a tunnel whose transport does not say when the proxy is gone
 /// ([`burrow_tunnel::Transport::pings`]): one every keep-alive interval on the control stream (the proxy
 /// answers each), and the tunnel is given up when nothing came back for
-/// [`Keepalive::dead_after`].
+/// [`burrow_tunnel::Keepalive::dead_after`].
 pub(super) struct Pings {
     /// `None`: the transport keeps the tunnel alive itself.
     every: Option<(Duration, Duration)>,
@@ -25,9 +25,7 @@ pub(super) struct Pings {
 impl Pings {
     pub(super) fn new(config: &PoolConfig, session: &Session) -> Self {
         let over = session.transport();
-        let keepalive = config
-            .keepalive
-            .unwrap_or_else(|| Keepalive::default_for(over));
+        let keepalive = super::connect::keepalive_for(config, over);
         let every = over
             .pings()
             .then(|| (keepalive.interval(), keepalive.dead_after(over)));
@@ -73,8 +71,9 @@ impl Pings {
         Ok(Some(Message::Ping { seq: self.seq }))
     }
 
-    pub(super) fn heard(&mut self, now: Instant) {
-        self.last_heard = now;
+    /// The proxy was heard from at `at` (a control message, or bytes on any stream).
+    pub(super) fn heard(&mut self, at: Instant) {
+        self.last_heard = self.last_heard.max(at);
     }
 }
 

@@ -205,6 +205,11 @@ impl ProxyControl {
         }
     }
 
+    /// The node was heard from at `at` (bytes on any stream of its tunnel).
+    pub fn heard(&mut self, at: Instant) {
+        self.last_heard = self.last_heard.max(at);
+    }
+
     /// Whether the node of a tunnel that pings has said nothing for longer than it may.
     pub fn silent(&self, now: Instant) -> Option<Duration> {
         self.silence_limit

@@ -514,7 +514,12 @@ impl TunnelServer {
                 },
                 // The tunnel is up, so the node is: its transport's keep-alives say so.
                 _ = tokio::time::sleep_until(machine.wake_at().into()) => {
-                    if let Some(limit) = machine.silent(Instant::now()) {
+                    // Bytes on any stream count: a ping may wait behind a session's data.
+                    let now = Instant::now();
+                    if let Some(at) = session.idle_for().and_then(|idle| now.checked_sub(idle)) {
+                        machine.heard(at);
+                    }
+                    if let Some(limit) = machine.silent(now) {
                         return Err(TunnelError::Silent(limit));
                     }
                     if machine.poll(Instant::now()) {

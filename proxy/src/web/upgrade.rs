@@ -27,36 +27,20 @@ pub(super) struct Place(pub Arc<Mutex<Option<GatePermit>>>);
 type WebIo = TokioIo<tokio_rustls::server::TlsStream<TcpStream>>;
 
 pub(super) async fn tunnel(State(state): State<Arc<WebState>>, mut req: Request) -> Response {
-    if !asks_for_tunnel(req.headers()) {
-        let mut answer = ApiFailure::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            format!("this endpoint takes tunnels: send Connection: Upgrade and Upgrade: {TUNNEL_UPGRADE}"),
-        )
-        .into_response();
-        answer
-            .headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_UPGRADE));
-        return answer;
-    }
-    let peer = req.extensions().get::<Peer>().cloned();
-    let place = req
-        .extensions()
-        .get::<Place>()
-        .and_then(|p| p.0.lock().unwrap_or_else(|p| p.into_inner()).take());
-    // hyper puts the upgrade in a request that can take one (HTTP/1.1 with the headers above).
+    // hyper puts the upgrade in a request that can take one (HTTP/1.1 with the headers below).
     let can_upgrade = req
         .extensions()
         .get::<hyper::upgrade::OnUpgrade>()
         .is_some();
-    let (Some(peer), true) = (peer, can_upgrade) else {
-        return ApiFailure::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "this connection cannot be upgraded",
-        )
-        .into_response();
+    let peer = req.extensions().get::<Peer>().cloned();
+    let (true, true, Some(peer)) = (asks_for_tunnel(req.headers()), can_upgrade, peer) else {
+        return upgrade_required();
     };
+    // Only now, with the 101 certain: the connection's place goes with it.
+    let place = req
+        .extensions()
+        .get::<Place>()
+        .and_then(|p| p.0.lock().unwrap_or_else(|p| p.into_inner()).take());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -90,6 +74,22 @@ pub(super) async fn tunnel(State(state): State<Arc<WebState>>, mut req: Request)
         .header(header::UPGRADE, TUNNEL_UPGRADE)
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// 426, naming the upgrade this endpoint takes (also for HTTP/1.0, which cannot be upgraded).
+fn upgrade_required() -> Response {
+    let mut answer = ApiFailure::new(
+        StatusCode::UPGRADE_REQUIRED,
+        "upgrade_required",
+        format!(
+            "this endpoint takes tunnels: send an HTTP/1.1 request with Connection: Upgrade and Upgrade: {TUNNEL_UPGRADE}"
+        ),
+    )
+    .into_response();
+    answer
+        .headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_UPGRADE));
+    answer
 }
 
 /// `Connection: upgrade` and `Upgrade: burrow-tunnel/1` (each possibly among others).

@@ -429,24 +429,61 @@ fn through_a_balancer_that_terminates_tls_auto_goes_down_to_the_upgrade_and_back
 }
 
 #[test]
-fn a_dial_where_every_transport_fails_does_not_move_the_ladder() {
-    let now = Instant::now();
+fn a_dial_where_every_transport_fails_tries_the_whole_ladder_next() {
+    let mut now = Instant::now();
     let mut m = Membership::new(TransportMode::Auto.ladder(), now);
+    // Down to the upgrade (a balancer that terminates TLS), then the tunnel is lost.
     let plan = m.poll_dial(now).unwrap();
+    let mut first = landed(plan, "a", Transport::Upgrade, &["a"]);
+    first.failed = vec![
+        (Transport::Quic, "no answer".into()),
+        (Transport::Tcp, "no tunnel protocol".into()),
+    ];
+    m.handle_dialed(now, first);
+    assert!(m.handle_closed(now, "a", 1, Advice::default()));
+    now += m.dial_wait(now);
+    let plan = m.poll_dial(now).unwrap();
+    assert_eq!(plan.tries, [Transport::Upgrade]);
+    // The upgrade fails too (the balancer is gone): the next dial tries everything again,
+    // rather than the upgrade alone for ever.
     let down = DialOutcome {
         plan,
         result: Err(DialFailure::Failed("connection refused".into())),
-        failed: TransportMode::Auto
-            .ladder()
-            .into_iter()
-            .map(|t| (t, "connection refused".into()))
-            .collect(),
+        failed: vec![(Transport::Upgrade, "connection refused".into())],
     };
     assert_eq!(m.handle_dialed(now, down), Decision::Retry);
-    // The proxy was down, not the network: the next dial tries everything again.
-    let later = m.poll_timeout(now);
+    now = m.poll_timeout(now);
     assert_eq!(
-        m.poll_dial(later).unwrap().tries,
+        m.poll_dial(now).unwrap().tries,
         TransportMode::Auto.ladder()
     );
+}
+
+#[test]
+fn a_retry_that_reaches_a_proxy_held_as_well_backs_off() {
+    let start = Instant::now();
+    let mut now = start;
+    let mut m = Membership::new(TransportMode::Auto.ladder(), now);
+    // a over TCP (QUIC blocked), b over the upgrade.
+    let plan = m.poll_dial(now).unwrap();
+    let mut first = landed(plan, "a", Transport::Tcp, &["a", "b"]);
+    first.failed = vec![(Transport::Quic, "no answer".into())];
+    m.handle_dialed(now, first);
+    let plan = m.poll_dial(now).unwrap();
+    let mut second = landed(plan, "b", Transport::Upgrade, &["a", "b"]);
+    second.failed = vec![(Transport::Tcp, "no tunnel protocol".into())];
+    m.handle_dialed(now, second);
+    // Each retry lands on a over TCP again: the retries space out instead of every 10 s.
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let due = m.poll_timeout(now);
+        waits.push((due - now).as_secs());
+        now = due;
+        let retry = m.poll_dial(now).unwrap();
+        assert!(retry.retry);
+        let mut again = landed(retry, "a", Transport::Tcp, &["a", "b"]);
+        again.failed = vec![(Transport::Quic, "no answer".into())];
+        assert_eq!(m.handle_dialed(now, again), Decision::Duplicate);
+    }
+    assert_eq!(waits, [10, 20, 40, 80], "{waits:?}");
 }
