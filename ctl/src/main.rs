@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use burrow_net::tls::{self, ALPN_HTTP1, ClientIdentity};
+use burrow_net::tls::{self, ALPN_CLUSTER_CERT, ALPN_HTTP1, ClientIdentity};
 use burrow_net::web::{WebClient, WebError};
 use clap::Parser;
 use serde_json::json;
@@ -108,7 +108,7 @@ impl Admin {
                 key,
             }),
             false,
-            &[ALPN_HTTP1],
+            &[ALPN_HTTP1, ALPN_CLUSTER_CERT],
         )
         .map_err(|e| usage(format!("{what}: {e}")))?;
         let addr = proxy_addr(cli.proxy.as_deref(), &cli.data_dir);

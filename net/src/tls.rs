@@ -23,6 +23,10 @@ pub const CLUSTER_SERVER_NAME: &str = "burrow.cluster.local";
 
 /// ALPN for the web API.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Offered beside `http/1.1` by clients that trust only the cluster's CA (burrowctl, a proxy
+/// fetching from another), never selected: it asks a proxy whose web port has a certificate from
+/// public PKI for its cluster certificate instead.
+pub const ALPN_CLUSTER_CERT: &[u8] = b"burrow-cluster-cert";
 
 /// Who holds a certificate from the host CA, as written in its subject's organization. Only a
 /// `Proxy` certificate (which also carries the serverAuth usage) is ever accepted as a server.

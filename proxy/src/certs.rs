@@ -234,15 +234,16 @@ struct Resolver {
 }
 
 impl ResolvesServerCert for Resolver {
-    /// The public certificate (if any) for HTTPS; the cluster certificate for tunnels, always:
-    /// agents trust only the cluster's CA for a tunnel, so that nobody else holding a public
-    /// certificate for the name (a balancer that terminates TLS, say) can pass for a proxy.
+    /// The public certificate (if any) for HTTPS; the cluster certificate for tunnels and for
+    /// clients that ask for it ([`tls::ALPN_CLUSTER_CERT`]: burrowctl), always: they trust only
+    /// the cluster's CA, so that nobody else holding a public certificate for the name (a
+    /// balancer that terminates TLS, say) can pass for a proxy.
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let tunnel = hello
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == ALPN_TUNNEL));
+        let cluster = hello.alpn().is_some_and(|mut offered| {
+            offered.any(|p| p == ALPN_TUNNEL || p == tls::ALPN_CLUSTER_CERT)
+        });
         match &self.public {
-            Some(public) if !tunnel => Some(public.clone()),
+            Some(public) if !cluster => Some(public.clone()),
             _ => Some(self.certs.cluster()),
         }
     }

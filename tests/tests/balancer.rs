@@ -83,7 +83,8 @@ fn balancer_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("ca.pem"), dir.join("lb.pem"))
 }
 
-/// An agent joined through `addr` (the balancer), trusting `ca` as a public root.
+/// An agent joined through `addr` (the balancer), trusting `ca` as a public root, named as its
+/// data directory.
 fn start_agent_trusting(
     proxy: &Proxy,
     addr: &str,
@@ -91,11 +92,12 @@ fn start_agent_trusting(
     data: &Path,
     extra: &[&str],
 ) -> Daemon {
+    let name = data.file_name().unwrap().to_str().unwrap();
     let token = proxy.node_token(&[]);
     let mut cmd = bin("burrow-agent");
     cmd.env("SSL_CERT_FILE", ca)
         .args(["start", "--proxy", addr, "--ca-pin", &proxy.pin()])
-        .args(["--nodename", "node1", "--token", &token])
+        .args(["--nodename", name, "--token", &token])
         .arg("--trust-public-web-cert")
         .arg("--data-dir")
         .arg(data)
@@ -181,7 +183,7 @@ fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
 
     // auto: QUIC gets no answer, TLS over TCP meets the balancer's certificate without the
     // tunnel protocol, the upgrade gets through; the agent joined through the balancer too.
-    let data = dir.join("agent");
+    let data = dir.join("node1");
     let mut agent = start_agent_trusting(&a, &lb.addr, &ca, &data, &["--keepalive", "5s"]);
     agent.wait_for("tunnel up");
     let host = host_id(&data);
@@ -302,7 +304,7 @@ fn a_balancer_cannot_pass_for_a_proxy_inside_the_upgrade() {
     let proxy = Proxy::start(&dir.join("proxy"), &[]);
     let (ca, lb_pem) = balancer_certificate(dir);
     // The node joins the real cluster first.
-    let data = dir.join("agent");
+    let data = dir.join("node1");
     let mut agent =
         start_agent_trusting(&proxy, &proxy.web_addr, &ca, &data, &["--transport", "tcp"]);
     agent.wait_for("tunnel up");
@@ -374,4 +376,54 @@ fn a_balancer_cannot_pass_for_a_proxy_inside_the_upgrade() {
     let log = agent.log();
     assert!(log.contains("UnknownIssuer"), "{log}");
     assert!(!log.contains("tunnel up"), "{log}");
+}
+
+/// A proxy whose web port has a certificate from public PKI (`https_cert_file`) shows it to
+/// HTTPS clients, and its cluster certificate to tunnels, which trust nothing else: an agent
+/// trusting the public certificate for the join tunnels over TCP and QUIC alike, and burrowctl
+/// (which trusts only the cluster's CA) still gets the cluster certificate (it makes the tokens).
+#[test]
+fn a_proxy_with_a_public_web_certificate_shows_tunnels_its_cluster_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (ca, _) = balancer_certificate(dir);
+    let certs = dir.join("lb-ca");
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "https_cert_file: {}\nhttps_key_file: {}\n",
+            certs.join("lb.crt").display(),
+            certs.join("lb.key").display()
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&dir.join("proxy"), &["--config", config.to_str().unwrap()]);
+    // HTTPS clients get the public certificate: curl checks it against the test CA.
+    let out = run_bounded(Command::new("curl").args([
+        "-s",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--max-time",
+        "10",
+        &format!("https://{}/readyz", proxy.web_addr),
+    ]));
+    assert!(
+        text(&out.stdout).contains("\"status\":\"ready\""),
+        "curl: {:?} {} {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for transport in ["tcp", "quic"] {
+        let data = dir.join(transport);
+        let extra = ["--transport", transport];
+        let mut agent = start_agent_trusting(&proxy, &proxy.web_addr, &ca, &data, &extra);
+        agent.wait_for("tunnel up");
+        assert!(
+            agent.log().contains(&format!("transport={transport}")),
+            "{}",
+            agent.log()
+        );
+    }
 }

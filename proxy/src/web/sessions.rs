@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use burrow_net::tls::{self, ALPN_HTTP1, ClientIdentity};
+use burrow_net::tls::{self, ALPN_CLUSTER_CERT, ALPN_HTTP1, ClientIdentity};
 use burrow_net::web::WebClient;
 use serde::Deserialize;
 use tunnel_proto::api::{SessionCast, SessionList};
@@ -61,8 +61,13 @@ pub async fn cast(
             .into_iter()
             .map(Into::into)
             .collect();
-        let config = tls::cluster_client_config(&cas, Some(identity), false, &[ALPN_HTTP1])
-            .map_err(|e| e.to_string())?;
+        let config = tls::cluster_client_config(
+            &cas,
+            Some(identity),
+            false,
+            &[ALPN_HTTP1, ALPN_CLUSTER_CERT],
+        )
+        .map_err(|e| e.to_string())?;
         WebClient::new(addr, config).map_err(|e| e.to_string())
     };
     match state.recordings.piece(&q.id, q.offset, client).await {
