@@ -175,10 +175,16 @@ impl ProxyCerts {
     }
 }
 
-/// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required.
+/// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required. No
+/// session tickets are given over QUIC: a ticket carries the node's certificate chain, and
+/// offered back it makes the ClientHello too large for one Initial datagram; measured with
+/// 10,000 QUIC agents returning to a restarted proxy (BENCHMARKS.md, 2026-11-23), twice the
+/// datagrams overflowed the proxy's socket buffer (12,613 dropped without tickets, 36,757 with)
+/// and the return took longer (23.9 s, 27.4 s). TLS over TCP takes them (9.6 s, 8.0 s).
 pub fn quic_config(web: &ServerConfig) -> ServerConfig {
     let mut config = web.clone();
     config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    config.send_tls13_tickets = 0;
     config
 }
 
