@@ -605,6 +605,45 @@ pub fn tunnels_of(proxy: &Proxy, host_id: &str) -> std::collections::BTreeSet<St
         .unwrap_or_default()
 }
 
+/// A user of the cluster with plain OpenSSH: alice, with a certificate for this machine's login,
+/// the cluster's host CA in known_hosts and an ssh_config, all in `dir`.
+pub struct SshUser {
+    pub config: PathBuf,
+}
+
+impl SshUser {
+    pub fn new(proxy: &Proxy, dir: &Path) -> SshUser {
+        proxy.sign_user("alice", &whoami(), "1h", &dir.join("alice"));
+        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
+        assert!(known.status.success(), "{}", text(&known.stderr));
+        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
+        let config = dir.join("ssh_config");
+        write_ssh_config(&config, &dir.join("known_hosts"), &dir.join("alice"));
+        SshUser { config }
+    }
+
+    /// `ssh -J` through the jump host at `jump` (HOST:PORT) to `node`, with `args` after;
+    /// output piped.
+    pub fn ssh(&self, jump: &str, node: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.config)
+            .args(["-J", &format!("alice@{jump}"), "-p", "3022"])
+            .args(args)
+            .arg(node)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// `ssh ... node echo WORD`: what it printed, after checking it succeeded.
+    pub fn echo(&self, jump: &str, node: &str, word: &str) -> String {
+        let out = run_bounded(self.ssh(jump, node, &[]).args(["echo", word]));
+        assert!(out.status.success(), "ssh: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+}
+
 /// A real haproxy balancing TCP round-robin over `backends`, on a loopback port picked at run
 /// time.
 pub struct Haproxy {
@@ -696,6 +735,24 @@ impl Haproxy {
             addr: addr.to_string(),
         }
     }
+}
+
+/// Waits until `ready_at(balancer)` has answered from `n` different proxies (its health checks
+/// reach them all); panics after [`WAIT`].
+pub fn wait_balanced(balancer: &str, n: usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    eventually(WAIT, || {
+        if let Ok(id) = ready_at(balancer) {
+            seen.insert(id);
+        }
+        (seen.len() == n).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the balancer at {balancer} reached {} of {n} proxies",
+            seen.len()
+        )
+    });
 }
 
 /// `GET /readyz` at `addr` (a proxy or a balancer): `Ok(proxy id)` or `Err(message)`.

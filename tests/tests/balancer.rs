@@ -105,38 +105,6 @@ fn start_agent_trusting(
     Daemon::spawn(cmd, "burrow-agent")
 }
 
-/// `ssh -J` through `proxy`'s jump host to node1, running `echo`; returns what it printed.
-fn ssh_echo(proxy: &mut Proxy, dir: &Path, word: &str) -> String {
-    if !dir.join("ssh_config").exists() {
-        proxy.sign_user("alice", &whoami(), "1h", &dir.join("alice"));
-        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
-        assert!(known.status.success(), "{}", text(&known.stderr));
-        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
-        write_ssh_config(
-            &dir.join("ssh_config"),
-            &dir.join("known_hosts"),
-            &dir.join("alice"),
-        );
-    }
-    let jump = proxy.ssh_addr();
-    let out = run_bounded(
-        Command::new("ssh")
-            .arg("-F")
-            .arg(dir.join("ssh_config"))
-            .args([
-                "-J",
-                &format!("alice@{jump}"),
-                "-p",
-                "3022",
-                "node1",
-                "echo",
-                word,
-            ]),
-    );
-    assert!(out.status.success(), "ssh: {}", text(&out.stderr));
-    text(&out.stdout)
-}
-
 #[test]
 fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
     let tmp = tempfile::tempdir().unwrap();
@@ -165,14 +133,7 @@ fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
     let mut a = start(0);
     let mut b = start(1);
     let (a_id, b_id) = (a.ready().unwrap(), b.ready().unwrap());
-    let mut seen = std::collections::BTreeSet::new();
-    eventually(WAIT, || {
-        if let Ok(id) = ready_at(&lb.addr) {
-            seen.insert(id);
-        }
-        (seen.len() == 2).then_some(())
-    })
-    .expect("the balancer reaches both proxies");
+    wait_balanced(&lb.addr, 2);
 
     // The web API through the balancer: the tunnel endpoint wants the Upgrade.
     let plain = ready_get(&lb.addr, tunnel_proto::api::TUNNEL_UPGRADE_PATH);
@@ -207,8 +168,10 @@ fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
     );
 
     // OpenSSH through either proxy's jump host reaches the node through its upgraded tunnel.
-    assert_eq!(ssh_echo(&mut a, dir, "via-a").trim(), "via-a");
-    assert_eq!(ssh_echo(&mut b, dir, "via-b").trim(), "via-b");
+    let user = SshUser::new(&a, dir);
+    let (jump_a, jump_b) = (a.ssh_addr(), b.ssh_addr());
+    assert_eq!(user.echo(&jump_a, "node1", "via-a"), "via-a\n");
+    assert_eq!(user.echo(&jump_b, "node1", "via-b"), "via-b\n");
 
     // Idle for longer than the balancer keeps an idle upgraded connection: the pings keep both
     // tunnels open.
@@ -222,7 +185,7 @@ fn a_balancer_that_terminates_tls_carries_upgraded_tunnels_to_both_proxies() {
     // B dies: its tunnel goes, A's stays and still carries SSH.
     b.daemon.kill();
     agent.wait_for("the tunnel closed");
-    assert_eq!(ssh_echo(&mut a, dir, "still-a").trim(), "still-a");
+    assert_eq!(user.echo(&jump_a, "node1", "still-a"), "still-a\n");
 }
 
 /// `GET path` at `addr` over HTTPS (any certificate), returning the raw answer head and body.

@@ -151,29 +151,11 @@ fn an_agent_behind_an_http_proxy_joins_tunnels_and_serves_ssh_through_it() {
         access.contains("TCP_TUNNEL/200") && access.contains(&format!("CONNECT {public}")),
         "{access}"
     );
-    proxy.sign_user("alice", "root", "1h", &dir.join("alice"));
-    let known = proxy.ctl(&["auth", "export", "--type", "host"]);
-    std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
-    write_ssh_config(
-        &dir.join("ssh_config"),
-        &dir.join("known_hosts"),
-        &dir.join("alice"),
+    let user = SshUser::new(&proxy, dir);
+    assert_eq!(
+        user.echo(&jump, "node1", "through-squid"),
+        "through-squid\n"
     );
-    let out = run_bounded(
-        Command::new("ssh")
-            .arg("-F")
-            .arg(dir.join("ssh_config"))
-            .args([
-                "-J",
-                &format!("alice@{jump}"),
-                "-p",
-                "3022",
-                "node1",
-                "echo through-squid",
-            ]),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "through-squid\n");
 
     // A CONNECT squid refuses (another port) is one clear error naming the egress proxy.
     let args = joining("refused");

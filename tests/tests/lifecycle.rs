@@ -33,34 +33,22 @@ fn status_json(data: &Path) -> serde_json::Value {
 /// A user with a certificate for this machine's login, the cluster's `@cert-authority` line in
 /// `dir/known_hosts` and an ssh_config (`dir/ssh_config`) using both, jumping through `jump`.
 struct Alice {
-    config: std::path::PathBuf,
+    user: SshUser,
     jump: String,
 }
 
 impl Alice {
     fn new(proxy: &Proxy, dir: &Path, jump: &str) -> Alice {
-        proxy.sign_user("alice", &whoami(), "1h", &dir.join("alice"));
-        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
-        assert!(known.status.success(), "{}", text(&known.stderr));
-        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
-        let config = dir.join("ssh_config");
-        write_ssh_config(&config, &dir.join("known_hosts"), &dir.join("alice"));
-        let jump = match jump.rsplit_once(':') {
-            Some((host, port)) => format!("alice@{host}:{port}"),
-            None => String::new(),
-        };
-        Alice { config, jump }
+        Alice {
+            user: SshUser::new(proxy, dir),
+            jump: jump.to_string(),
+        }
     }
 
     /// `ssh -J` to `target`'s SSH port through the proxy, running `command`; output captured.
     fn ssh(&self, target: &str, command: &str) -> Command {
-        let mut cmd = Command::new("ssh");
-        cmd.arg("-F")
-            .arg(&self.config)
-            .args(["-J", &self.jump, "-p", "3022", target, command])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        let mut cmd = self.user.ssh(&self.jump, target, &[]);
+        cmd.arg(command).stdin(std::process::Stdio::null());
         cmd
     }
 }

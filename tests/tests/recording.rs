@@ -2,57 +2,27 @@
 //! proxy, listed, exported and replayed with burrowctl, through any proxy of the cluster.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use burrow_tests::*;
 
-/// A user with a certificate for this machine's login and the cluster's host CA in known_hosts.
-struct User {
-    config: PathBuf,
-}
-
-impl User {
-    fn new(proxy: &Proxy, dir: &Path) -> User {
-        proxy.sign_user("alice", &whoami(), "1h", &dir.join("alice"));
-        let known = proxy.ctl(&["auth", "export", "--type", "host"]);
-        assert!(known.status.success(), "{}", text(&known.stderr));
-        std::fs::write(dir.join("known_hosts"), &known.stdout).unwrap();
-        let config = dir.join("ssh_config");
-        write_ssh_config(&config, &dir.join("known_hosts"), &dir.join("alice"));
-        User { config }
+/// A terminal session through `user`: `input` typed, line by line, a little apart.
+fn typed(user: &SshUser, jump: &str, node: &str, input: &[&str]) -> std::process::Child {
+    let mut child = user
+        .ssh(jump, node, &["-tt"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in input {
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
     }
-
-    /// `ssh -J` through the jump host at `jump` (HOST:PORT) to `node`, with `args` after.
-    fn ssh(&self, jump: &str, node: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ssh");
-        cmd.arg("-F")
-            .arg(&self.config)
-            .args(["-J", &format!("alice@{jump}"), "-p", "3022"])
-            .args(args)
-            .arg(node)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
-    }
-
-    /// A terminal session: `input` typed, line by line, a little apart.
-    fn typed(&self, jump: &str, node: &str, input: &[&str]) -> std::process::Child {
-        let mut child = self
-            .ssh(jump, node, &["-tt"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        for line in input {
-            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        // Kept open: the session ends when the shell exits, not at the end of its input.
-        child.stdin = Some(stdin);
-        child
-    }
+    // Kept open: the session ends when the shell exits, not at the end of its input.
+    child.stdin = Some(stdin);
+    child
 }
 
 /// Runs `ssh` on a real terminal (80x24) driven by a small Python program: logs in, makes the
@@ -143,7 +113,7 @@ fn a_typed_terminal_session_is_recorded_listed_exported_and_replayed() {
     let jump = proxy.ssh_addr();
     let data = dir.join("agent");
     let _agent = start_agent(&proxy, &data, "node1", &["--transport", "tcp"]);
-    let user = User::new(&proxy, dir);
+    let user = SshUser::new(&proxy, dir);
 
     let driver = dir.join("terminal.py");
     std::fs::write(&driver, TERMINAL).unwrap();
@@ -258,10 +228,10 @@ fn with_session_recording_pty_commands_are_not_recorded() {
     let mut proxy = Proxy::start(&dir.join("proxy"), &["--config", config.to_str().unwrap()]);
     let jump = proxy.ssh_addr();
     let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
-    let user = User::new(&proxy, dir);
+    let user = SshUser::new(&proxy, dir);
     let out = run_bounded(user.ssh(&jump, "node1", &[]).arg("echo not-recorded"));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = finish_bounded(user.typed(&jump, "node1", &["echo recorded", "exit"]));
+    let out = finish_bounded(typed(&user, &jump, "node1", &["echo recorded", "exit"]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let list = until_sessions(&proxy, &[], 1);
     std::thread::sleep(Duration::from_secs(2));
@@ -298,14 +268,7 @@ fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
     let b = start(1);
     let (a_id, b_id) = (a.ready().unwrap(), b.ready().unwrap());
     // Joined through the balancer once its health checks reach both proxies.
-    let mut seen = std::collections::BTreeSet::new();
-    eventually(WAIT, || {
-        if let Ok(id) = ready_at(&lb.addr) {
-            seen.insert(id);
-        }
-        (seen.len() == 2).then_some(())
-    })
-    .expect("the balancer reaches both proxies");
+    wait_balanced(&lb.addr, 2);
     let jump_a = a.ssh_addr();
     let data = dir.join("agent");
     let agent = start_agent_via(&a, &lb.addr, &data, "node1", &["--transport", "tcp"]);
@@ -313,11 +276,11 @@ fn a_recording_survives_its_proxys_death_and_any_proxy_plays_any_recording() {
     let both = [a_id.clone(), b_id.clone()].into_iter().collect();
     eventually(WAIT, || (tunnels_of(&b, &host) == both).then_some(()))
         .expect("a tunnel to each proxy");
-    let user = User::new(&a, dir);
+    let user = SshUser::new(&a, dir);
 
     // A session through proxy A, which dies in the middle of it: the user's connection goes with
     // it, the node's recording of it all is sent to B.
-    let session = user.typed(&jump_a, "node1", &["echo before-$((1+1))"]);
+    let session = typed(&user, &jump_a, "node1", &["echo before-$((1+1))"]);
     std::thread::sleep(Duration::from_secs(2));
     a.daemon.kill();
     let out = finish_bounded(session);
@@ -383,7 +346,7 @@ fn file_transfers_are_audited_with_their_paths_and_are_not_recorded() {
     let mut proxy = Proxy::start(&dir.join("proxy"), &[]);
     let jump = proxy.ssh_addr();
     let _agent = start_agent(&proxy, &dir.join("agent"), "node1", &["--transport", "tcp"]);
-    let user = User::new(&proxy, dir);
+    let user = SshUser::new(&proxy, dir);
     let src = dir.join("src.txt");
     std::fs::write(&src, "transfer me\n").unwrap();
     let (by_scp, by_sftp) = (dir.join("by-scp"), dir.join("by-sftp"));

@@ -25,6 +25,55 @@ use tokio_util::sync::CancellationToken;
 
 pub use tunnel_proto::wire::ALPN_TUNNEL;
 
+/// `AsyncWrite` for a stream wrapper that writes straight to its `io` field, calling the
+/// wrapper's method `$hook` (if named) before each write.
+macro_rules! write_through {
+    ($ty:ident where [$($bound:tt)+] $(, $hook:ident)?) => {
+        impl<S> tokio::io::AsyncWrite for $ty<S>
+        where
+            S: $($bound)+,
+        {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                let this = self.get_mut();
+                $(this.$hook();)?
+                std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                let this = self.get_mut();
+                $(this.$hook();)?
+                std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 mod framed;
 mod keepalive;
 pub mod nudge;

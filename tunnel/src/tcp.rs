@@ -148,17 +148,7 @@ pub async fn connect_tcp(
     tls: Arc<rustls::ClientConfig>,
     keepalive: Keepalive,
 ) -> Result<Session, TransportError> {
-    let fail = |reason: String| TransportError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, burrow_net::egress::connect(addr))
-        .await
-        .map_err(|_| fail("timed out".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    set_tcp_keepalive(&tcp, keepalive);
-    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    let (tcp, remote) = dial_tcp(addr, keepalive).await?;
     let name = server_name(addr);
     let stream = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -183,6 +173,26 @@ pub async fn connect_tcp(
     }
     let peer = Peer::of(stream.get_ref().1, remote);
     Ok(Session::from_tls(stream, peer, (false, Transport::Tcp)))
+}
+
+/// The TCP connection under a tunnel to `addr` (through the egress proxy where one applies),
+/// with its keep-alive, and the address it reached.
+pub(crate) async fn dial_tcp(
+    addr: &str,
+    keepalive: Keepalive,
+) -> Result<(TcpStream, SocketAddr), TransportError> {
+    let fail = |reason: String| TransportError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, burrow_net::egress::connect(addr))
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    set_tcp_keepalive(&tcp, keepalive);
+    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    Ok((tcp, remote))
 }
 
 /// TCP keep-alives under the tunnel: the kernel notices a dead peer even when yamux is idle.
@@ -273,45 +283,7 @@ impl<S: TcpBacked + AsyncRead + Unpin> AsyncRead for Tuned<S> {
     }
 }
 
-impl<S: TcpBacked + AsyncWrite + Unpin> AsyncWrite for Tuned<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.tune();
-        std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.tune();
-        std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+write_through!(Tuned where [TcpBacked + AsyncWrite + Unpin], tune);
 
 #[cfg(test)]
 mod tests {

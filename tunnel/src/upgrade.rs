@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tunnel_proto::api::{TUNNEL_UPGRADE, TUNNEL_UPGRADE_PATH};
 
-use crate::tcp::{TcpBacked, set_tcp_keepalive};
+use crate::tcp::{TcpBacked, dial_tcp};
 use crate::{CONNECT_TIMEOUT, Keepalive, Peer, Session, Transport, TransportError};
 
 /// The longest answer head the agent reads before giving up on it.
@@ -39,21 +39,11 @@ pub async fn connect_upgrade(
     tls: &TunnelTls,
     keepalive: Keepalive,
 ) -> Result<Session, TransportError> {
-    let fail = |reason: String| TransportError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
     let handshake = |reason: String| TransportError::Handshake {
         addr: addr.to_string(),
         reason,
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, burrow_net::egress::connect(addr))
-        .await
-        .map_err(|_| fail("timed out".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    set_tcp_keepalive(&tcp, keepalive);
-    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    let (tcp, remote) = dial_tcp(addr, keepalive).await?;
     let name = crate::server_name(addr);
     let steps = async {
         let mut web = tokio_rustls::TlsConnector::from(tls.web.clone())
@@ -209,41 +199,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+write_through!(Prefixed where [AsyncWrite + Unpin]);
 
 #[cfg(test)]
 mod tests {
