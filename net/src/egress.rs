@@ -8,11 +8,11 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// The longest answer head a proxy may send to `CONNECT`.
-const MAX_HEAD: usize = 8 * 1024;
+use crate::web::HeadError;
+
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// An HTTP proxy to go out through.
@@ -156,25 +156,17 @@ impl Egress {
     }
 }
 
-/// Reads the answer's head (up to the blank line), byte by byte so that nothing of the tunnel
-/// behind it is consumed.
+/// The answer to `CONNECT`: its head, up to the blank line (the tunnel follows).
 async fn read_head(tcp: &mut TcpStream) -> std::io::Result<String> {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() >= MAX_HEAD {
-            return Err(std::io::Error::other(
-                "the egress proxy's answer to CONNECT is too long",
-            ));
+    crate::web::read_head(tcp).await.map_err(|e| match e {
+        HeadError::TooLong => {
+            std::io::Error::other("the egress proxy's answer to CONNECT is too long")
         }
-        let mut byte = [0u8; 1];
-        if tcp.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::other(
-                "the egress proxy closed the connection in answer to CONNECT",
-            ));
+        HeadError::Closed { .. } => {
+            std::io::Error::other("the egress proxy closed the connection in answer to CONNECT")
         }
-        head.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
+        HeadError::Io(e) => e,
+    })
 }
 
 static EGRESS: OnceLock<Egress> = OnceLock::new();

@@ -37,6 +37,44 @@ pub enum WebError {
     BadAddress(String),
 }
 
+/// The longest HTTP answer head [`read_head`] reads.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// Why an HTTP answer's head could not be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// Longer than [`MAX_HEAD`].
+    TooLong,
+    /// The peer closed the connection first, after sending `partial`.
+    Closed {
+        partial: String,
+    },
+    Io(std::io::Error),
+}
+
+/// Reads an HTTP answer's head up to its blank line, byte by byte, so that nothing of the
+/// stream behind it (a tunnel, after `CONNECT` or an Upgrade) is consumed; at most [`MAX_HEAD`]
+/// bytes.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> Result<String, HeadError> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(HeadError::TooLong);
+        }
+        match io.read_u8().await {
+            Ok(b) => head.push(b),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(HeadError::Closed {
+                    partial: String::from_utf8_lossy(&head).into_owned(),
+                });
+            }
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// HTTPS client for one proxy address.
 #[derive(Clone)]
 pub struct WebClient {

@@ -12,17 +12,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use burrow_net::web::{HeadError, MAX_HEAD};
 use bytes::{Buf, Bytes};
 use rustls::{ClientConfig, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tunnel_proto::api::{TUNNEL_UPGRADE, TUNNEL_UPGRADE_PATH};
 
 use crate::tcp::{TcpBacked, dial_tcp};
 use crate::{CONNECT_TIMEOUT, Keepalive, Peer, Session, Transport, TransportError};
-
-/// The longest answer head the agent reads before giving up on it.
-const MAX_HEAD: usize = 8 * 1024;
 
 /// The two TLS configurations of an upgraded tunnel: `web` for the HTTPS connection to the web
 /// address (whatever certificate the web API trusts there, no client certificate), `tunnel`
@@ -115,30 +113,20 @@ fn request(addr: &str) -> String {
     )
 }
 
-/// Reads an answer's head, up to its blank line and not a byte further (what follows is the
+/// Reads the answer's head, up to its blank line and not a byte further (what follows is the
 /// inner TLS handshake).
 async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<String, String> {
-    let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() >= MAX_HEAD {
-            return Err(format!("an answer head longer than {MAX_HEAD} bytes"));
+    burrow_net::web::read_head(io).await.map_err(|e| match e {
+        HeadError::TooLong => format!("an answer head longer than {MAX_HEAD} bytes"),
+        HeadError::Closed { partial } if partial.is_empty() => {
+            "the connection closed without an answer".into()
         }
-        match io.read_u8().await {
-            Ok(b) => head.push(b),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(if head.is_empty() {
-                    "the connection closed without an answer".into()
-                } else {
-                    format!(
-                        "the connection closed in the answer: {:?}",
-                        first_line(&String::from_utf8_lossy(&head))
-                    )
-                });
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
+        HeadError::Closed { partial } => format!(
+            "the connection closed in the answer: {:?}",
+            first_line(&partial)
+        ),
+        HeadError::Io(e) => e.to_string(),
+    })
 }
 
 fn first_line(head: &str) -> &str {
@@ -203,6 +191,8 @@ write_through!(Prefixed where [AsyncWrite + Unpin]);
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
 
     #[test]
