@@ -141,17 +141,34 @@ impl Recorder {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records `bytes` the terminal showed.
+    /// Records `bytes` the terminal showed. A recording that reached its size limit (or lost its
+    /// file) costs nothing more: the output is not decoded at all.
     pub fn output(&self, bytes: &[u8]) {
         let t = self.started.elapsed().as_secs_f64();
         let mut s = self.lock();
-        let mut all = std::mem::take(&mut s.pending);
-        all.extend_from_slice(bytes);
-        let (text, rest) = decode_utf8(&all);
-        s.pending = rest.to_vec();
-        for piece in split_at_chars(&text, EVENT_BYTES) {
-            write_event(&mut s, t, &event(t, "o", piece));
+        if s.truncated || s.file.is_none() {
+            return;
         }
+        let joined;
+        let input = if s.pending.is_empty() {
+            bytes
+        } else {
+            let mut all = std::mem::take(&mut s.pending);
+            all.extend_from_slice(bytes);
+            joined = all;
+            &joined[..]
+        };
+        let (text, rest) = decode_utf8(input);
+        let rest = rest.to_vec();
+        // One write for every event of this read.
+        let mut batch = Vec::with_capacity(text.len() + text.len() / 4 + 64);
+        for piece in split_at_chars(&text, EVENT_BYTES) {
+            if !push_event(&mut s, &mut batch, t, "o", piece) {
+                break;
+            }
+        }
+        s.pending = rest;
+        write_batch(&mut s, &batch);
         drop(s);
         self.uploader.wake();
     }
@@ -159,11 +176,11 @@ impl Recorder {
     /// Records a window change.
     pub fn resize(&self, width: u32, height: u32) {
         let t = self.started.elapsed().as_secs_f64();
-        write_event(
-            &mut self.lock(),
-            t,
-            &event(t, "r", &format!("{width}x{height}")),
-        );
+        let mut s = self.lock();
+        let mut batch = Vec::new();
+        push_event(&mut s, &mut batch, t, "r", &format!("{width}x{height}"));
+        write_batch(&mut s, &batch);
+        drop(s);
         self.uploader.wake();
     }
 
@@ -174,7 +191,9 @@ impl Recorder {
         let mut s = self.lock();
         if !s.pending.is_empty() {
             let rest = String::from_utf8_lossy(&std::mem::take(&mut s.pending)).into_owned();
-            write_event(&mut s, t, &event(t, "o", &rest));
+            let mut batch = Vec::new();
+            push_event(&mut s, &mut batch, t, "o", &rest);
+            write_batch(&mut s, &batch);
         }
         if let Some(file) = s.file.take() {
             let _ = file.sync_data();
@@ -196,11 +215,10 @@ impl Recorder {
     }
 }
 
-/// One event line: `[t, kind, data]`.
-fn event(t: f64, kind: &str, data: &str) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&(Seconds(t), kind, data)).expect("events serialize");
-    line.push(b'\n');
-    line
+/// Appends one event line, `[t, kind, data]`, to `out`.
+fn event_into(out: &mut Vec<u8>, t: f64, kind: &str, data: &str) {
+    serde_json::to_writer(&mut *out, &(Seconds(t), kind, data)).expect("events serialize");
+    out.push(b'\n');
 }
 
 /// Seconds with microseconds, as asciinema writes them.
@@ -212,39 +230,51 @@ impl Serialize for Seconds {
     }
 }
 
-fn write_event(s: &mut State, t: f64, line: &[u8]) {
+/// Appends an event to `batch` (what one call writes), or, where it would take the recording
+/// past [`MAX_RECORDING`], the note that the recording stops there. False once it has stopped.
+fn push_event(s: &mut State, batch: &mut Vec<u8>, t: f64, kind: &str, data: &str) -> bool {
     if s.truncated {
-        return;
+        return false;
     }
-    let Some(file) = s.file.as_mut() else { return };
-    if s.written + line.len() as u64 > MAX_RECORDING {
+    let before = batch.len();
+    event_into(batch, t, kind, data);
+    if s.written + batch.len() as u64 > MAX_RECORDING {
+        batch.truncate(before);
         s.truncated = true;
         let note = "\r\n[burrow: the recording stops here: it reached its size limit]\r\n";
-        let _ = file.write_all(&event(t, "o", note));
-        return;
+        event_into(batch, t, "o", note);
+        return false;
     }
-    if file.write_all(line).is_ok() {
-        s.written += line.len() as u64;
+    true
+}
+
+fn write_batch(s: &mut State, batch: &[u8]) {
+    let Some(file) = s.file.as_mut() else { return };
+    if !batch.is_empty() && file.write_all(batch).is_ok() {
+        s.written += batch.len() as u64;
     }
 }
 
-/// The longest valid UTF-8 text at the start of `bytes` (invalid sequences replaced), and the
-/// incomplete character at its end, if any.
-fn decode_utf8(bytes: &[u8]) -> (String, &[u8]) {
+/// The longest valid UTF-8 text at the start of `bytes` (invalid sequences replaced; borrowed
+/// when there are none), and the incomplete character at its end, if any.
+fn decode_utf8(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return (text.into(), &[]);
+    }
     let mut text = String::new();
     let mut rest = bytes;
     loop {
         match std::str::from_utf8(rest) {
             Ok(s) => {
                 text.push_str(s);
-                return (text, &[]);
+                return (text.into(), &[]);
             }
             Err(e) => {
                 let (good, bad) = rest.split_at(e.valid_up_to());
                 text.push_str(std::str::from_utf8(good).expect("checked"));
                 match e.error_len() {
                     // Incomplete at the end: kept for the next read.
-                    None => return (text, bad),
+                    None => return (text.into(), bad),
                     Some(n) => {
                         text.push('\u{FFFD}');
                         rest = &bad[n..];
@@ -304,10 +334,10 @@ mod tests {
         let snow = "☃".as_bytes();
         let split = [b"ab", &snow[..2]].concat();
         let (text, rest) = decode_utf8(&split);
-        assert_eq!((text.as_str(), rest), ("ab", &snow[..2]));
+        assert_eq!((&*text, rest), ("ab", &snow[..2]));
         let whole = [&snow[..2], &snow[2..], b"c"].concat();
         let (text, rest) = decode_utf8(&whole);
-        assert_eq!((text.as_str(), rest.len()), ("☃c", 0));
+        assert_eq!((&*text, rest.len()), ("☃c", 0));
         let (text, _) = decode_utf8(b"a\xffb");
         assert_eq!(text, "a\u{FFFD}b");
     }
@@ -352,12 +382,46 @@ mod tests {
     }
 
     #[test]
+    fn a_recording_stops_at_its_size_limit_and_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = Arc::new(Uploader::new(tmp.path()));
+        let id = "00000000000000000000000000000001";
+        let rec = Recorder::start(&up, id, (80, 24), "xterm", String::new(), None).unwrap();
+        let cast = up.dir().join(format!("{id}.cast"));
+        // NUL bytes take six bytes each escaped: 6 MiB of them pass the limit.
+        let zeros = vec![0u8; 32 * 1024];
+        for _ in 0..192 {
+            rec.output(&zeros);
+        }
+        let stopped = std::fs::metadata(&cast).unwrap().len();
+        assert!(stopped <= MAX_RECORDING + 200, "{stopped} bytes");
+        assert!(
+            stopped > MAX_RECORDING - 2 * 6 * EVENT_BYTES as u64,
+            "{stopped} bytes"
+        );
+        rec.output(b"more");
+        rec.resize(100, 30);
+        rec.finish("alice", "pi", "exec");
+        assert_eq!(std::fs::metadata(&cast).unwrap().len(), stopped);
+        let text = std::fs::read_to_string(&cast).unwrap();
+        let last: (f64, String, String) =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert!(last.2.contains("reached its size limit"), "{last:?}");
+        assert!(
+            text.lines()
+                .skip(1)
+                .all(|l| serde_json::from_str::<(f64, String, String)>(l).is_ok())
+        );
+    }
+
+    #[test]
     fn events_are_cut_between_characters_within_the_limit() {
         let text = "é".repeat(3000);
         let pieces = split_at_chars(&text, EVENT_BYTES);
         assert!(pieces.iter().all(|p| p.len() <= EVENT_BYTES));
         assert_eq!(pieces.concat(), text);
-        let line = event(1.5, "o", "\u{1b}[0m\"x\"\n");
+        let mut line = Vec::new();
+        event_into(&mut line, 1.5, "o", "\u{1b}[0m\"x\"\n");
         assert_eq!(line, b"[1.5,\"o\",\"\\u001b[0m\\\"x\\\"\\n\"]\n");
     }
 }
