@@ -35,6 +35,11 @@ pub async fn connect_quic(
     transport
         .keep_alive_interval(Some(keepalive.interval()))
         .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
+    // The proxy acknowledges each keep-alive at once (in the same wake-up that received it)
+    // rather than arming a 25 ms timer for it and waking again to send the ACK.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(0u32.into());
+    transport.ack_frequency_config(Some(acks));
     config.transport_config(Arc::new(transport));
     let host = burrow_net::web::split_host(addr).unwrap_or("burrow");
     let connecting = endpoint
@@ -191,4 +196,69 @@ pub fn quic_server_endpoint(
         quinn::Endpoint::new(endpoint, Some(config), socket, runtime)?,
         twin,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = burrow_net::tls::provider();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// An idle QUIC tunnel costs the proxy a wake-up per keep-alive, not two: the agent asks it
+    /// (ACK frequency, `ack_eliciting_threshold` 0) to acknowledge at once rather than from a
+    /// 25 ms timer.
+    #[tokio::test]
+    async fn an_agent_asks_the_proxy_to_acknowledge_its_keep_alives_at_once() {
+        let (server_tls, client_tls) = tls_pair();
+        let (server, _socket) = quic_server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            server_tls,
+            &[7; QUIC_SECRET_LEN],
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _session = connect_quic(
+            &client,
+            &addr.to_string(),
+            client_tls,
+            Keepalive::default_for(crate::Transport::Quic),
+            Window::DEFAULT,
+        )
+        .await
+        .unwrap();
+        let (_server, conn) = accepting.await.unwrap();
+        let mut asked = 0;
+        for _ in 0..50 {
+            asked = conn.stats().frame_rx.ack_frequency;
+            if asked > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(asked, 1, "ACK_FREQUENCY frames the proxy received");
+    }
 }
