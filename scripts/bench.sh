@@ -53,6 +53,8 @@ row() { # NAME VALUE BASELINE RATIO
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 now_ms() { date +%s%3N; }
+# CPU time a process has used (user + system), in ms.
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$1/stat"; }
 
 # Percent of one core used by PID over SECS seconds.
 cpu_pct() {
@@ -184,8 +186,9 @@ fleet() { # TRANSPORT N
   wait "$proxy_pid" 2>/dev/null || true
   local mark count
   mark=$(wc -l <"$work/proxy.log")
-  local drops0
+  local drops0 bench_cpu0 proxy_cpu="" bench_cpu=""
   drops0=$(udp_rcvbuf_errors)
+  bench_cpu0=$(cpu_ms "$bench_pid")
   start_proxy_again
   up_ms=$(now_ms)
   back_ms=""
@@ -194,15 +197,22 @@ fleet() { # TRANSPORT N
     count=$(tail -n +"$((mark + 1))" "$work/proxy.log" | grep -c "tunnel up" || true)
     if [ "$count" -ge "$n" ]; then
       back_ms=$(($(now_ms) - up_ms))
+      # What the return cost each side (the proxy since it started, the load tool's agents since
+      # the kill): on this one machine both share its cores.
+      proxy_cpu=$(cpu_ms "$proxy_pid")
+      bench_cpu=$(($(cpu_ms "$bench_pid") - bench_cpu0))
       break
     fi
     sleep 0.25
   done
-  local refused
+  local refused cost="-"
+  [ -z "$proxy_cpu" ] ||
+    cost=$(awk -v p="$proxy_cpu" -v a="$bench_cpu" 'BEGIN { printf "CPU: proxy %.1f s, agents %.1f s", p / 1000, a / 1000 }')
   refused=$(tail -n +"$((mark + 1))" "$work/proxy.log" |
     grep -ciE "refused: too many|dropped: too many|overload|timed out" || true)
   row "every agent back after kill -9 + restart, $transport, $n" \
-    "${back_ms:-never (120 s)} ms" "-" \
+    "${back_ms:-never (120 s)} ms" \
+    "$cost" \
     "proxy log lines refused/timed out: $refused; UDP datagrams dropped (full buffer): $(($(udp_rcvbuf_errors) - drops0))"
   kill "$bench_pid" 2>/dev/null || true
   wait "$bench_pid" 2>/dev/null || true
