@@ -225,19 +225,14 @@ for n in ${sizes//,/ }; do
 done
 
 # ---- SSH bulk: Burrow (proxy + tunnel) vs an OpenSSH jump host ----------------------------------
-bulk_burrow() { # TRANSPORT
-  local node_dir=$work/node-$1
+# One agent per transport; then rounds of one transfer each way through each path (OpenSSH first),
+# so that a machine that slows down or speeds up during the run does so for all of them; each
+# figure is the median of its rounds.
+bulk_agent() { # TRANSPORT
   "${AGENT_BIN:-$bin/burrow-agent}" start --proxy "127.0.0.1:$proxy_port" --ca-pin "$pin" --token "$token" \
-    --nodename "bulk-$1" --data-dir "$node_dir" --transport "$1" 2>"$work/agent-$1.log" &
-  local agent_pid=$!
-  pids+=("$agent_pid")
+    --nodename "bulk-$1" --data-dir "$work/node-$1" --transport "$1" 2>"$work/agent-$1.log" &
+  pids+=("$!")
   wait_for "$work/agent-$1.log" "tunnel up" 30
-  local up down
-  up=$(transfer_up "ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$1")
-  down=$(transfer_down "ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$1")
-  kill "$agent_pid"
-  wait "$agent_pid" 2>/dev/null || true
-  echo "$up $down"
 }
 
 # MiB/s of MIB MiB sent to (up) or read from (down) the target of an ssh command line.
@@ -256,23 +251,41 @@ transfer_down() {
   [ "$got" -eq $((mib * 1048576)) ] || { echo "short read: $got bytes" >&2; exit 1; }
   awk -v m="$mib" -v ms=$((t1 - t0)) 'BEGIN { printf "%.1f", m * 1000 / ms }'
 }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-openssh=""
-if $openssh_servers; then
-  target="ssh -F $work/ssh_config_openssh -J $login@127.0.0.1:$jump_port -p $target_port $login@127.0.0.1"
-  openssh="$(transfer_up "$target") $(transfer_down "$target")"
-fi
+rounds=3
+$smoke && rounds=1
+kinds=(quic tcp)
+$openssh_servers && kinds=(openssh quic tcp)
+bulk_agent quic
+bulk_agent tcp
+declare -A ups downs
+for ((round = 1; round <= rounds; round++)); do
+  for kind in "${kinds[@]}"; do
+    if [ "$kind" = openssh ]; then
+      target="ssh -F $work/ssh_config_openssh -J $login@127.0.0.1:$jump_port -p $target_port $login@127.0.0.1"
+    else
+      target="ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$kind"
+    fi
+    ups[$kind]+="$(transfer_up "$target") "
+    downs[$kind]+="$(transfer_down "$target") "
+  done
+done
+of="median of $rounds"
+[ "$rounds" -gt 1 ] || of="one run"
 for transport in quic tcp; do
-  read -r up down <<<"$(bulk_burrow "$transport")"
-  if [ -n "$openssh" ]; then
-    read -r o_up o_down <<<"$openssh"
+  # shellcheck disable=SC2086 # a list of figures
+  up=$(median ${ups[$transport]}); down=$(median ${downs[$transport]})
+  if $openssh_servers; then
+    # shellcheck disable=SC2086
+    o_up=$(median ${ups[openssh]}); o_down=$(median ${downs[openssh]})
     ratio_up=$(awk -v a="$up" -v b="$o_up" 'BEGIN { printf "%.2fx", a / b }')
     ratio_down=$(awk -v a="$down" -v b="$o_down" 'BEGIN { printf "%.2fx", a / b }')
   else
     o_up="(needs root)"; o_down="(needs root)"; ratio_up="-"; ratio_down="-"
   fi
-  row "SSH bulk client->node, $transport, $mib MiB" "$up MiB/s" "OpenSSH jump: $o_up MiB/s" "$ratio_up (target >= 0.9x)"
-  row "SSH bulk node->client, $transport, $mib MiB" "$down MiB/s" "OpenSSH jump: $o_down MiB/s" "$ratio_down (target >= 0.9x)"
+  row "SSH bulk client->node, $transport, $mib MiB ($of)" "$up MiB/s" "OpenSSH jump: $o_up MiB/s" "$ratio_up (target >= 0.9x)"
+  row "SSH bulk node->client, $transport, $mib MiB ($of)" "$down MiB/s" "OpenSSH jump: $o_down MiB/s" "$ratio_down (target >= 0.9x)"
 done
 
 if $write; then
