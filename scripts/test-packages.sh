@@ -20,6 +20,11 @@ x86=x86_64-unknown-linux-musl
 echo "==> static x86_64 binaries"
 ./cross/build.sh "$x86" >/dev/null
 
+# DESIGN.md's budget for the agent: a static binary under 5 MB (the one the packages carry).
+agent_bytes=$(stat -c %s "target/$x86/release/burrow-agent")
+[ "$agent_bytes" -lt 5000000 ] || fail "the x86_64 agent is $agent_bytes bytes, over its 5 MB budget"
+echo "the x86_64 agent: $agent_bytes bytes"
+
 echo "==> building packages"
 deb_dir=target/$x86/debian
 # Only this run's packages: earlier ones may have other names.
