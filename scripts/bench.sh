@@ -199,8 +199,8 @@ fleet() { # TRANSPORT N
       back_ms=$(($(now_ms) - up_ms))
       # What the return cost each side (the proxy since it started, the load tool's agents since
       # the kill): on this one machine both share its cores.
-      proxy_cpu=$(cpu_ms "$proxy_pid")
-      bench_cpu=$(($(cpu_ms "$bench_pid") - bench_cpu0))
+      proxy_cpu=$(cpu_ms "$proxy_pid" || true)
+      bench_cpu=$(($(cpu_ms "$bench_pid" || echo "$bench_cpu0") - bench_cpu0))
       break
     fi
     sleep 0.25

@@ -36,7 +36,11 @@ pub async fn connect_quic(
         .keep_alive_interval(Some(keepalive.interval()))
         .max_idle_timeout(Some(idle_timeout(keepalive.quic_idle_timeout())));
     // The proxy acknowledges each keep-alive at once (in the same wake-up that received it)
-    // rather than arming a 25 ms timer for it and waking again to send the ACK.
+    // rather than arming a 25 ms timer for it and waking again to send the ACK. The price: during
+    // a download from the node the proxy acknowledges every packet rather than every other one
+    // (fewer on loopback, where ACKs go out once per batch received). quinn sends the request
+    // once, in the first flight after the handshake; if that packet is lost, the tunnel keeps
+    // quinn's usual ACKs, which is harmless.
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(0u32.into());
     transport.ack_frequency_config(Some(acks));
@@ -259,6 +263,6 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(asked, 1, "ACK_FREQUENCY frames the proxy received");
+        assert!(asked >= 1, "the proxy received no ACK_FREQUENCY frame");
     }
 }
