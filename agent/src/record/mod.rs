@@ -176,11 +176,7 @@ impl Recorder {
     /// Records a window change.
     pub fn resize(&self, width: u32, height: u32) {
         let t = self.started.elapsed().as_secs_f64();
-        let mut s = self.lock();
-        let mut batch = Vec::new();
-        push_event(&mut s, &mut batch, t, "r", &format!("{width}x{height}"));
-        write_batch(&mut s, &batch);
-        drop(s);
+        write_event(&mut self.lock(), t, "r", &format!("{width}x{height}"));
         self.uploader.wake();
     }
 
@@ -191,9 +187,7 @@ impl Recorder {
         let mut s = self.lock();
         if !s.pending.is_empty() {
             let rest = String::from_utf8_lossy(&std::mem::take(&mut s.pending)).into_owned();
-            let mut batch = Vec::new();
-            push_event(&mut s, &mut batch, t, "o", &rest);
-            write_batch(&mut s, &batch);
+            write_event(&mut s, t, "o", &rest);
         }
         if let Some(file) = s.file.take() {
             let _ = file.sync_data();
@@ -246,6 +240,13 @@ fn push_event(s: &mut State, batch: &mut Vec<u8>, t: f64, kind: &str, data: &str
         return false;
     }
     true
+}
+
+/// Writes one event on its own.
+fn write_event(s: &mut State, t: f64, kind: &str, data: &str) {
+    let mut line = Vec::new();
+    push_event(s, &mut line, t, kind, data);
+    write_batch(s, &line);
 }
 
 fn write_batch(s: &mut State, batch: &[u8]) {
