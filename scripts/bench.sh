@@ -10,7 +10,8 @@
 #   --smoke    seconds-long run: 20 agents, 8 MiB, nothing written (what CI runs)
 #   --no-write print only; do not append to BENCHMARKS.md
 # Needs: openssh-client and openssh-server (sshd for the OpenSSH baseline; run as root for it).
-# AGENT_BIN=PATH runs the SSH bulk rows with that agent binary (a static cross build, say).
+# AGENT_BIN=PATH runs the SSH bulk rows with that agent binary (a static cross build, say);
+# PROXY_BIN=PATH runs every row with that proxy binary (an A/B against another build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -73,7 +74,7 @@ load_test_config "$work/proxy.yaml"
 start_proxy() {
   # Handshakes refused for load are logged at debug: the restart row counts them.
   RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
-    "$bin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$proxy_dir" \
+    "${PROXY_BIN:-$bin/burrow-proxy}" start --config "$work/proxy.yaml" --data-dir "$proxy_dir" \
     --web-listen "127.0.0.1:$proxy_port" --ssh-listen "127.0.0.1:$ssh_port" \
     --cluster-name bench 2>>"$work/proxy.log" &
   proxy_pid=$!

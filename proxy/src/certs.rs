@@ -19,6 +19,7 @@ use anyhow::Context;
 use burrow_daemon::fsutil::write_private_atomic;
 use burrow_daemon::unix_now;
 use burrow_net::tls::{self, ALPN_HTTP1};
+use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -31,6 +32,7 @@ use tunnel_proto::wire::ALPN_TUNNEL;
 
 use crate::auth::Auth;
 use crate::auth::ca::{Authorities, CaError};
+use crate::resume::Sessions;
 use crate::sshproxy::HostIdentity;
 use crate::tickets::Tickets;
 
@@ -47,6 +49,8 @@ pub struct ProxyCerts {
     issued: Mutex<Issued>,
     /// Session tickets that survive restarts, bound to the host CAs.
     tickets: Arc<Tickets>,
+    /// QUIC's sessions, kept by the proxy (its tickets are ids) and across restarts.
+    quic_sessions: Arc<Sessions>,
 }
 
 struct Verifiers {
@@ -71,19 +75,28 @@ impl std::fmt::Debug for ProxyCerts {
 
 impl ProxyCerts {
     /// The cluster certificate for `names` (besides the cluster's own), issued now.
-    /// `secret`: the proxy's long-lived secret, which its session tickets' keys come from.
+    /// `secret`: the proxy's long-lived secret, which its session tickets' keys come from;
+    /// `quic_sessions`: the file QUIC's sessions are kept in across restarts, and the counter of
+    /// their resumptions.
     pub fn new(
         authorities: &Authorities,
         names: Vec<String>,
         secret: &[u8],
+        quic_sessions: (PathBuf, Counter),
     ) -> anyhow::Result<Arc<Self>> {
         let (cluster, issued) = issue(authorities, &names)?;
+        let tickets = Arc::new(Tickets::new(secret, &authorities.pins()));
         Ok(Arc::new(Self {
             names,
             cluster: RwLock::new(cluster),
             verifiers: RwLock::new(verifiers(authorities)?),
             issued: Mutex::new(issued),
-            tickets: Arc::new(Tickets::new(secret, &authorities.pins())),
+            quic_sessions: Arc::new(Sessions::load(
+                quic_sessions.0,
+                tickets.clone(),
+                quic_sessions.1,
+            )),
+            tickets,
         }))
     }
 
@@ -124,6 +137,7 @@ impl ProxyCerts {
         {
             *self.verifiers.write().unwrap_or_else(|p| p.into_inner()) = verifiers(authorities)?;
             self.tickets.bind(&pins);
+            self.quic_sessions.forget();
             tracing::info!(pins = ?pins.iter().map(ToString::to_string).collect::<Vec<_>>(), "client certificates are checked against new host CAs");
         }
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,19 +187,45 @@ impl ProxyCerts {
         config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
         Ok(self.with_tickets(config))
     }
+
+    /// QUIC's TLS from the web port's or the tunnel listener's (`tcp`): tunnels only, TLS 1.3
+    /// (QUIC has no other), a node certificate required. Its session tickets are 32-byte ids of
+    /// sessions the proxy keeps ([`crate::resume`]): a sealed ticket carries the node's chain, and
+    /// offered back it makes the ClientHello too large for one Initial datagram (measured with
+    /// 10,000 QUIC agents returning to a restarted proxy, BENCHMARKS.md, 2026-11-23: 12,613
+    /// datagrams dropped without tickets, 36,757 with them, and a slower return).
+    pub fn quic_config(&self, tcp: &ServerConfig) -> ServerConfig {
+        let mut config = tcp.clone();
+        config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+        config.ticketer = Arc::new(NoTickets);
+        config.session_storage = self.quic_sessions.clone();
+        config.send_tls13_tickets = 1;
+        config
+    }
+
+    /// The store of QUIC's sessions, for [`crate::resume::keep_saved`].
+    pub fn quic_sessions(&self) -> Arc<Sessions> {
+        self.quic_sessions.clone()
+    }
 }
 
-/// The QUIC side of the web port: tunnels only, TLS 1.3, a node certificate required. No
-/// session tickets are given over QUIC: a ticket carries the node's certificate chain, and
-/// offered back it makes the ClientHello too large for one Initial datagram; measured with
-/// 10,000 QUIC agents returning to a restarted proxy (BENCHMARKS.md, 2026-11-23), twice the
-/// datagrams overflowed the proxy's socket buffer (12,613 dropped without tickets, 36,757 with)
-/// and the return took longer (23.9 s, 27.4 s). TLS over TCP takes them (9.6 s, 8.0 s).
-pub fn quic_config(web: &ServerConfig) -> ServerConfig {
-    let mut config = web.clone();
-    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
-    config.send_tls13_tickets = 0;
-    config
+/// No sealed tickets: rustls then issues ids of sessions kept in `session_storage`.
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A certificate from public PKI for the web port, from `https_cert_file` and `https_key_file`.

@@ -31,6 +31,7 @@ pub mod nodelimits;
 pub mod ratelimit;
 pub mod recordings;
 pub mod registry;
+pub mod resume;
 pub mod sshproxy;
 pub mod state;
 pub mod tickets;
@@ -62,6 +63,8 @@ const STATE_FILE: &str = "state.redb";
 const PROXY_ID_FILE: &str = "proxy-id";
 /// The secret behind this proxy's QUIC stateless resets and connection IDs (kept across restarts).
 const QUIC_SECRET_FILE: &str = "quic-secret";
+/// QUIC's TLS sessions, kept across restarts (sealed with keys from the QUIC secret).
+const QUIC_SESSIONS_FILE: &str = "quic-sessions";
 const BOOTSTRAP_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the proxy until `shutdown` is cancelled.
@@ -94,7 +97,19 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     certs::write_admin_identity(&config.data_dir, &authorities)?;
 
     let quic_secret = quic_secret(&config.data_dir)?;
-    let proxy_certs = certs::ProxyCerts::new(&authorities, cert_names(&config), &quic_secret)?;
+    let proxy_certs = certs::ProxyCerts::new(
+        &authorities,
+        cert_names(&config),
+        &quic_secret,
+        (
+            config.data_dir.join(QUIC_SESSIONS_FILE),
+            metrics.quic_resumptions(),
+        ),
+    )?;
+    let sessions_saved = tokio::spawn(resume::keep_saved(
+        proxy_certs.quic_sessions(),
+        shutdown.clone(),
+    ));
     let public_cert = match &config.https_files {
         Some((cert_file, key_file)) => Some(certs::public_cert(cert_file, key_file)?),
         None => None,
@@ -102,7 +117,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     let tls = proxy_certs.web_config(public_cert)?;
     let (listener, bound, quic, quic_socket) = bind_pair(
         config.web_listen,
-        Arc::new(certs::quic_config(&tls)),
+        Arc::new(proxy_certs.quic_config(&tls)),
         &quic_secret,
     )
     .await?;
@@ -162,8 +177,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     let tunnel_tls = Arc::new(proxy_certs.tunnel_config()?);
     if let Some(addr) = config.tunnel_listen {
         let tls = tunnel_tls.clone();
-        let (listener, bound, quic, quic_socket) =
-            bind_pair(addr, tls.clone(), &quic_secret).await?;
+        let quic_tls = Arc::new(proxy_certs.quic_config(&tls));
+        let (listener, bound, quic, quic_socket) = bind_pair(addr, quic_tls, &quic_secret).await?;
         nudge_sockets.push(quic_socket);
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.
@@ -305,6 +320,7 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
     tunnels.drain(std::time::Duration::from_secs(5)).await;
     let _ = quic_task.await;
     let _ = registration.await;
+    let _ = sessions_saved.await;
     tracing::info!("proxy stopped");
     Ok(())
 }

@@ -72,7 +72,7 @@ impl Tickets {
         LessSafeKey::new(UnboundKey::from(okm))
     }
 
-    fn seal(&self, plain: &[u8], epoch: u64) -> Option<Vec<u8>> {
+    pub(crate) fn seal(&self, plain: &[u8], epoch: u64) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
         let tag = [epoch as u8];
@@ -93,7 +93,7 @@ impl Tickets {
 
     /// A ticket's plaintext if it was sealed in epoch `now_epoch` or the one before (by its tag
     /// byte) with the current binding; `None` for anything else, whatever the bytes.
-    fn open(&self, ticket: &[u8], now_epoch: u64) -> Option<Vec<u8>> {
+    pub(crate) fn open(&self, ticket: &[u8], now_epoch: u64) -> Option<Vec<u8>> {
         let (&tag, rest) = ticket.split_first()?;
         if rest.len() < NONCE_LEN {
             return None;

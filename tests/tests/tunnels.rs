@@ -518,9 +518,10 @@ fn a_quic_agent_learns_at_once_that_its_proxy_restarted_after_a_crash() {
         .unwrap_or_else(|| panic!("nodes ls shows the node's tunnel again"));
 }
 
-/// A proxy killed and started again reads the session tickets it gave before: its returning
-/// agents resume their TLS sessions (no certificate signatures on either end) over TCP and over
-/// the HTTP upgrade alike, and are the same nodes as before.
+/// A proxy killed and started again reads the session tickets it gave before, and over QUIC the
+/// sessions it kept (written to its data dir): its returning agents resume their TLS sessions (no
+/// certificate signatures on either end) over TCP, the HTTP upgrade and QUIC alike, and are the
+/// same nodes as before.
 #[test]
 fn a_restarted_proxy_resumes_its_agents_tls_sessions() {
     let dir = tempfile::tempdir().unwrap();
@@ -534,13 +535,19 @@ fn a_restarted_proxy_resumes_its_agents_tls_sessions() {
         metric(&body, &name).unwrap_or(0.0)
     };
     let mut agents = Vec::new();
-    for transport in ["tcp", "upgrade"] {
+    for transport in ["tcp", "upgrade", "quic"] {
         let data = dir.path().join(transport);
         let agent = start_agent(&proxy, &data, transport, &["--transport", transport]);
         agents.push((agent, host_id(&data), transport));
     }
     let first = diag_addr(&mut proxy.daemon);
-    assert_eq!(resumed(&first, "tcp") + resumed(&first, "upgrade"), 0.0);
+    for transport in ["tcp", "upgrade", "quic"] {
+        assert_eq!(resumed(&first, transport), 0.0, "{transport}");
+    }
+    // QUIC's sessions reach the disk within seconds of being made.
+    let kept = proxy_dir.join("quic-sessions");
+    eventually(WAIT, || kept.exists().then_some(()))
+        .unwrap_or_else(|| panic!("the proxy keeps QUIC's sessions in {}", kept.display()));
 
     proxy.daemon.kill();
     let mut proxy = Proxy::start_at(&proxy_dir, &addr, &diag);
