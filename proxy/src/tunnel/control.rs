@@ -21,18 +21,27 @@ pub const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
 /// How long a node is told to wait before it comes back to a proxy that shuts down.
 pub const RECONNECT_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
 
-/// How many returning agents a second a proxy plans for when it asks its fleet to spread out.
-/// Measured (BENCHMARKS.md): one 2-core proxy took 10,000 TCP agents back in 5.5 s unpaced, with
-/// nothing refused; rounding up to a power of two makes the rate between half this and this.
-const RETURN_RATE: u64 = 4000;
+/// How many returning agents a second a proxy plans for when it asks its fleet to spread out, by
+/// transport. Measured (BENCHMARKS.md) on one 2-core machine that also ran the returning agents:
+/// TCP: 10,000 agents back in 5.5 s unpaced, nothing refused. QUIC costs more a return (its
+/// packets wake more tasks, and a lost Initial waits a second to be sent again): 10,000 QUIC
+/// agents asked to return within 4 s overflowed the proxy's socket buffer (49,181 datagrams
+/// dropped, 305 handshakes timed out, all back in 25.7 s), within 8 s still (15,846, 23.1 s),
+/// within 16 s not at all (all back in 17.3 s). Rounding the window up to a power of two makes
+/// the rate between half this and this.
+const TCP_RETURN_RATE: u64 = 4000;
+const QUIC_RETURN_RATE: u64 = 1000;
 /// The longest return window a proxy asks for.
 const MAX_RETURN_WINDOW: Duration = Duration::from_secs(60);
 
-/// The window a proxy holding `tunnels` asks its agents to spread their return over if they lose
-/// it without an advisory: long enough that they come back at no more than [`RETURN_RATE`] a
-/// second, rounded up to a power of two of milliseconds so that it changes (and is pushed) rarely.
-pub fn return_window(tunnels: usize) -> Duration {
-    let ms = (tunnels as u64).saturating_mul(1000) / RETURN_RATE;
+/// The window a proxy holding `streams` TLS-over-TCP tunnels (TCP and upgrade) and `quic` QUIC
+/// tunnels asks its agents to spread their return over if they lose it without an advisory:
+/// long enough that they come back at no more than [`TCP_RETURN_RATE`] and [`QUIC_RETURN_RATE`]
+/// a second, rounded up to a power of two of milliseconds so that it changes (and is pushed)
+/// rarely.
+pub fn return_window(streams: usize, quic: usize) -> Duration {
+    let ms = (streams as u64).saturating_mul(1000)
+        / TCP_RETURN_RATE.saturating_add((quic as u64).saturating_mul(1000) / QUIC_RETURN_RATE);
     Duration::from_millis(ms.max(1).next_power_of_two()).min(MAX_RETURN_WINDOW)
 }
 
@@ -569,16 +578,27 @@ mod tests {
 
     #[test]
     fn the_return_window_grows_with_the_fleet_in_rare_steps() {
-        assert_eq!(return_window(0), Duration::from_millis(1));
-        assert_eq!(return_window(1000), Duration::from_millis(256));
-        assert_eq!(return_window(10_000), Duration::from_millis(4096));
-        assert_eq!(return_window(1_000_000), MAX_RETURN_WINDOW);
+        let tcp = |n| return_window(n, 0);
+        assert_eq!(tcp(0), Duration::from_millis(1));
+        assert_eq!(tcp(1000), Duration::from_millis(256));
+        assert_eq!(tcp(10_000), Duration::from_millis(4096));
+        assert_eq!(tcp(1_000_000), MAX_RETURN_WINDOW);
         // From 4,100 to 8,192 tunnels the window stays put: nothing is pushed.
-        assert_eq!(return_window(4100), return_window(8192));
+        assert_eq!(tcp(4100), tcp(8192));
         let steps = (0..=10_000)
-            .map(return_window)
+            .map(tcp)
             .collect::<std::collections::BTreeSet<_>>();
         assert!(steps.len() <= 16, "{}", steps.len());
+        // QUIC's returns are paced four times slower; a mixed fleet's windows add up.
+        assert_eq!(return_window(0, 1000), Duration::from_millis(1024));
+        assert_eq!(return_window(0, 10_000), Duration::from_millis(16_384));
+        assert_eq!(return_window(8000, 6000), Duration::from_millis(8192));
+        assert_eq!(return_window(0, 100_000), MAX_RETURN_WINDOW);
+        assert_eq!(
+            return_window(usize::MAX, usize::MAX),
+            MAX_RETURN_WINDOW,
+            "no overflow"
+        );
     }
 
     #[test]

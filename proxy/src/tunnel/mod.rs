@@ -91,6 +91,8 @@ pub struct TunnelServer {
     cluster_name: String,
     backend: Arc<dyn Backend>,
     tunnels: Mutex<Table>,
+    /// How many of `tunnels` are QUIC's (kept under `tunnels`' lock): their return costs more.
+    quic_tunnels: std::sync::atomic::AtomicUsize,
     next_id: AtomicU64,
     /// Tunnels taken plus tunnels ended, ever ([`crate::heap::trim_when_quiet`]).
     churn: AtomicU64,
@@ -122,13 +124,14 @@ impl TunnelServer {
             proxies: vec![ProxyEntry {
                 id: proxy_id.clone(),
             }],
-            return_window: control::return_window(0),
+            return_window: control::return_window(0, 0),
         });
         let server = Arc::new(Self {
             proxy_id,
             cluster_name,
             backend,
             tunnels: Mutex::new(Table::default()),
+            quic_tunnels: Default::default(),
             next_id: AtomicU64::new(1),
             churn: AtomicU64::new(0),
             pushed,
@@ -353,6 +356,7 @@ impl TunnelServer {
                     session: session.clone(),
                 };
                 tunnels.insert(id, entry);
+                self.count_quic(session, 1);
                 self.set_return_window(tunnels.len());
                 self.metrics.tunnel_up(
                     session.transport().as_str(),
@@ -455,14 +459,29 @@ impl TunnelServer {
         let Some(gone) = tunnels.remove(id) else {
             return false;
         };
+        self.count_quic(&gone.session, -1);
         self.set_return_window(tunnels.len());
         self.metrics
             .tunnel_down(gone.session.transport().as_str(), reason, tunnels.nodes());
         tunnels.held(&gone.host_id) > 0
     }
 
+    /// Counts a QUIC tunnel added (`1`) or gone (`-1`); called under `tunnels`' lock.
+    fn count_quic(&self, session: &Session, change: isize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if session.transport() == burrow_tunnel::Transport::Quic {
+            if change > 0 {
+                self.quic_tunnels.fetch_add(1, Relaxed);
+            } else {
+                self.quic_tunnels.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// Called under `tunnels`' lock with their number.
     fn set_return_window(&self, tunnels: usize) {
-        let window = control::return_window(tunnels);
+        let quic = self.quic_tunnels.load(std::sync::atomic::Ordering::Relaxed);
+        let window = control::return_window(tunnels.saturating_sub(quic), quic);
         self.pushed
             .send_if_modified(|cur| std::mem::replace(&mut cur.return_window, window) != window);
     }
