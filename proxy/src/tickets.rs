@@ -4,7 +4,7 @@
 //!
 //! A ticket carries the session's secret and the node's certificate chain, sealed
 //! (ChaCha20-Poly1305) with a key that only this proxy can make: derived from its QUIC secret
-//! (`DATA_DIR/quic.secret`, 0600, kept across restarts), the time epoch the ticket was made in,
+//! (`DATA_DIR/quic-secret`, 0600, kept across restarts), the time epoch the ticket was made in,
 //! and the cluster's host CA pins. So a ticket
 //! - resumes only at the proxy that issued it (other proxies derive other keys);
 //! - lives one to two epochs ([`EPOCH`]; the key of an older epoch is never derived again, which

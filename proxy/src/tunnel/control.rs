@@ -40,8 +40,9 @@ const MAX_RETURN_WINDOW: Duration = Duration::from_secs(60);
 /// a second, rounded up to a power of two of milliseconds so that it changes (and is pushed)
 /// rarely.
 pub fn return_window(streams: usize, quic: usize) -> Duration {
-    let ms = (streams as u64).saturating_mul(1000)
-        / TCP_RETURN_RATE.saturating_add((quic as u64).saturating_mul(1000) / QUIC_RETURN_RATE);
+    let tcp_ms = (streams as u64).saturating_mul(1000) / TCP_RETURN_RATE;
+    let quic_ms = (quic as u64).saturating_mul(1000) / QUIC_RETURN_RATE;
+    let ms = tcp_ms.saturating_add(quic_ms);
     Duration::from_millis(ms.max(1).next_power_of_two()).min(MAX_RETURN_WINDOW)
 }
 
