@@ -6,7 +6,8 @@
 #   --agents     agents the load tool runs (default 3000)
 #   --transport  their transport (default quic)
 #   --rounds     kill and restart this many times in a row, the same fleet (default 1)
-# PROXY_BIN=PATH runs another proxy build (an A/B against this one, in the same hour).
+# PROXY_BIN=PATH runs another proxy build (an A/B against this one, in the same hour);
+# BIN_DIR=PATH takes every binary (proxy, load tool, burrowctl) from there, built by nobody.
 # Prints, per round: time from the proxy listening again until every agent is back, datagrams
 # the kernel dropped for a full socket buffer, handshakes the proxy refused or timed out, the CPU
 # each side spent (proxy since its start, the load tool's agents since the kill), and the
@@ -27,8 +28,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-cargo build --quiet --release --bins
-bin=$PWD/target/release
+if [ -n "${BIN_DIR:-}" ]; then
+  bin=$BIN_DIR
+else
+  cargo build --quiet --release --bins
+  bin=$PWD/target/release
+fi
 proxy_bin=${PROXY_BIN:-$bin/burrow-proxy}
 scratch_dir burrow-fleet-return
 
