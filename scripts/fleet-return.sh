@@ -13,6 +13,9 @@
 # each side spent (proxy since its start, the load tool's agents since the kill), and the
 # proxy's tunnels and resumptions from its /metrics.
 set -euo pipefail
+# Paths given relative to where the script was started from.
+[ -z "${BIN_DIR:-}" ] || BIN_DIR=$(realpath "$BIN_DIR")
+[ -z "${PROXY_BIN:-}" ] || PROXY_BIN=$(realpath "$PROXY_BIN")
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
@@ -74,12 +77,20 @@ for round in $(seq "$rounds"); do
   drops0=$(udp_rcvbuf_errors)
   bench0=$(cpu_ms "$bench_pid")
   start_proxy
-  until tail -n +"$((mark + 1))" "$work/proxy.log" | grep -q "web API listening"; do sleep 0.02; done
+  deadline=$((SECONDS + 30))
+  until tail -n +"$((mark + 1))" "$work/proxy.log" | grep -q "web API listening"; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$proxy_pid" 2>/dev/null; then
+      echo "the proxy did not start again; its log:" >&2
+      tail -n 20 "$work/proxy.log" >&2
+      exit 1
+    fi
+    sleep 0.02
+  done
   t0=$(date +%s%3N)
   back=""
   deadline=$((SECONDS + 120))
   while [ $SECONDS -lt $deadline ]; do
-    if [ "$(tail -n +"$((mark + 1))" "$work/proxy.log" | grep -c "tunnel up" || true)" -ge "$n" ]; then
+    if [ "$(tail -n +"$((mark + 1))" "$work/proxy.log" | grep -c 'tunnel up host_id=' || true)" -ge "$n" ]; then
       back=$(($(date +%s%3N) - t0))
       break
     fi

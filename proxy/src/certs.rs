@@ -136,8 +136,9 @@ impl ProxyCerts {
             != pins
         {
             *self.verifiers.write().unwrap_or_else(|p| p.into_inner()) = verifiers(authorities)?;
-            self.tickets.bind(&pins);
+            // Forgotten first: a save under way then writes nothing under the new keys.
             self.quic_sessions.forget();
+            self.tickets.bind(&pins);
             tracing::info!(pins = ?pins.iter().map(ToString::to_string).collect::<Vec<_>>(), "client certificates are checked against new host CAs");
         }
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,8 +189,8 @@ impl ProxyCerts {
         Ok(self.with_tickets(config))
     }
 
-    /// QUIC's TLS from the web port's or the tunnel listener's (`tcp`): tunnels only, TLS 1.3
-    /// (QUIC has no other), a node certificate required. Its session tickets are 32-byte ids of
+    /// QUIC's TLS, from the tunnel listener's (`tcp`: tunnels only, TLS 1.3, a node certificate
+    /// required), for both QUIC ports. Its session tickets are 32-byte ids of
     /// sessions the proxy keeps ([`crate::resume`]): a sealed ticket carries the node's chain, and
     /// offered back it makes the ClientHello too large for one Initial datagram (measured with
     /// 10,000 QUIC agents returning to a restarted proxy, BENCHMARKS.md, 2026-11-23: 12,613
@@ -200,6 +201,9 @@ impl ProxyCerts {
         config.ticketer = Arc::new(NoTickets);
         config.session_storage = self.quic_sessions.clone();
         config.send_tls13_tickets = 1;
+        // A session taken in the seconds before a crash is still in the file after it: no 0-RTT,
+        // whose data a second use could replay.
+        config.max_early_data_size = 0;
         config
     }
 

@@ -115,12 +115,12 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         None => None,
     };
     let tls = proxy_certs.web_config(public_cert)?;
-    let (listener, bound, quic, quic_socket) = bind_pair(
-        config.web_listen,
-        Arc::new(proxy_certs.quic_config(&tls)),
-        &quic_secret,
-    )
-    .await?;
+    // Tunnels only on QUIC, so a node certificate is required in the handshake itself (the web
+    // port's TCP side lets clients without one in, for joins): nobody else gets a session kept.
+    let tunnel_tls = Arc::new(proxy_certs.tunnel_config()?);
+    let quic_tls = Arc::new(proxy_certs.quic_config(&tunnel_tls));
+    let (listener, bound, quic, quic_socket) =
+        bind_pair(config.web_listen, quic_tls.clone(), &quic_secret).await?;
 
     let health = Arc::new(Health::default());
     let info = tunnel_proto::api::ProxyInfo {
@@ -174,11 +174,10 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
     let mut tunnel_addrs = Vec::new();
-    let tunnel_tls = Arc::new(proxy_certs.tunnel_config()?);
     if let Some(addr) = config.tunnel_listen {
         let tls = tunnel_tls.clone();
-        let quic_tls = Arc::new(proxy_certs.quic_config(&tls));
-        let (listener, bound, quic, quic_socket) = bind_pair(addr, quic_tls, &quic_secret).await?;
+        let (listener, bound, quic, quic_socket) =
+            bind_pair(addr, quic_tls.clone(), &quic_secret).await?;
         nudge_sockets.push(quic_socket);
         tracing::info!("tunnels listening on tcp and udp {bound}");
         // Handshakes in progress on the tunnel port count as the web port's connections do.

@@ -74,7 +74,7 @@ impl Metrics {
         let tunnel_resumptions = Family::<Label, Counter>::default();
         r.register(
             "tunnel_resumptions",
-            "Tunnels admitted on a resumed TLS session (a session ticket, no certificate signatures), by transport; QUIC's count the sessions the proxy found for a resumption",
+            "Tunnels admitted on a resumed TLS session (a session ticket, no certificate signatures), by transport; QUIC's count the sessions handed to TLS for a resumption, admitted or not",
             tunnel_resumptions.clone(),
         );
         let tunnel_disconnects = Family::<Label, Counter>::default();

@@ -29,8 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tickets::{EPOCH, Tickets};
 
-/// At most this many sessions are kept (a kilobyte or so each: the node's chain is most of one).
+/// At most this many sessions are kept (about 0.7 KB each: the node's chain is most of one)...
 pub const CAPACITY: usize = 65_536;
+/// ...in at most this many bytes of sessions.
+const BUDGET: usize = 64 << 20;
+/// A larger session is not kept (its node gets no ticket): the client chooses the chain it
+/// presents, and with it the session's size.
+const MAX_SESSION: usize = 4096;
 /// How often a changed store is written.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 const ID_LEN: usize = 32;
@@ -52,12 +57,32 @@ struct Inner {
     map: HashMap<Id, Session>,
     /// Ids in the order they were put, for eviction; may hold ids already taken.
     order: VecDeque<Id>,
+    /// The sessions' bytes.
+    bytes: usize,
     changed: bool,
+    /// Moves on when every session is forgotten: a save begun before does not write.
+    generation: u64,
 }
 
 struct Session {
     epoch: u64,
-    value: Box<[u8]>,
+    value: Arc<[u8]>,
+}
+
+impl Inner {
+    fn insert(&mut self, id: Id, session: Session) {
+        self.bytes += session.value.len();
+        self.order.push_back(id);
+        if let Some(old) = self.map.insert(id, session) {
+            self.bytes -= old.value.len();
+        }
+    }
+
+    fn remove(&mut self, id: &Id) -> Option<Session> {
+        let session = self.map.remove(id)?;
+        self.bytes -= session.value.len();
+        Some(session)
+    }
 }
 
 impl std::fmt::Debug for Sessions {
@@ -88,6 +113,7 @@ impl Sessions {
             capacity,
             resumed,
         };
+        sessions.remove_leftovers();
         match std::fs::read(&sessions.path) {
             Ok(sealed) => {
                 let now = unix_now() / EPOCH;
@@ -119,30 +145,64 @@ impl Sessions {
         self.lock().map.len()
     }
 
-    /// The host CAs changed: no session made before is resumed.
+    /// The host CAs change: no session made before is resumed. Called before the ticket keys
+    /// are bound to the new CAs, so that a save under way writes nothing under the new keys.
     pub fn forget(&self) {
         let mut inner = self.lock();
         inner.map.clear();
         inner.order.clear();
+        inner.bytes = 0;
         inner.changed = true;
+        inner.generation += 1;
     }
 
-    /// Writes the sessions if they changed since the last write, sealed with the current keys.
+    /// Writes the sessions if they changed since the last write, sealed with the current keys,
+    /// oldest first. Only pointers are copied under the lock handshakes take.
     pub fn save(&self) -> std::io::Result<()> {
         let now = unix_now() / EPOCH;
-        let plain = {
+        let (generation, sessions) = {
             let mut inner = self.lock();
             if !inner.changed {
                 return Ok(());
             }
             inner.changed = false;
-            inner.map.retain(|_, s| fresh(s.epoch, now));
-            encode(&inner.map)
+            let stale: Vec<Id> = (inner.map.iter())
+                .filter(|(_, s)| !fresh(s.epoch, now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &stale {
+                inner.remove(id);
+            }
+            let sessions: Vec<(Id, u64, Arc<[u8]>)> = (inner.order.iter())
+                .filter_map(|id| inner.map.get(id).map(|s| (*id, s.epoch, s.value.clone())))
+                .collect();
+            (inner.generation, sessions)
         };
-        let Some(sealed) = self.tickets.seal(&plain, now) else {
+        let Some(sealed) = self.tickets.seal(&encode(&sessions), now) else {
+            self.lock().changed = true;
             return Err(std::io::Error::other("cannot seal the QUIC sessions"));
         };
+        if self.lock().generation != generation {
+            // Forgotten since (new host CAs): the next save writes what is left.
+            return Ok(());
+        }
         write_private_atomic(&self.path, &sealed).inspect_err(|_| self.lock().changed = true)
+    }
+
+    /// Temporary files of writes a crash cut short.
+    fn remove_leftovers(&self) {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return;
+        };
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Takes the sessions of a sealed file's `plain` text; `None` if any record is malformed.
@@ -165,10 +225,14 @@ impl Sessions {
             }
         }
         let mut inner = self.lock();
-        for (id, epoch, value) in read.into_iter().take(self.capacity) {
-            inner.order.push_back(id);
+        // The file lists the oldest first: the newest are kept.
+        let skip = read.len().saturating_sub(self.capacity);
+        for (id, epoch, value) in read.into_iter().skip(skip) {
+            if value.len() > MAX_SESSION || inner.bytes + value.len() > BUDGET {
+                continue;
+            }
             let value = value.into();
-            inner.map.insert(id, Session { epoch, value });
+            inner.insert(id, Session { epoch, value });
         }
         Some(inner.map.len())
     }
@@ -183,27 +247,24 @@ impl StoresServerSessions for Sessions {
         let Ok(id) = Id::try_from(key.as_slice()) else {
             return false;
         };
+        if value.len() > MAX_SESSION {
+            return false;
+        }
         let epoch = unix_now() / EPOCH;
         let mut inner = self.lock();
-        while inner.map.len() >= self.capacity {
+        while inner.map.len() >= self.capacity || inner.bytes + value.len() > BUDGET {
             let Some(oldest) = inner.order.pop_front() else {
                 break;
             };
-            inner.map.remove(&oldest);
+            inner.remove(&oldest);
         }
         // Ids taken since they were put are left in `order`; drop them before it outgrows the map.
         if inner.order.len() > 2 * inner.map.len() + 1024 {
             let Inner { map, order, .. } = &mut *inner;
             order.retain(|id| map.contains_key(id));
         }
-        inner.order.push_back(id);
-        inner.map.insert(
-            id,
-            Session {
-                epoch,
-                value: value.into(),
-            },
-        );
+        let value = value.into();
+        inner.insert(id, Session { epoch, value });
         inner.changed = true;
         true
     }
@@ -216,14 +277,14 @@ impl StoresServerSessions for Sessions {
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
         let id = Id::try_from(key).ok()?;
         let mut inner = self.lock();
-        let session = inner.map.remove(&id)?;
+        let session = inner.remove(&id)?;
         inner.changed = true;
         drop(inner);
         if !fresh(session.epoch, unix_now() / EPOCH) {
             return None;
         }
         self.resumed.inc();
-        Some(session.value.into_vec())
+        Some(session.value.to_vec())
     }
 
     fn can_cache(&self) -> bool {
@@ -236,18 +297,17 @@ fn fresh(epoch: u64, now: u64) -> bool {
     epoch == now || now.checked_sub(1) == Some(epoch)
 }
 
-fn encode(map: &HashMap<Id, Session>) -> Vec<u8> {
-    let size = map
-        .values()
-        .map(|s| 8 + ID_LEN + 4 + s.value.len())
+fn encode(sessions: &[(Id, u64, Arc<[u8]>)]) -> Vec<u8> {
+    let size = (sessions.iter())
+        .map(|(_, _, value)| 8 + ID_LEN + 4 + value.len())
         .sum::<usize>();
     let mut out = Vec::with_capacity(MAGIC.len() + size);
     out.extend_from_slice(MAGIC);
-    for (id, s) in map {
-        out.extend_from_slice(&s.epoch.to_be_bytes());
+    for (id, epoch, value) in sessions {
+        out.extend_from_slice(&epoch.to_be_bytes());
         out.extend_from_slice(id);
-        out.extend_from_slice(&(s.value.len() as u32).to_be_bytes());
-        out.extend_from_slice(&s.value);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
     }
     out
 }
@@ -357,6 +417,33 @@ mod tests {
         }
         let queued = s.lock().order.len();
         assert!(queued <= 2 * s.len() + 1025, "{queued} ids queued");
+    }
+
+    #[test]
+    fn a_session_too_large_is_not_kept_and_a_restart_keeps_the_newest_and_no_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = [pin("ab")];
+        let s = store(dir.path(), 7, &pins, 16);
+        assert!(
+            !s.put(vec![1; 32], vec![0; MAX_SESSION + 1]),
+            "a chain the node padded"
+        );
+        assert_eq!(s.len(), 0);
+        for i in 0..6u8 {
+            assert!(s.put(vec![i; 32], vec![i]));
+        }
+        s.save().unwrap();
+        let leftover = dir.path().join(".quic-sessions.tmp-0123");
+        std::fs::write(&leftover, b"cut short").unwrap();
+        // A smaller store after the restart keeps the newest of the file.
+        let again = store(dir.path(), 7, &pins, 4);
+        assert!(
+            !leftover.exists(),
+            "a crashed write's temporary file is removed"
+        );
+        assert_eq!(again.len(), 4);
+        assert_eq!(again.take(&[1; 32]), None);
+        assert_eq!(again.take(&[5; 32]), Some(vec![5]));
     }
 
     #[test]
