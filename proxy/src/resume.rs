@@ -7,9 +7,13 @@
 //! the proxy gives a 32-byte random id instead (rustls' stateful TLS 1.3 tickets) and keeps the
 //! session itself here:
 //! - single use: a resumption takes its session out, and the new session it makes comes with a
-//!   new id;
-//! - bounded ([`CAPACITY`] sessions, the oldest go first), each living one to two epochs
-//!   ([`EPOCH`]) like the sealed tickets;
+//!   new id (one taken in the seconds before a crash is still in the file after it: QUIC takes
+//!   no 0-RTT, whose data a second use could replay);
+//! - only for nodes: both QUIC ports require a node certificate in the handshake;
+//! - bounded ([`CAPACITY`] sessions in at most `BUDGET` bytes, none over `MAX_SESSION`; the
+//!   oldest go first, also across a restart), each living one to two epochs ([`EPOCH`]) like the
+//!   sealed tickets (the ticket's own lifetime, which rustls sets to a day, is only the client's
+//!   upper bound);
 //! - written every few seconds, when it changed, to `DATA_DIR/quic-sessions` (0600), sealed with
 //!   the ticket keys: so a restarted proxy reads them only if it is the same proxy (its QUIC
 //!   secret) under the same host CAs; a change of the host CAs forgets them all at once.
@@ -48,7 +52,7 @@ pub struct Sessions {
     tickets: Arc<Tickets>,
     path: PathBuf,
     capacity: usize,
-    /// Sessions found for a resumption.
+    /// Sessions handed to TLS for a resumption.
     resumed: Counter,
 }
 
@@ -95,7 +99,7 @@ impl std::fmt::Debug for Sessions {
 
 impl Sessions {
     /// The sessions saved at `path` by this proxy's last run, if its ticket keys read them.
-    /// `resumed` counts the sessions found for a resumption.
+    /// `resumed` counts the sessions handed to TLS for a resumption.
     pub fn load(path: PathBuf, tickets: Arc<Tickets>, resumed: Counter) -> Self {
         Self::with_capacity(path, tickets, CAPACITY, resumed)
     }
