@@ -39,14 +39,13 @@ for t in quic tcp; do wait_for "$work/agent-$t.log" "tunnel up" 30; done
 sleep 5
 
 kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 declare -A rss t0
-for t in quic tcp; do rss[$t]=$(kb "${pid[$t]}" VmRSS); t0[$t]=$(ticks "${pid[$t]}"); done
+for t in quic tcp; do rss[$t]=$(kb "${pid[$t]}" VmRSS); t0[$t]=$(cpu_ticks "${pid[$t]}"); done
 sleep "$idle"
 hz=$(getconf CLK_TCK)
 printf '%-6s %-16s %-22s %-20s %s\n' agent "idle RSS" "idle CPU ($idle s)" "peak RSS (bulk)" "binary"
 for t in quic tcp; do
-  cpu=$(awk -v d=$(($(ticks "${pid[$t]}") - ${t0[$t]})) -v hz="$hz" -v s="$idle" \
+  cpu=$(awk -v d=$(($(cpu_ticks "${pid[$t]}") - ${t0[$t]})) -v hz="$hz" -v s="$idle" \
     'BEGIN { printf "%.3f %% of a core", 100 * d / hz / s }')
   ssh_to="ssh -F $work/ssh_config -J alice@127.0.0.1:$ssh_port -p 3022 root@fp-$t"
   head -c 268435456 /dev/zero | $ssh_to 'cat > /dev/null'

@@ -45,15 +45,9 @@ diag=$(free_port)
 load_test_config "$work/proxy.yaml"
 : >"$work/proxy.log"
 start_proxy() {
-  # Handshakes refused for load are logged at debug.
-  RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
-    "$proxy_bin" start --config "$work/proxy.yaml" --data-dir "$work/proxy" \
-    --web-listen "127.0.0.1:$port" --diag-listen "127.0.0.1:$diag" --cluster-name bench \
-    2>>"$work/proxy.log" &
-  proxy_pid=$!
-  pids+=("$proxy_pid")
+  start_load_proxy "$proxy_bin" "$work/proxy" bench \
+    --web-listen "127.0.0.1:$port" --diag-listen "127.0.0.1:$diag"
 }
-cpu_ms() { echo $(($(awk '{print $14 + $15}' "/proc/$1/stat") * 1000 / $(getconf CLK_TCK))); }
 metric() { curl -s "http://127.0.0.1:$diag/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 
 start_proxy

@@ -34,7 +34,6 @@ CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
 bin=$root/target/profiling/release
 
 scratch_dir burrow-heap
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 port=$(free_port)
 ssh_port=$(free_port)

@@ -48,6 +48,25 @@ scratch_cleanup() {
   if [ -n "${BURROW_KEEP_SCRATCH:-}" ]; then echo "kept: $work" >&2; else rm -rf "$work"; fi
 }
 
+# What /proc says of process PID: its resident memory in KB, its CPU time (user + system) in
+# clock ticks and in ms.
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ms() { echo $(($(cpu_ticks "$1") * 1000 / $(getconf CLK_TCK))); }
+
+# A proxy for a load test, in the background, with the config in $work/proxy.yaml: appends its
+# log to $work/proxy.log, sets $proxy_pid. Handshakes refused for load are logged (at debug), so
+# that a restart's figures can count them.
+start_load_proxy() { # BINARY DATA_DIR CLUSTER_NAME LISTEN_FLAGS...
+  local binary=$1 data=$2 cluster=$3
+  shift 3
+  RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
+    "$binary" start --config "$work/proxy.yaml" --data-dir "$data" --cluster-name "$cluster" \
+    "$@" 2>>"$work/proxy.log" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+}
+
 # A proxy from $bin on free loopback ports with its data in $work/proxy; sets $port (web and
 # tunnels), $ssh_port, a one-hour node $token, the cluster's $pin, and `ctl` (burrowctl on it).
 start_scratch_proxy() { # CLUSTER_NAME

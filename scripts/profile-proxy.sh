@@ -48,12 +48,8 @@ port=$(free_port)
 ssh_port=$(free_port)
 load_test_config "$work/proxy.yaml"
 start_proxy() {
-  RUST_LOG=info,burrow_proxy::tunnel::listen=debug,burrow_proxy::web=debug \
-    "$pbin/burrow-proxy" start --config "$work/proxy.yaml" --data-dir "$work/proxy" \
-    --web-listen "127.0.0.1:$port" --ssh-listen "127.0.0.1:$ssh_port" --cluster-name profile \
-    2>>"$work/proxy.log" &
-  proxy_pid=$!
-  pids+=("$proxy_pid")
+  start_load_proxy "$pbin/burrow-proxy" "$work/proxy" profile \
+    --web-listen "127.0.0.1:$port" --ssh-listen "127.0.0.1:$ssh_port"
 }
 : >"$work/proxy.log"
 start_proxy
@@ -69,9 +65,9 @@ wait_for "$work/fleet.out" "all $n agents up" 900
 
 if [ "$phase" = idle ]; then
   sleep 40
-  t0=$(awk '{print $14 + $15}' "/proc/$proxy_pid/stat")
+  t0=$(cpu_ticks "$proxy_pid")
   perf record -F 999 -g -o "$data" -p "$proxy_pid" -- sleep "$secs" >/dev/null 2>&1
-  t1=$(awk '{print $14 + $15}' "/proc/$proxy_pid/stat")
+  t1=$(cpu_ticks "$proxy_pid")
   awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v s="$secs" -v n="$n" 'BEGIN {
     c = 100 * d / hz / s
     printf "proxy CPU over %d s with %d idle tunnels: %.2f %% of a core (%.2f %% per 1,000)\n", s, n, c, c * 1000 / n }'
