@@ -21,29 +21,40 @@ pub const PRESENCE_REFRESH: Duration = Duration::from_secs(30);
 /// How long a node is told to wait before it comes back to a proxy that shuts down.
 pub const RECONNECT_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
 
-/// How many returning agents a second a proxy plans for when it asks its fleet to spread out, by
-/// transport. Measured (BENCHMARKS.md) on one 2-core machine that also ran the returning agents:
+/// How many returning agents a second a proxy plans for, per core, when it asks its fleet to
+/// spread out, by transport (its runtime has a worker per core, and handshakes run on all of
+/// them). Measured (BENCHMARKS.md) on one 2-core machine that also ran the returning agents:
 /// TCP: 10,000 agents back in 5.5 s unpaced, nothing refused. QUIC costs more a return (its
 /// packets wake more tasks, and a lost Initial waits a second to be sent again): 10,000 QUIC
 /// agents asked to return within 4 s overflowed the proxy's socket buffer (49,181 datagrams
 /// dropped, 305 handshakes timed out, all back in 25.7 s), within 8 s still (15,846, 23.1 s),
 /// within 16 s not at all (all back in 17.3 s). Rounding the window up to a power of two makes
 /// the rate between half this and this.
-const TCP_RETURN_RATE: u64 = 4000;
-const QUIC_RETURN_RATE: u64 = 1000;
+const TCP_RETURN_RATE_PER_CORE: u64 = 2000;
+const QUIC_RETURN_RATE_PER_CORE: u64 = 500;
+/// The most cores the rates are counted for: beyond 4 (twice what was measured), the one socket
+/// that takes every QUIC datagram and its receive buffer are untested.
+const MAX_RETURN_CORES: u64 = 4;
 /// The longest return window a proxy asks for.
 const MAX_RETURN_WINDOW: Duration = Duration::from_secs(60);
 
-/// The window a proxy holding `streams` TLS-over-TCP tunnels (TCP and upgrade) and `quic` QUIC
-/// tunnels asks its agents to spread their return over if they lose it without an advisory:
-/// long enough that they come back at no more than [`TCP_RETURN_RATE`] and [`QUIC_RETURN_RATE`]
-/// a second, rounded up to a power of two of milliseconds so that it changes (and is pushed)
-/// rarely.
-pub fn return_window(streams: usize, quic: usize) -> Duration {
-    let tcp_ms = (streams as u64).saturating_mul(1000) / TCP_RETURN_RATE;
-    let quic_ms = (quic as u64).saturating_mul(1000) / QUIC_RETURN_RATE;
+/// The window a proxy with `cores` cores, holding `streams` TLS-over-TCP tunnels (TCP and
+/// upgrade) and `quic` QUIC tunnels, asks its agents to spread their return over if they lose
+/// it without an advisory: long enough that they come back at no more than
+/// [`TCP_RETURN_RATE_PER_CORE`] and [`QUIC_RETURN_RATE_PER_CORE`] a second per core (counting
+/// 1 to [`MAX_RETURN_CORES`]), rounded up to a power of two of milliseconds so that it changes
+/// (and is pushed) rarely.
+pub fn return_window(streams: usize, quic: usize, cores: usize) -> Duration {
+    let cores = (cores as u64).clamp(1, MAX_RETURN_CORES);
+    let tcp_ms = (streams as u64).saturating_mul(1000) / (TCP_RETURN_RATE_PER_CORE * cores);
+    let quic_ms = (quic as u64).saturating_mul(1000) / (QUIC_RETURN_RATE_PER_CORE * cores);
     let ms = tcp_ms.saturating_add(quic_ms);
     Duration::from_millis(ms.max(1).next_power_of_two()).min(MAX_RETURN_WINDOW)
+}
+
+/// The cores [`return_window`] counts on this machine.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Why a tunnel was refused or ended, other than by a clean close.
@@ -579,7 +590,8 @@ mod tests {
 
     #[test]
     fn the_return_window_grows_with_the_fleet_in_rare_steps() {
-        let tcp = |n| return_window(n, 0);
+        // The rates were measured on 2 cores.
+        let tcp = |n| return_window(n, 0, 2);
         assert_eq!(tcp(0), Duration::from_millis(1));
         assert_eq!(tcp(1000), Duration::from_millis(256));
         assert_eq!(tcp(10_000), Duration::from_millis(4096));
@@ -591,15 +603,31 @@ mod tests {
             .collect::<std::collections::BTreeSet<_>>();
         assert!(steps.len() <= 16, "{}", steps.len());
         // QUIC's returns are paced four times slower; a mixed fleet's windows add up.
-        assert_eq!(return_window(0, 1000), Duration::from_millis(1024));
-        assert_eq!(return_window(0, 10_000), Duration::from_millis(16_384));
-        assert_eq!(return_window(8000, 6000), Duration::from_millis(8192));
-        assert_eq!(return_window(0, 100_000), MAX_RETURN_WINDOW);
+        assert_eq!(return_window(0, 1000, 2), Duration::from_millis(1024));
+        assert_eq!(return_window(0, 10_000, 2), Duration::from_millis(16_384));
+        assert_eq!(return_window(8000, 6000, 2), Duration::from_millis(8192));
+        assert_eq!(return_window(0, 100_000, 2), MAX_RETURN_WINDOW);
         assert_eq!(
-            return_window(usize::MAX, usize::MAX),
+            return_window(usize::MAX, usize::MAX, usize::MAX),
             MAX_RETURN_WINDOW,
             "no overflow"
         );
+    }
+
+    #[test]
+    fn a_proxy_with_more_cores_takes_its_fleet_back_faster_up_to_four() {
+        let quic = |cores| return_window(0, 10_000, cores);
+        assert_eq!(quic(1), Duration::from_millis(32_768));
+        assert_eq!(
+            quic(0),
+            quic(1),
+            "a machine that reports no cores counts as one"
+        );
+        assert_eq!(quic(2), Duration::from_millis(16_384));
+        assert_eq!(quic(4), Duration::from_millis(8192));
+        assert_eq!(quic(64), quic(4), "beyond four cores is untested");
+        assert_eq!(return_window(10_000, 0, 4), Duration::from_millis(2048));
+        assert!(cores() >= 1);
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct TunnelServer {
     tunnels: Mutex<Table>,
     /// How many of `tunnels` are QUIC's (kept under `tunnels`' lock): their return costs more.
     quic_tunnels: std::sync::atomic::AtomicUsize,
+    /// This machine's cores: a fleet's return is paced for them ([`control::return_window`]).
+    cores: usize,
     next_id: AtomicU64,
     /// Tunnels taken plus tunnels ended, ever ([`crate::heap::trim_when_quiet`]).
     churn: AtomicU64,
@@ -124,7 +126,7 @@ impl TunnelServer {
             proxies: vec![ProxyEntry {
                 id: proxy_id.clone(),
             }],
-            return_window: control::return_window(0, 0),
+            return_window: control::return_window(0, 0, 1),
         });
         let server = Arc::new(Self {
             proxy_id,
@@ -132,6 +134,7 @@ impl TunnelServer {
             backend,
             tunnels: Mutex::new(Table::default()),
             quic_tunnels: Default::default(),
+            cores: control::cores(),
             next_id: AtomicU64::new(1),
             churn: AtomicU64::new(0),
             pushed,
@@ -481,7 +484,7 @@ impl TunnelServer {
     /// Called under `tunnels`' lock with their number.
     fn set_return_window(&self, tunnels: usize) {
         let quic = self.quic_tunnels.load(std::sync::atomic::Ordering::Relaxed);
-        let window = control::return_window(tunnels.saturating_sub(quic), quic);
+        let window = control::return_window(tunnels.saturating_sub(quic), quic, self.cores);
         self.pushed
             .send_if_modified(|cur| std::mem::replace(&mut cur.return_window, window) != window);
     }
