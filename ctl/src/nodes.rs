@@ -163,6 +163,7 @@ async fn client(admin: &Admin, files: &ClientFiles) -> Result<Client, Failure> {
         key,
         known_hosts,
         user: files.user.clone(),
+        fast_aes: burrow_net::tls::aes_instructions(),
     };
     let export: api::ExportResponse = admin
         .client

@@ -137,7 +137,7 @@ fn suite_order(suites: &mut [rustls::SupportedCipherSuite], aes: bool) {
 }
 
 /// Whether this CPU has instructions for AES-GCM (AES and carry-less multiplication).
-fn aes_instructions() -> bool {
+pub fn aes_instructions() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("aes")

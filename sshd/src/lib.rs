@@ -26,9 +26,26 @@ pub fn server_config(key: PrivateKey, cert: Certificate) -> russh::server::Confi
         // ends with its stream, which the tunnel's own keep-alives watch.
         keepalive_interval: None,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
+
+/// The ciphers an SSH server offers: russh's own list and AES-128-GCM, which it supports but does
+/// not offer by default, and which OpenSSH clients rank before AES-256-GCM (`burrowctl
+/// ssh-config` asks for it for the hop to the proxy; a client configured for it alone would
+/// otherwise find no cipher in common). The client's order decides which is used.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
 
 /// Kernel keep-alive probes on a user's TCP connection to an SSH server: a client that vanished
 /// (a laptop closed, a path gone) is let go within a minute, without a byte

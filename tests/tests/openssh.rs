@@ -148,6 +148,32 @@ fn ssh_needs_no_p_through_the_jump_host_or_a_proxycommand_and_other_ports_are_re
     );
 }
 
+/// `burrowctl ssh-config` asks for AES-GCM on the hop to the proxy where the client has AES
+/// instructions: each cipher it names works on the hop to the proxy and to the node inside it,
+/// whatever this machine's CPU.
+#[test]
+fn every_cipher_the_generated_config_names_reaches_a_node() {
+    let f = Fleet::start(&[("node1", "env=lab")]);
+    let config = f.hand_written_config();
+    let (host, port) = f.ssh_addr.rsplit_once(':').unwrap();
+    let target = format!("{}@node1", f.login);
+    for cipher in [
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+    ] {
+        let hop = format!(
+            "ProxyCommand=ssh -F {} -c {cipher} -p {port} alice@{host} -s proxy:%h:%p",
+            config.display()
+        );
+        let out = run(Command::new("ssh")
+            .arg("-F")
+            .arg(&config)
+            .args(["-o", &hop, "-c", cipher, &target, "echo", cipher]));
+        said(&out, &format!("{cipher}\n"));
+    }
+}
+
 #[test]
 fn a_generated_config_takes_ssh_and_scp_to_nodes_by_name_and_host_id() {
     let f = Fleet::start(&[("node1", "env=lab")]);
