@@ -12,9 +12,9 @@
 # Needs: openssh-client and openssh-server (sshd for the OpenSSH baseline; run as root for it).
 # AGENT_BIN=PATH runs the SSH bulk rows with that agent binary (a static cross build, say);
 # PROXY_BIN=PATH runs every row with that proxy binary (an A/B against another build).
-# The SSH rows reach Burrow's nodes with the hop cipher `burrowctl ssh-config` picks on this
-# machine (AES-GCM with AES instructions); BENCH_HOP_DEFAULTS=1 uses OpenSSH's default instead.
-# The OpenSSH jump host baseline always runs with OpenSSH's defaults.
+# The SSH rows' hop to the jump host (Burrow's proxy and the OpenSSH baseline's alike) uses the
+# ciphers `burrowctl ssh-config` sets for the hop on this machine (AES-GCM first with AES
+# instructions); BENCH_HOP_DEFAULTS=1 keeps OpenSSH's default order on both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -87,24 +87,32 @@ printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
 
 login=$(id -un)
 user_ssh_config "$login" "$login"
-# The hop to the proxy as `burrowctl ssh-config` sets it up on this machine: AES-GCM first where
-# the CPU has AES instructions (the session to the node inside keeps OpenSSH's order).
-# BENCH_HOP_DEFAULTS=1 keeps OpenSSH's own order on the hop too, for an A/B.
-hop_ciphers=$(ctl ssh-config --user "$login" --key "$work/key" \
-  --known-hosts "$work/generated_known_hosts" | awk '$1 == "Ciphers" { print $2 }')
-if [ -n "$hop_ciphers" ] && [ -z "${BENCH_HOP_DEFAULTS:-}" ]; then
-  printf 'Host 127.0.0.1\n  Ciphers %s\n' "$hop_ciphers" | cat - "$work/ssh_config" >"$work/ssh_config.new"
-  mv "$work/ssh_config.new" "$work/ssh_config"
-  hop="hop: AES-GCM, as ssh-config sets it"
-else
-  hop="hop: OpenSSH's default cipher"
-fi
-
 # The OpenSSH baseline: two sshd on loopback, one as the jump host, one as the target.
 openssh_servers=false
 if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then
   openssh_pair
   openssh_servers=true
+fi
+
+# The hop to the jump host, Burrow's proxy or OpenSSH's, with the ciphers `burrowctl ssh-config`
+# sets for the hop to the proxy on this machine (AES-GCM first where the CPU has AES
+# instructions), the sessions to the nodes inside with OpenSSH's order: like for like.
+# BENCH_HOP_DEFAULTS=1 keeps OpenSSH's order on both hops, for an A/B.
+hop_ciphers=$(ctl ssh-config --user "$login" --key "$work/key" \
+  --known-hosts "$work/generated_known_hosts" | awk '$1 == "Ciphers" { print $2 }')
+openssh_jump=127.0.0.1
+if [ -n "$hop_ciphers" ] && [ -z "${BENCH_HOP_DEFAULTS:-}" ]; then
+  # Burrow's nodes are reached by name: 127.0.0.1 is the proxy only.
+  printf 'Host 127.0.0.1\n  Ciphers %s\n' "$hop_ciphers" | cat - "$work/ssh_config" >"$work/ssh_config.new"
+  mv "$work/ssh_config.new" "$work/ssh_config"
+  # OpenSSH's target is 127.0.0.1 too: its jump host goes by another name.
+  if $openssh_servers; then
+    printf 'Host bench-jump\n  HostName 127.0.0.1\n  Ciphers %s\n' "$hop_ciphers" >>"$work/ssh_config_openssh"
+    openssh_jump=bench-jump
+  fi
+  hop="hop: ${hop_ciphers%%,*} both"
+else
+  hop="hop: OpenSSH's default both"
 fi
 
 # p50 and p99, in ms, of $dials dials through a jump host over one SSH connection (ControlMaster):
@@ -180,7 +188,7 @@ fleet() { # TRANSPORT N
   base="-"
   if $openssh_servers; then
     openssh_target() { echo "127.0.0.1:$target_port"; }
-    base=$(dial_latency "$work/ssh_config_openssh" "$login@127.0.0.1" "$jump_port" openssh_target)
+    base=$(dial_latency "$work/ssh_config_openssh" "$login@$openssh_jump" "$jump_port" openssh_target)
     base="OpenSSH jump: ${base% *} / ${base#* } ms"
   fi
   row "dial to the node's banner p50 / p99, $transport, $n tunnels" "${dial% *} / ${dial#* } ms" \
@@ -270,7 +278,7 @@ declare -A ups downs
 for ((round = 1; round <= rounds; round++)); do
   for kind in "${kinds[@]}"; do
     if [ "$kind" = openssh ]; then
-      target="ssh -F $work/ssh_config_openssh -J $login@127.0.0.1:$jump_port -p $target_port $login@127.0.0.1"
+      target="ssh -F $work/ssh_config_openssh -J $login@$openssh_jump:$jump_port -p $target_port $login@127.0.0.1"
     else
       target="ssh -F $work/ssh_config -J $login@127.0.0.1:$ssh_port -p 3022 $login@bulk-$kind"
     fi

@@ -204,6 +204,28 @@ fn a_generated_config_takes_ssh_and_scp_to_nodes_by_name_and_host_id() {
         &ssh(&format!("node1.{CLUSTER}"), "echo by-name"),
         "by-name\n",
     );
+    // Where this machine has AES instructions the block asks for AES-GCM on the hop to the proxy
+    // only: the session to the node keeps OpenSSH's first choice.
+    if text(&block.stdout).contains("Ciphers aes128-gcm@openssh.com,") {
+        let out = run(Command::new("ssh").arg("-F").arg(&config).args([
+            "-v",
+            "-o",
+            "BatchMode=yes",
+            &format!("node1.{CLUSTER}"),
+            "true",
+        ]));
+        let log = text(&out.stderr);
+        let ciphers: Vec<_> = log
+            .lines()
+            .filter_map(|l| l.split_once("client->server cipher: "))
+            .map(|(_, rest)| rest.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            ciphers,
+            ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"],
+            "{log}"
+        );
+    }
     let by_id = format!("{}.{CLUSTER}", f.host_id("node1"));
     said(&ssh(&by_id, "whoami"), &format!("{}\n", f.login));
 
