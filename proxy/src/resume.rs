@@ -318,21 +318,57 @@ fn encode(sessions: &[(Id, u64, Arc<[u8]>)]) -> Vec<u8> {
 
 /// Writes the sessions every few seconds when they changed, and once more at shutdown.
 pub async fn keep_saved(sessions: Arc<Sessions>, shutdown: CancellationToken) {
+    let mut saves = Saves::default();
     loop {
         let stop = tokio::select! {
             _ = tokio::time::sleep(SAVE_EVERY) => false,
             _ = shutdown.cancelled() => true,
         };
         let s = sessions.clone();
-        match tokio::task::spawn_blocking(move || s.save()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(path = %sessions.path.display(), error = %e, "cannot write the QUIC sessions")
+        let result = match tokio::task::spawn_blocking(move || s.save()).await {
+            Ok(result) => result,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        let path = sessions.path.display();
+        match (saves.report(result.is_ok()), result) {
+            (Report::Failing, Err(e)) => {
+                tracing::warn!(%path, error = %e, "cannot write the QUIC sessions; retrying every 5 s, said again only once they are written")
             }
-            Err(e) => tracing::warn!(error = %e, "writing the QUIC sessions failed"),
+            (Report::StillFailing, Err(e)) => {
+                tracing::debug!(%path, error = %e, "cannot write the QUIC sessions")
+            }
+            (Report::Recovered, _) => tracing::info!(%path, "the QUIC sessions are written again"),
+            _ => {}
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// What a save's outcome is worth saying: a store that cannot be written (a full disk, a
+/// read-only data dir) is retried every [`SAVE_EVERY`], and warned of once, not every time.
+#[derive(Debug, Default)]
+struct Saves {
+    failing: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    Quiet,
+    Failing,
+    StillFailing,
+    Recovered,
+}
+
+impl Saves {
+    fn report(&mut self, ok: bool) -> Report {
+        let was = std::mem::replace(&mut self.failing, !ok);
+        match (was, ok) {
+            (false, true) => Report::Quiet,
+            (false, false) => Report::Failing,
+            (true, false) => Report::StillFailing,
+            (true, true) => Report::Recovered,
         }
     }
 }
@@ -344,6 +380,37 @@ mod tests {
 
     fn pin(hex: &str) -> CaPin {
         format!("sha256:{}", hex.repeat(32)).parse().unwrap()
+    }
+
+    #[test]
+    fn a_failing_save_is_warned_of_once_and_its_recovery_said() {
+        let mut saves = Saves::default();
+        assert_eq!(saves.report(true), Report::Quiet);
+        assert_eq!(saves.report(false), Report::Failing);
+        for _ in 0..100 {
+            assert_eq!(saves.report(false), Report::StillFailing);
+        }
+        assert_eq!(saves.report(true), Report::Recovered);
+        assert_eq!(saves.report(true), Report::Quiet);
+        assert_eq!(
+            saves.report(false),
+            Report::Failing,
+            "a new failure is news again"
+        );
+    }
+
+    #[test]
+    fn a_store_whose_file_cannot_be_written_keeps_its_sessions_for_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1, &[pin("ab")], 16);
+        assert!(s.put(vec![1; ID_LEN], vec![7; 100]));
+        // A directory where the file goes: the write fails whoever runs the test (root too).
+        std::fs::create_dir(&s.path).unwrap();
+        assert!(s.save().is_err());
+        std::fs::remove_dir(&s.path).unwrap();
+        s.save().unwrap();
+        let again = store(dir.path(), 1, &[pin("ab")], 16);
+        assert_eq!(again.take(&[1; ID_LEN]), Some(vec![7; 100]));
     }
 
     fn store(dir: &std::path::Path, secret: u8, pins: &[CaPin], capacity: usize) -> Sessions {
