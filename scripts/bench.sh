@@ -79,8 +79,7 @@ ctl() { "$bin/burrowctl" --data-dir "$proxy_dir" "$@"; }
 : >"$work/proxy.log"
 start_proxy
 wait_for "$work/proxy.log" "web API listening" 30
-token=$(ctl --format json tokens add --type node --ttl 2h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+node_token_and_pin 2h
 
 echo "== Burrow benchmarks ($(date -u +%F), $(nproc) cores, binaries: $bin)"
 printf '%-58s %-18s %-26s %s\n' measure burrow baseline ratio
@@ -162,12 +161,8 @@ fleet() { # TRANSPORT N
   restart_proxy # memory a process freed stays in its heap: each fleet gets a fresh proxy
   base_rss=$(rss_kb "$proxy_pid")
   base_cpu=$(cpu_pct "$proxy_pid" "$window")
-  "$bin/burrow-bench" agents --proxy "127.0.0.1:$proxy_port" --token "$token" --ca-pin "$pin" \
-    --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 --serve banner \
-    --report-every 250ms >"$out" 2>"$out.err" &
-  local bench_pid=$!
-  pids+=("$bench_pid")
-  wait_for "$out" "all $n agents up" 600
+  local bench_pid
+  start_fleet "$bin/burrow-bench" "$proxy_port" "$n" "$transport" 250ms "$out" 600
   if grep -q "^joined [1-9]" "$out"; then
     local joined rate
     joined=$(sed -n 's/^joined \([0-9]*\) agents in \([0-9.]*\)s (\([0-9.]*\)\/s).*/\1 in \2 s/p' "$out")

@@ -53,14 +53,8 @@ metric() { curl -s "http://127.0.0.1:$diag/metrics" | awk -v m="$1" '$1 == m { p
 start_proxy
 wait_for "$work/proxy.log" "web API listening" 30
 ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
-token=$(ctl --format json tokens add --type node --ttl 2h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
-"$bin/burrow-bench" agents --proxy "127.0.0.1:$port" --token "$token" --ca-pin "$pin" \
-  --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 \
-  --serve banner --report-every 1s >"$work/bench.out" 2>&1 &
-bench_pid=$!
-pids+=("$bench_pid")
-wait_for "$work/bench.out" "all $n agents up" 600
+node_token_and_pin 2h
+start_fleet "$bin/burrow-bench" "$port" "$n" "$transport" 1s "$work/fleet.out" 600
 echo "== $n $transport agents up; proxy: $proxy_bin"
 
 for round in $(seq "$rounds"); do

@@ -45,16 +45,10 @@ pids+=($!)
 wait_for "$work/proxy.log" "web API listening" 60
 proxy_pid=$(pgrep -f "^$bin/burrow-proxy start --config $work/proxy.yaml" | head -1)
 ctl() { "$bin/burrowctl" --data-dir "$work/proxy-data" "$@"; }
-token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+node_token_and_pin 1h
 base_rss=$(rss_kb "$proxy_pid")
 
-"$root/target/release/burrow-bench" agents --proxy "127.0.0.1:$port" --token "$token" \
-  --ca-pin "$pin" --count "$n" --transport "$transport" --data-dir "$work/agents" \
-  --join-parallel 16 --serve banner --report-every 1s >"$work/fleet.out" 2>"$work/fleet.err" &
-bench_pid=$!
-pids+=("$bench_pid")
-wait_for "$work/fleet.out" "all $n agents up" 900
+start_fleet "$root/target/release/burrow-bench" "$port" "$n" "$transport" 1s "$work/fleet.out" 900
 sleep 10
 rss=$(rss_kb "$proxy_pid")
 echo "proxy VmRSS under heaptrack: alone $base_rss KB, with $n $transport tunnels $rss KB:" \

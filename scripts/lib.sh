@@ -67,6 +67,24 @@ start_load_proxy() { # BINARY DATA_DIR CLUSTER_NAME LISTEN_FLAGS...
   pids+=("$proxy_pid")
 }
 
+# A multi-use node $token valid for TTL and the cluster's CA $pin, from `ctl`.
+node_token_and_pin() { # TTL
+  token=$(ctl --format json tokens add --type node --ttl "$1" | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+  pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+}
+
+# COUNT simulated agents of the load tool in the background, joined with $token and $pin to the
+# proxy at 127.0.0.1:PORT (identities in $work/agents), answering dials with a banner; its report
+# every REPORT in OUT (errors in OUT.err). Sets $bench_pid; returns once all are up.
+start_fleet() { # BENCH_BINARY PORT COUNT TRANSPORT REPORT OUT SECONDS
+  "$1" agents --proxy "127.0.0.1:$2" --token "$token" --ca-pin "$pin" --count "$3" \
+    --transport "$4" --data-dir "$work/agents" --join-parallel 16 --serve banner \
+    --report-every "$5" >"$6" 2>"$6.err" &
+  bench_pid=$!
+  pids+=("$bench_pid")
+  wait_for "$6" "all $3 agents up" "$7"
+}
+
 # A proxy from $bin on free loopback ports with its data in $work/proxy; sets $port (web and
 # tunnels), $ssh_port, a one-hour node $token, the cluster's $pin, and `ctl` (burrowctl on it).
 start_scratch_proxy() { # CLUSTER_NAME
@@ -77,8 +95,7 @@ start_scratch_proxy() { # CLUSTER_NAME
   pids+=($!)
   wait_for "$work/proxy.log" "web API listening" 30
   ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
-  token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-  pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+  node_token_and_pin 1h
 }
 
 # A user key with a certificate for LOGINS ($work/key), the cluster's host CA as
@@ -140,8 +157,7 @@ start_scratch_cluster() { # CLUSTER_NAME COUNT
   done
   [ "$(printf '%s\n' "$seen" | grep -c .)" -ge "$2" ] || { echo "the balancer does not reach all $2 proxies" >&2; return 1; }
   ctl() { "$bin/burrowctl" --data-dir "$work/proxy0" "$@"; }
-  token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-  pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
+  node_token_and_pin 1h
 }
 
 # The OpenSSH baseline: two sshd on loopback, $jump_port (a jump host) and $target_port, that let

@@ -55,13 +55,8 @@ start_proxy() {
 start_proxy
 wait_for "$work/proxy.log" "web API listening" 30
 ctl() { "$bin/burrowctl" --data-dir "$work/proxy" "$@"; }
-token=$(ctl --format json tokens add --type node --ttl 1h | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
-pin=$(ctl --format json status | sed -n 's/.*"ca_pin": "\(.*\)".*/\1/p')
-"$bin/burrow-bench" agents --proxy "127.0.0.1:$port" --token "$token" --ca-pin "$pin" \
-  --count "$n" --transport "$transport" --data-dir "$work/agents" --join-parallel 16 \
-  --serve banner --report-every 1s >"$work/fleet.out" 2>"$work/fleet.err" &
-pids+=($!)
-wait_for "$work/fleet.out" "all $n agents up" 900
+node_token_and_pin 1h
+start_fleet "$bin/burrow-bench" "$port" "$n" "$transport" 1s "$work/fleet.out" 900
 
 if [ "$phase" = idle ]; then
   sleep 40

@@ -332,7 +332,7 @@ pub async fn keep_saved(sessions: Arc<Sessions>, shutdown: CancellationToken) {
         let path = sessions.path.display();
         match (saves.report(result.is_ok()), result) {
             (Report::Failing, Err(e)) => {
-                tracing::warn!(%path, error = %e, "cannot write the QUIC sessions; retrying every 5 s, said again only once they are written")
+                tracing::warn!(%path, error = %e, retry_every_s = SAVE_EVERY.as_secs(), "cannot write the QUIC sessions; retrying, said again only once they are written")
             }
             (Report::StillFailing, Err(e)) => {
                 tracing::debug!(%path, error = %e, "cannot write the QUIC sessions")
